@@ -1,0 +1,128 @@
+"""The scheduler's interface: events in, decisions out.  One scheduler, two clocks.
+
+A scheduler is a passive state machine.  It never reads a clock, sleeps or does I/O: the
+caller (the simulator's event loop, or the live server's wall-clock loop) tells it the time
+with every call and carries out the decisions it returns.  Times are microseconds on the
+caller's clock (float).
+
+Call protocol
+-------------
+* ``on_arrival(request, now_us)`` when a request enters the system.
+* ``on_stage_finished(batch_id, stage, finish_us, now_us)`` when the worker of ``stage`` of a
+  dispatched batch has finished (``finish_us`` is the actual time; the scheduler corrects
+  that worker's reservation if it differs from what was reserved).
+* ``on_wake(now_us)`` when the time returned as ``wake_at_us`` has come.
+* ``remove_worker(worker_id, now_us)`` / ``add_worker(worker_id, now_us)`` on worker failure
+  or recovery.
+Each returns :class:`Decisions`.  The caller must execute every ``Dispatch`` (start stage 0 of
+the route at ``route[0].start_us``; each later stage on its reserved worker), answer every
+``Drop`` to its client, and call ``on_wake`` at ``wake_at_us`` (a later decision supersedes an
+earlier wake-up).
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Request:
+    """One inference request (one frame).  ``payload`` is opaque to the scheduler."""
+
+    request_id: int
+    model: str
+    arrival_us: float
+    deadline_us: float
+    payload: object = None
+
+
+class DropReason(str, enum.Enum):
+    DEADLINE_UNREACHABLE = "deadline_unreachable"  # no route finishes even batch 1 in time
+    NO_WORKERS = "no_workers"                      # the model has no live worker in some stage
+    WORKER_FAILED = "worker_failed"                # reserved worker died; no time to re-dispatch
+    QUEUE_FULL = "queue_full"                      # admission control
+    SHUTDOWN = "shutdown"                          # server stopping
+
+
+@dataclass(frozen=True, slots=True)
+class StageReservation:
+    """A reserved slot for one stage of a batch.
+
+    ``transfer_start_us``/``transfer_finish_us``: the activations' move from the previous
+    stage's worker into this one (both servers' links reserved over that interval; equal to
+    ``start_us`` when no transfer is needed, e.g. stage 0 or same-server hand-off).
+    """
+
+    stage: int
+    worker_id: int
+    start_us: float
+    finish_us: float
+    transfer_start_us: float
+    transfer_finish_us: float
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Run ``requests`` as one batch along ``route`` (one reservation per stage)."""
+
+    batch_id: int
+    model: str
+    pipeline: int
+    requests: tuple[Request, ...]
+    route: tuple[StageReservation, ...]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.requests)
+
+    @property
+    def finish_us(self) -> float:
+        return self.route[-1].finish_us
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    request: Request
+    reason: DropReason
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Decisions:
+    dispatches: list[Dispatch] = field(default_factory=list)
+    drops: list[Drop] = field(default_factory=list)
+    wake_at_us: float | None = None
+
+    def extend(self, other: "Decisions") -> "Decisions":
+        self.dispatches.extend(other.dispatches)
+        self.drops.extend(other.drops)
+        if other.wake_at_us is not None and (self.wake_at_us is None
+                                             or other.wake_at_us < self.wake_at_us):
+            self.wake_at_us = other.wake_at_us
+        return self
+
+
+class Scheduler(ABC):
+    """Base class of the reservation scheduler and the baseline policies."""
+
+    @abstractmethod
+    def on_arrival(self, request: Request, now_us: float) -> Decisions: ...
+
+    @abstractmethod
+    def on_stage_finished(self, batch_id: int, stage: int, finish_us: float,
+                          now_us: float) -> Decisions: ...
+
+    @abstractmethod
+    def on_wake(self, now_us: float) -> Decisions: ...
+
+    @abstractmethod
+    def remove_worker(self, worker_id: int, now_us: float) -> Decisions: ...
+
+    @abstractmethod
+    def add_worker(self, worker_id: int, now_us: float) -> Decisions: ...
+
+    def drain(self, now_us: float) -> Decisions:
+        """Drop every queued request with ``SHUTDOWN`` (called when the server stops)."""
+        return Decisions()
