@@ -1,0 +1,13 @@
+"""The control-plane planner: profiles + cluster + workloads -> a :class:`ppipe_trt.plan.Plan`.
+
+``plan_cluster(profiles, cluster, workloads, policy, options)`` plans with PPipe (pooled
+partitioned pipelines), NP (whole models) or DART-r; ``verify_plan(plan, profiles)`` re-checks a
+plan outside the solver.  The MILP is written once (planner.milp) and solved by HiGHS, Gurobi or
+CBC (planner.solvers).
+"""
+
+from planner.options import POLICIES, SOLVERS, PlannerOptions
+from planner.planning import plan_cluster
+from planner.verify import verify_plan
+
+__all__ = ["plan_cluster", "PlannerOptions", "verify_plan", "POLICIES", "SOLVERS"]
