@@ -1,0 +1,91 @@
+"""The FastAPI application: the runtime is built and started in the lifespan, not at import.
+
+``create_app(runtime_factory)`` takes a callable that builds a (not yet started)
+:class:`~ppipe_trt.serving.runtime.ServingRuntime`; the lifespan calls it in a worker
+thread (loading engines can take seconds), starts it, and stops it on shutdown so that every
+outstanding request is answered.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from api.errors import install_error_handlers
+from api.metrics import AppMetrics
+from api.v2 import SERVER_VERSION, router
+from ppipe_trt.serving.runtime import ServingRuntime
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """``max_body_bytes``: requests above are answered 413.  ``answer_grace_s``: how long
+    past a request's deadline the front end still waits for its answer before a 504."""
+
+    max_body_bytes: int = 32 * 1024 * 1024
+    answer_grace_s: float = 2.0
+    default_top_k: int = 5
+
+
+class _HttpMetrics:
+    """Pure ASGI middleware counting requests by route template and status."""
+
+    def __init__(self, app, metrics: AppMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.http_requests.labels(path, str(status["code"])).inc()
+            self.metrics.http_seconds.labels(path).observe(time.perf_counter() - start)
+
+
+def create_app(runtime_factory: Callable[[], ServingRuntime],
+               settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or ApiSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime = await run_in_threadpool(runtime_factory)
+        runtime.start()
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await run_in_threadpool(runtime.stop)
+
+    app = FastAPI(title="ppipe-trt", version=SERVER_VERSION, lifespan=lifespan,
+                  description="Pipelined CNN serving (KServe v2 / Triton-compatible REST)")
+    app.state.settings = settings
+    app.state.runtime = None
+    metrics = AppMetrics(lambda: app.state.runtime)
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(router)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app.add_middleware(_HttpMetrics, metrics=metrics)
+    return app

@@ -1,0 +1,244 @@
+"""KServe v2 inference requests in, responses out: parsing and validation against a model.
+
+Every problem raises :class:`~ppipe_trt.errors.BadInputError` with a message naming the
+field and what was expected (the router turns it into a 400).  Numbers are checked strictly:
+a tensor's element count must equal the product of its shape, and binary sections must add
+up to exactly the bytes after the JSON header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from api.binary import (V2_DATATYPES, V2_TO_NUMPY, encode_bytes_tensor, split_body,
+                        tensor_from_bytes, v2_datatype)
+from ppipe_trt.errors import BadInputError
+from ppipe_trt.serving.runtime import ServedModel
+
+#: Samples one HTTP request may carry (each becomes one scheduler request).
+MAX_SAMPLES_PER_REQUEST = 64
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+    classification: int = 0  # > 0: return the top-k "score:index" strings instead
+
+
+@dataclass(slots=True)
+class ParsedInfer:
+    """A validated request: ``inputs`` arrays have shape ``(batch, ...)`` and the model's
+    dtypes; ``outputs`` lists what to return."""
+
+    request_id: str | None
+    batch_size: int
+    inputs: dict[str, np.ndarray]
+    outputs: list[RequestedOutput]
+    timeout_us: float | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _loads(header: bytes) -> Any:
+    try:
+        return json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"malformed JSON in the request body: {exc}") from None
+
+
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool)
+                                              and d >= 0 for d in value):
+        raise BadInputError(f"{where}: 'shape' must be a list of non-negative integers, got "
+                            f"{value!r}")
+    return tuple(value)
+
+
+def _timeout_us(params: dict[str, Any]) -> float | None:
+    if "timeout_ms" in params:
+        value, scale, key = params["timeout_ms"], 1000.0, "timeout_ms"
+    elif "timeout" in params:  # Triton's per-request timeout, in microseconds
+        value, scale, key = params["timeout"], 1.0, "timeout"
+    else:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+            or not math.isfinite(value):
+        raise BadInputError(f"parameters.{key} must be a positive number, got {value!r}")
+    return float(value) * scale
+
+
+def parse_infer_request(body: bytes, header_length: str | None,
+                        model: ServedModel) -> ParsedInfer:
+    header, binary = split_body(body, header_length)
+    doc = _loads(header)
+    if not isinstance(doc, dict):
+        raise BadInputError("request body must be a JSON object with an 'inputs' list")
+    items = doc.get("inputs")
+    if not isinstance(items, list) or not items:
+        raise BadInputError("request needs a non-empty 'inputs' list")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadInputError("'parameters' must be a JSON object")
+    expected = {s.name: s for s in model.inputs}
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, item in enumerate(items):
+        where = f"inputs[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadInputError(f"{where} must be an object with a string 'name'")
+        name = item["name"]
+        where = f"input {name!r}"
+        spec = expected.get(name)
+        if spec is None:
+            raise BadInputError(f"unknown input {name!r} for model {model.name!r}; expected "
+                                f"inputs: {sorted(expected)}")
+        if name in arrays:
+            raise BadInputError(f"input {name!r} is given twice")
+        datatype = item.get("datatype")
+        if datatype not in V2_DATATYPES:
+            raise BadInputError(f"{where}: unknown datatype {datatype!r}; expected one of "
+                                f"{list(V2_DATATYPES)}")
+        want = v2_datatype(spec.dtype)
+        if datatype != want:
+            raise BadInputError(f"{where}: datatype {datatype} but model {model.name!r} "
+                                f"expects {want}")
+        shape = _shape(item.get("shape"), where)
+        if len(shape) != len(spec.shape) or any(
+                e not in (-1, d) for e, d in zip(spec.shape[1:], shape[1:])) or not shape \
+                or shape[0] < 1:
+            expect = ["N" if d == -1 else d for d in spec.shape]
+            raise BadInputError(f"{where}: shape {list(shape)} does not match the model's "
+                                f"{expect} (N = batch >= 1)")
+        iparams = item.get("parameters") or {}
+        if not isinstance(iparams, dict):
+            raise BadInputError(f"{where}: 'parameters' must be a JSON object")
+        size = iparams.get("binary_data_size")
+        if size is not None:
+            if "data" in item:
+                raise BadInputError(f"{where}: has both 'data' and binary_data_size; give one")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise BadInputError(f"{where}: binary_data_size must be a non-negative integer,"
+                                    f" got {size!r}")
+            if offset + size > len(binary):
+                raise BadInputError(
+                    f"binary sizes do not add up: input {name!r} needs bytes "
+                    f"{offset}..{offset + size} of the binary section but it has "
+                    f"{len(binary)} bytes after the {len(header)}-byte JSON header")
+            arrays[name] = tensor_from_bytes(binary[offset:offset + size], datatype, shape, name)
+            offset += size
+        elif "data" in item:
+            arrays[name] = _json_tensor(item["data"], datatype, shape, where)
+        else:
+            raise BadInputError(f"{where}: has neither 'data' nor parameters.binary_data_size")
+    if offset != len(binary):
+        raise BadInputError(f"binary sizes do not add up: inputs declare {offset} bytes but "
+                            f"{len(binary)} bytes follow the JSON header")
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        raise BadInputError(f"missing inputs {missing} for model {model.name!r}")
+    batches = {a.shape[0] for a in arrays.values()}
+    if len(batches) != 1:
+        raise BadInputError(f"inputs disagree on the batch dimension: {sorted(batches)}")
+    batch = batches.pop()
+    if batch > MAX_SAMPLES_PER_REQUEST:
+        raise BadInputError(f"batch {batch} is larger than {MAX_SAMPLES_PER_REQUEST} samples "
+                            "per request")
+    return ParsedInfer(
+        request_id=str(doc["id"]) if doc.get("id") is not None else None,
+        batch_size=batch, inputs=arrays,
+        outputs=_requested_outputs(doc.get("outputs"), params, model),
+        timeout_us=_timeout_us(params), parameters=params)
+
+
+def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    if datatype == "BYTES":
+        raise BadInputError(f"{where}: BYTES inputs are not supported by this server")
+    try:
+        array = np.asarray(data, dtype=V2_TO_NUMPY[datatype])
+    except (TypeError, ValueError) as exc:
+        raise BadInputError(f"{where}: 'data' is not a (nested) list of {datatype} numbers "
+                            f"({exc})") from None
+    expected = int(np.prod(shape, dtype=np.int64))
+    if array.size != expected:
+        raise BadInputError(f"{where}: 'data' has {array.size} elements but shape "
+                            f"{list(shape)} needs {expected}")
+    return array.reshape(shape)
+
+
+def _requested_outputs(items: Any, params: dict[str, Any],
+                       model: ServedModel) -> list[RequestedOutput]:
+    default_binary = bool(params.get("binary_data_output", False))
+    names = [o.name for o in model.outputs]
+    if items is None:
+        return [RequestedOutput(n, default_binary) for n in names]
+    if not isinstance(items, list):
+        raise BadInputError("'outputs' must be a list of {\"name\": ...} objects")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadInputError(f"outputs[{i}] must be an object with a string 'name'")
+        if item["name"] not in names:
+            raise BadInputError(f"unknown output {item['name']!r} for model {model.name!r}; "
+                                f"outputs: {names}")
+        p = item.get("parameters") or {}
+        if not isinstance(p, dict):
+            raise BadInputError(f"outputs[{i}].parameters must be a JSON object")
+        k = p.get("classification", 0)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise BadInputError(f"output {item['name']!r}: classification must be a "
+                                f"non-negative integer, got {k!r}")
+        out.append(RequestedOutput(item["name"], bool(p.get("binary_data", default_binary)), k))
+    return out
+
+
+def classification_strings(scores: np.ndarray, k: int) -> np.ndarray:
+    """Triton's classification extension: per sample, the top ``k`` as ``b"score:index"``."""
+    flat = scores.reshape(scores.shape[0], -1).astype(np.float64)
+    k = min(k, flat.shape[1])
+    top = np.argsort(-flat, axis=1, kind="stable")[:, :k]
+    return np.array([[f"{flat[r, c]:f}:{c}".encode() for c in row] for r, row in enumerate(top)],
+                    dtype=object)
+
+
+def build_infer_response(model: ServedModel, parsed: ParsedInfer,
+                         outputs: dict[str, np.ndarray],
+                         extra_parameters: dict[str, Any] | None = None
+                         ) -> tuple[bytes, int | None]:
+    """Serialize ``outputs`` (batch-major arrays) as the request asked.
+
+    Returns ``(body, json_header_length)``; the length is ``None`` when the body is plain
+    JSON (no output was asked in binary).
+    """
+    entries, chunks = [], []
+    for want in parsed.outputs:
+        array = outputs[want.name]
+        if want.classification:
+            array = classification_strings(array, want.classification)
+            datatype = "BYTES"
+        else:
+            datatype = v2_datatype(array.dtype)
+        entry: dict[str, Any] = {"name": want.name, "datatype": datatype,
+                                 "shape": list(array.shape)}
+        if want.binary:
+            raw = (encode_bytes_tensor(list(array.ravel())) if datatype == "BYTES"
+                   else np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = ([b.decode() for b in array.ravel()] if datatype == "BYTES"
+                             else array.ravel().tolist())
+        entries.append(entry)
+    doc: dict[str, Any] = {"model_name": model.name, "model_version": "1", "outputs": entries}
+    if parsed.request_id is not None:
+        doc["id"] = parsed.request_id
+    if extra_parameters:
+        doc["parameters"] = extra_parameters
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not chunks:
+        return header, None
+    return header + b"".join(chunks), len(header)

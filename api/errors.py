@@ -1,0 +1,73 @@
+"""Domain errors -> HTTP status codes, in one place.
+
+Bodies follow the KServe v2 error shape ``{"error": "<message>"}``; rejections add
+``"reason"`` (the scheduler's drop reason, e.g. ``deadline_unreachable``).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ppipe_trt.errors import (BadInputError, ModelNotFoundError, PPipeError,
+                              RequestRejectedError)
+
+
+class BodyTooLargeError(BadInputError):
+    """The request body is over the configured limit."""
+
+
+class UnsupportedMediaError(BadInputError):
+    """The body's content type (or encoding) is not one the endpoint takes."""
+
+
+class AnswerTimeoutError(PPipeError):
+    """No answer came within the request's deadline plus the grace period."""
+
+
+#: Drop reasons answered 503 (retry later) vs 504 (the deadline itself was the problem).
+_REJECT_STATUS = {"deadline_unreachable": 503, "no_workers": 503, "worker_failed": 503,
+                  "queue_full": 503, "shutdown": 503}
+
+
+def status_for(exc: BaseException) -> int:
+    """The HTTP status of a domain error (most specific class first)."""
+    if isinstance(exc, ModelNotFoundError):
+        return 404
+    if isinstance(exc, BodyTooLargeError):
+        return 413
+    if isinstance(exc, UnsupportedMediaError):
+        return 415
+    if isinstance(exc, BadInputError):
+        return 400
+    if isinstance(exc, RequestRejectedError):
+        return _REJECT_STATUS.get(exc.reason, 503)
+    if isinstance(exc, AnswerTimeoutError):
+        return 504
+    return 500
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    body = {"error": str(exc) or type(exc).__name__}
+    if isinstance(exc, RequestRejectedError):
+        body["reason"] = exc.reason
+    headers = {"Retry-After": "1"} if status_for(exc) == 503 else None
+    return JSONResponse(body, status_code=status_for(exc), headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PPipeError)
+    async def _domain(_request: Request, exc: PPipeError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = ["{}: {}".format(".".join(str(p) for p in e.get("loc", ())), e.get("msg"))
+                 for e in exc.errors()]
+        return JSONResponse({"error": "invalid request: " + "; ".join(parts)}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)

@@ -1,0 +1,124 @@
+"""Prometheus metrics: the runtime's counters (read at scrape time) plus HTTP counters.
+
+Each app has its own registry, so several apps (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.exposition import generate_latest
+
+from ppipe_trt.serving.runtime import ServingRuntime
+
+HTTP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class RuntimeCollector:
+    """Turns :class:`ServingRuntime` counters into metric families on each scrape."""
+
+    def __init__(self, get_runtime: Callable[[], ServingRuntime | None]):
+        self._get_runtime = get_runtime
+
+    def collect(self):
+        rt = self._get_runtime()
+        if rt is None:
+            return
+        snap = rt.stats.snapshot()
+        emulated = "true" if any(m.emulated for m in rt.models.values()) else "false"
+        reqs = CounterMetricFamily("ppipe_requests", "Requests accepted by the runtime",
+                                   labels=["model"])
+        done = CounterMetricFamily("ppipe_completions", "Requests answered with a result",
+                                   labels=["model"])
+        ok = CounterMetricFamily("ppipe_completions_within_deadline",
+                                 "Results delivered by their deadline", labels=["model"])
+        fails = CounterMetricFamily("ppipe_failures", "Requests whose batch failed",
+                                    labels=["model"])
+        drops = CounterMetricFamily("ppipe_drops", "Requests dropped, by reason",
+                                    labels=["model", "reason"])
+        lat = HistogramMetricFamily("ppipe_request_latency_seconds",
+                                    "End-to-end runtime latency (arrival to last stage)",
+                                    labels=["model", "emulated"])
+        batch = HistogramMetricFamily("ppipe_batch_size", "Batch sizes dispatched",
+                                      labels=["model"])
+        for model, c in snap.items():
+            reqs.add_metric([model], c.requests)
+            done.add_metric([model], c.completions)
+            ok.add_metric([model], c.within_deadline)
+            fails.add_metric([model], c.failures)
+            for reason, n in sorted(c.drops.items()):
+                drops.add_metric([model, reason], n)
+            lat.add_metric([model, emulated], c.latency_s.cumulative(), c.latency_s.total)
+            max_batch = rt.models[model].max_batch
+            running, buckets, total = 0, [], 0.0
+            for size in range(1, max_batch + 1):
+                running += c.batch_sizes.get(size, 0)
+                total += size * c.batch_sizes.get(size, 0)
+                buckets.append((repr(float(size)), running))
+            running += sum(n for s, n in c.batch_sizes.items() if s > max_batch)
+            buckets.append(("+Inf", running))
+            batch.add_metric([model], buckets, total)
+        busy = GaugeMetricFamily("ppipe_worker_busy_fraction",
+                                 "Fraction of wall time a worker spent on batches since start",
+                                 labels=["worker", "model", "stage", "gpu_class", "mode"])
+        queue = GaugeMetricFamily("ppipe_worker_queue_length", "Batches waiting at a worker",
+                                  labels=["worker", "model", "stage", "gpu_class", "mode"])
+        overruns = CounterMetricFamily("ppipe_worker_emulation_overruns",
+                                       "Batches whose real compute exceeded the emulated latency",
+                                       labels=["worker", "model", "stage", "gpu_class", "mode"])
+        lag = CounterMetricFamily("ppipe_worker_start_lag_seconds",
+                                  "Sum over batches of how late each started after it could "
+                                  "(reserved start reached and input there)",
+                                  labels=["worker", "model", "stage", "gpu_class", "mode"])
+        lag_max = GaugeMetricFamily("ppipe_worker_start_lag_max_seconds",
+                                    "Largest start lag of one batch since start",
+                                    labels=["worker", "model", "stage", "gpu_class", "mode"])
+        batches = CounterMetricFamily("ppipe_worker_batches", "Batches a worker has run",
+                                      labels=["worker", "model", "stage", "gpu_class", "mode"])
+        now = rt.now_us()
+        for s in rt.worker_stats():
+            labels = [str(s.worker_id), s.model, str(s.stage), s.gpu_class, s.mode]
+            elapsed = max(1.0, now - s.started_us)
+            busy.add_metric(labels, min(1.0, s.busy_us / elapsed))
+            queue.add_metric(labels, s.queue_length)
+            overruns.add_metric(labels, s.overruns)
+            lag.add_metric(labels, s.start_lag_us_total / 1e6)
+            lag_max.add_metric(labels, s.start_lag_us_max / 1e6)
+            batches.add_metric(labels, s.batches)
+        yield from (reqs, done, ok, fails, drops, lat, batch, busy, queue, overruns, lag,
+                    lag_max, batches)
+        # Workers that can fail (Ray actors) say whether they are in their pool.
+        up = GaugeMetricFamily("ppipe_worker_up", "1 while the worker is in its pool, 0 once "
+                               "it was removed after a failure",
+                               labels=["worker", "model", "stage", "gpu_class"])
+        for w in rt.workers:
+            up.add_metric([str(w.worker_id), w.info.model, str(w.info.stage), w.info.gpu_class],
+                          0.0 if getattr(w, "alive", True) is False else 1.0)
+        yield up
+        health = getattr(rt, "cluster_health", None)
+        if health is not None:
+            h = health()
+            for key in ("workers_removed", "workers_readded", "batches_lost",
+                        "requests_redispatched", "requests_failed_worker"):
+                c = CounterMetricFamily(f"ppipe_cluster_{key}", f"Ray backend: {key}")
+                c.add_metric([], h[key])
+                yield c
+
+
+class AppMetrics:
+    """The registry of one app: runtime collector + HTTP request counters."""
+
+    def __init__(self, get_runtime: Callable[[], ServingRuntime | None]):
+        self.registry = CollectorRegistry()
+        self.registry.register(RuntimeCollector(get_runtime))
+        self.http_requests = Counter("ppipe_http_requests", "HTTP requests by route and status",
+                                     ["route", "status"], registry=self.registry)
+        self.http_seconds = Histogram("ppipe_http_request_duration_seconds",
+                                      "Time in the front end per HTTP request",
+                                      ["route"], buckets=HTTP_BUCKETS_S, registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

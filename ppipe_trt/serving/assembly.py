@@ -1,0 +1,177 @@
+"""Assemble a :class:`ServingRuntime` from a plan: placement, schedulers, workers, engines.
+
+For each model of the plan, a worker per placement slot:
+
+* a model with built engines (``built_models``) runs its real block-range sub-graph with ONNX
+  Runtime on this machine; when the worker's GPU class is not the class the engines were
+  built for (e.g. the plan puts it on a T4 while this host is a CPU), and the profiles hold
+  that class, the worker also *emulates* it: it holds each batch until the profiled latency
+  has elapsed;
+* a model known only from profiles runs *timing-only*: no compute, the batch is released
+  after the profiled latency of the worker's class, block range, batch and MPS share.
+
+Either way the workers of an emulated cluster are labelled ``emulated``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ppipe_trt.engines.backends.base import TensorSpec
+from ppipe_trt.errors import ConfigError
+from ppipe_trt.plan import Plan
+from ppipe_trt.profiles.types import ProfileSet
+from ppipe_trt.serving.emulation import EmulatedTiming
+from ppipe_trt.serving.executors import BackendExecutor
+from ppipe_trt.serving.runtime import (ImageSpec, ServedModel, ServingRuntime,
+                                       measure_hop_overhead_us)
+from ppipe_trt.serving.transport import InProcessTransport
+from ppipe_trt.serving.worker import StageWorker, WorkerInfo
+
+log = logging.getLogger("ppipe.serving")
+
+#: I/O of a timing-only model (it has no engine, so no real tensors): one dummy element.
+TIMING_ONLY_INPUTS = (TensorSpec("INPUT__0", "float32", (-1, 1)),)
+TIMING_ONLY_OUTPUTS = (TensorSpec("OUTPUT__0", "float32", (-1, 1)),)
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    """Knobs of the live runtime.
+
+    ``hop_overhead_us``: per-hop hand-off cost given to the scheduler (``None``: measured at
+    start-up).  ``deadline_margin_us`` (+ ``deadline_margin_fraction`` of the SLO when a model
+    runs real compute, whose latency varies around its profile): the scheduler plans each
+    request against its deadline minus this (dispatch and answer costs it does not see).
+    ``wake_lead_us``: wake the scheduler this much before the last moment (the loop may
+    oversleep on a busy host).  ``emulate_links``: delay hand-offs between servers by the
+    reserved link time.  ``intra_op_threads``: ONNX Runtime threads per CPU worker (1: idle
+    ONNX Runtime pool threads spin, which starves the front end on a small host; ``None``
+    for ONNX Runtime's default).  ``cut_dtype``: e.g. ``"float16"`` to halve activations at
+    cuts (default: the plan's ``params["cut_dtype"]``, else ``float16`` for models whose
+    engines were built with ``fp16_cuts``).
+    """
+
+    policy: str = "reservation"
+    hop_overhead_us: float | None = None
+    deadline_margin_us: float = 1000.0
+    deadline_margin_fraction: float = 0.1
+    wake_lead_us: float = 1000.0
+    emulate_links: bool = True
+    intra_op_threads: int | None = 1
+    cut_dtype: str | None = None
+    max_pending: int = 10_000
+    scheduler_kwargs: Mapping[str, Any] | None = None
+
+
+def _image_spec(model: str, inputs: tuple[TensorSpec, ...]) -> ImageSpec | None:
+    from ppipe_trt.models import BUILTIN_MODELS, model_info
+
+    if model not in BUILTIN_MODELS:
+        return None
+    info = model_info(model)
+    if not any(s.name == info.input_name for s in inputs):
+        return None
+    return ImageSpec(info.input_name, info.height, info.width, tuple(info.mean),
+                     tuple(info.std),
+                     info.num_classes if info.task == "classification" else 0)
+
+
+def build_runtime(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, Any] | None = None,
+                  options: RuntimeOptions | None = None,
+                  info: Mapping[str, Any] | None = None) -> ServingRuntime:
+    """A runtime (not started) serving every model of ``plan``.
+
+    ``built_models`` maps model names to :class:`~ppipe_trt.engines.BuiltModel` for models
+    with engines on this machine; the others must be in ``profiles`` and run timing-only.
+    """
+    from ppipe_trt.scheduler import build_schedulers, place_workers
+
+    options = options or RuntimeOptions()
+    built_models = dict(built_models or {})
+    hop = options.hop_overhead_us
+    if hop is None:
+        hop = measure_hop_overhead_us()
+    placement = place_workers(plan)
+    kwargs = dict(options.scheduler_kwargs or {})
+    if options.policy == "reservation":
+        kwargs.setdefault("wake_lead_us", options.wake_lead_us)
+    schedulers = build_schedulers(plan, profiles, placement, policy=options.policy,
+                                  hop_overhead_us=hop, **kwargs)
+    cut_dtype = options.cut_dtype or plan.params.get("cut_dtype") or None
+
+    models: dict[str, ServedModel] = {}
+    for mp in plan.models:
+        max_batch = max(p.batch_size for p in mp.pipelines)
+        classes = {s.gpu_class for p in mp.pipelines for s in p.stages}
+        built = built_models.get(mp.model)
+        if built is not None:
+            emulated = any(c != built.gpu_class for c in classes)
+            engine = "tensorrt" if built.backend == "tensorrt" else "onnxruntime"
+            mode = f"{engine} {built.gpu_class}" + (", emulated GPU classes" if emulated else "")
+            models[mp.model] = ServedModel(
+                mp.model, tuple(built.inputs), tuple(built.outputs), mp.slo_ms * 1000.0,
+                max_batch, mode, emulated=emulated, timing_only=False,
+                image=_image_spec(mp.model, tuple(built.inputs)))
+        else:
+            if mp.model not in profiles:
+                raise ConfigError(f"model {mp.model!r} has neither built engines nor profiles; "
+                                  "build it (ppipe engines build) or pass --profiles")
+            models[mp.model] = ServedModel(
+                mp.model, TIMING_ONLY_INPUTS, TIMING_ONLY_OUTPUTS, mp.slo_ms * 1000.0,
+                max_batch, "timing-only, emulated", emulated=True, timing_only=True)
+
+    transport = InProcessTransport(emulate_links=options.emulate_links)
+    margin = options.deadline_margin_us
+    real = [m.slo_us for m in models.values() if not m.timing_only]
+    if real:
+        margin += options.deadline_margin_fraction * min(real)
+    runtime = ServingRuntime(plan, models, schedulers, transport, hop_overhead_us=hop,
+                             deadline_margin_us=margin,
+                             max_pending=options.max_pending,
+                             info={"policy": options.policy, "transport": "in-process",
+                                   "emulate_links": options.emulate_links, **(info or {})})
+    for slot in placement.workers:
+        stage = plan.model(slot.model).pipelines[slot.pipeline].stages[slot.stage]
+        winfo = WorkerInfo(slot.worker_id, slot.model, slot.pipeline, slot.stage,
+                           stage.first_block, stage.last_block, slot.gpu_class, slot.mps_share,
+                           slot.server_id, slot.gpu_index)
+        built = built_models.get(slot.model)
+        executor = emulation = None
+        if built is not None:
+            executor = _executor(built, slot, stage, options)
+            executor.warm_up(max(p.batch_size for p in plan.model(slot.model).pipelines))
+            if slot.gpu_class != built.gpu_class:
+                emulation = _emulation(profiles, slot, stage)
+        else:
+            emulation = _emulation(profiles, slot, stage)
+        model_cut_dtype = cut_dtype
+        if model_cut_dtype is None and built is not None and \
+                built.manifest.get("partition", {}).get("fp16_cuts"):
+            model_cut_dtype = "float16"  # its profile counts cut bytes as fp16: send them so
+        runtime.add_worker(StageWorker(winfo, executor, emulation, transport, runtime,
+                                       cut_dtype=model_cut_dtype))
+    return runtime
+
+
+def _executor(built, slot, stage, options: RuntimeOptions) -> BackendExecutor:
+    """The worker's engine: TensorRT on its GPU when the engines were built with TensorRT for
+    the worker's own class, else ONNX Runtime on this host's CPU."""
+    first, last = stage.first_block, stage.last_block
+    if built.backend == "tensorrt" and slot.gpu_class == built.gpu_class:
+        device = f"cuda:{slot.gpu_index}"
+        backend = built.open_backend(first, last, "tensorrt", device)
+    else:
+        device = "cpu"
+        backend = built.open_backend(first, last, "onnxruntime", device,
+                                     intra_op_threads=options.intra_op_threads)
+    return BackendExecutor(backend, label=f"{backend.name} {device} blocks {first}..{last}")
+
+
+def _emulation(profiles: ProfileSet, slot, stage) -> EmulatedTiming:
+    if slot.model not in profiles:
+        raise ConfigError(f"cannot emulate {slot.gpu_class} for {slot.model!r}: no profiles")
+    return EmulatedTiming.from_profile(profiles[slot.model], slot.gpu_class, slot.mps_share,
+                                       stage.first_block, stage.last_block)

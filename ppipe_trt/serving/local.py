@@ -1,0 +1,87 @@
+"""Plans for serving on this machine and on emulated clusters (what ``ppipe serve`` plans).
+
+* :func:`local_plan`: the built models' own GPU class (``cpu`` here), one pool of ``slots``
+  workers, SLO ``max(min_slo_ms, slo_factor x batch-1 latency)``.
+* :func:`emulated_plan`: a cluster spec (e.g. 4 L4 + 12 T4) and models from the profiles;
+  SLO ``slo_factor x`` the model's L4 batch-1 latency when L4 is profiled (the paper's rule),
+  else of the fastest class it has.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from ppipe_trt.cluster import ClusterSpec, GpuPool, Workload
+from ppipe_trt.errors import ConfigError
+from ppipe_trt.plan import Plan
+from ppipe_trt.profiles.types import ProfileSet
+
+
+def default_slo_ms(profiles: ProfileSet, model: str, gpu_class: str | None = None,
+                   slo_factor: float = 5.0, min_slo_ms: float = 0.0) -> float:
+    profile = profiles[model]
+    classes = profile.gpu_classes
+    if gpu_class is None:
+        gpu_class = "L4" if "L4" in classes else min(
+            classes, key=lambda c: profile.batch1_latency_us(c))
+    return max(min_slo_ms, slo_factor * profile.batch1_latency_us(gpu_class) / 1000.0)
+
+
+def local_plan(profiles: ProfileSet, models: Sequence[str], gpu_class: str, slots: int = 1,
+               slo_ms: Mapping[str, float] | None = None, min_slo_ms: float = 50.0,
+               max_batch: int = 8, time_limit_s: float = 30.0) -> Plan:
+    """Plan ``models`` on ``slots`` workers of this machine's class ``gpu_class``."""
+    from planner import PlannerOptions, plan_cluster
+
+    if slots < len(models):
+        raise ConfigError(f"{slots} worker slots cannot serve {len(models)} models; give "
+                          f"--slots >= {len(models)}")
+    cluster = ClusterSpec((GpuPool(gpu_class, slots, gpus_per_server=slots, max_mps=1,
+                                   link_bandwidth_gbps=100.0),), f"local-{gpu_class}")
+    slo_ms = dict(slo_ms or {})
+    workloads = [Workload(m, slo_ms.get(m) or default_slo_ms(profiles, m, gpu_class,
+                                                             min_slo_ms=min_slo_ms))
+                 for m in models]
+    options = PlannerOptions(max_batch=max_batch, time_limit_s=time_limit_s)
+    return plan_cluster(profiles, cluster, workloads, "ppipe", options)
+
+
+def emulated_plan(profiles: ProfileSet, cluster: ClusterSpec, models: Sequence[str],
+                  slo_ms: Mapping[str, float] | None = None, policy: str = "ppipe",
+                  time_limit_s: float = 60.0) -> Plan:
+    """Plan ``models`` (equal weights) on an emulated ``cluster`` from ``profiles``."""
+    from planner import PlannerOptions, plan_cluster
+
+    slo_ms = dict(slo_ms or {})
+    workloads = [Workload(m, slo_ms.get(m) or default_slo_ms(profiles, m)) for m in models]
+    return plan_cluster(profiles, cluster, workloads, policy,
+                        PlannerOptions(time_limit_s=time_limit_s))
+
+
+def pipeline_plan(profiles: ProfileSet, model: str, cuts: Sequence[int], gpu_class: str,
+                  workers_per_stage: int = 1, batch_size: int = 1, slo_ms: float | None = None,
+                  mps_share: int = 1) -> Plan:
+    """A hand-made plan: one pipeline of ``model`` cut after each block in ``cuts``, every
+    stage on ``workers_per_stage`` workers of ``gpu_class`` (one server).  For tests and for
+    serving a fixed split without the planner."""
+    from ppipe_trt.plan import ModelPlan, PipelinePlan, StagePlan
+
+    profile = profiles[model]
+    bounds = sorted(set(cuts))
+    if any(not 0 <= c < profile.num_blocks - 1 for c in bounds):
+        raise ConfigError(f"cuts {list(cuts)} must lie in 0..{profile.num_blocks - 2}")
+    firsts = [0] + [c + 1 for c in bounds]
+    lasts = bounds + [profile.num_blocks - 1]
+    stages = tuple(StagePlan(f, l, gpu_class, mps_share, workers_per_stage,
+                             profile.range_latency_us(gpu_class, mps_share, f, l, batch_size))
+                   for f, l in zip(firsts, lasts))
+    latency = sum(s.latency_us for s in stages)
+    rate = min(workers_per_stage * batch_size / s.latency_us * 1e6 for s in stages)
+    n = len(stages) * workers_per_stage
+    cluster = ClusterSpec((GpuPool(gpu_class, n, gpus_per_server=n, max_mps=mps_share,
+                                   link_bandwidth_gbps=100.0),), f"manual-{gpu_class}")
+    slo = slo_ms or default_slo_ms(profiles, model, gpu_class, min_slo_ms=50.0)
+    pipe = PipelinePlan(batch_size, stages, rate, latency)
+    mplan = ModelPlan(model, slo, 1.0, (pipe,), rate, {gpu_class: n})
+    return Plan("manual", cluster, (mplan,), rate, {gpu_class: n},
+                params={"cuts": list(bounds)}, profiles_source=profiles.source)

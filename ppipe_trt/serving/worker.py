@@ -1,0 +1,247 @@
+"""Stage workers: one thread per worker slot, running one block range of one pipeline.
+
+A worker takes :class:`~ppipe_trt.serving.transport.StageJob` objects from the transport,
+runs them one at a time (the ready job with the earliest reserved start first), forwards the
+outputs straight to the next stage's reserved worker and reports the actual finish time to
+its :class:`WorkerSink` (the runtime), which feeds it back to the scheduler.
+
+The compute is an :class:`~ppipe_trt.serving.executors.StageExecutor` (ONNX Runtime on CPU,
+TensorRT/CUDA on a GPU) or nothing at all (timing-only emulation).  With an
+:class:`~ppipe_trt.serving.emulation.EmulatedTiming` the worker holds every batch until the
+emulated class's profiled latency has elapsed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from ppipe_trt.errors import PPipeError
+from ppipe_trt.serving.emulation import EmulatedTiming, Overrun
+from ppipe_trt.serving.executors import StageExecutor
+from ppipe_trt.serving.transport import StageJob, Transport
+
+
+log = logging.getLogger("ppipe.serving")
+
+
+def monotonic_us() -> float:
+    """The serving clock: monotonic time in microseconds (only the runtime side reads it)."""
+    return time.monotonic_ns() / 1000.0
+
+
+class WorkerSink(Protocol):
+    """What a worker reports to (implemented by the runtime).  Called from worker threads."""
+
+    def stage_finished(self, job: StageJob, start_us: float, finish_us: float) -> None: ...
+
+    def batch_completed(self, job: StageJob, outputs: dict[str, np.ndarray],
+                        finish_us: float) -> None: ...
+
+    def batch_failed(self, job: StageJob, error: BaseException, now_us: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """Where a worker sits in the plan (mirrors the scheduler's ``WorkerSlot``)."""
+
+    worker_id: int
+    model: str
+    pipeline: int
+    stage: int
+    first_block: int
+    last_block: int
+    gpu_class: str
+    mps_share: int = 1
+    server_id: int = 0
+    gpu_index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    """A snapshot of one worker's counters (times in microseconds on the runtime clock)."""
+
+    worker_id: int
+    model: str
+    stage: int
+    gpu_class: str
+    mode: str
+    batches: int
+    samples: int
+    busy_us: float
+    queue_length: int
+    overruns: int
+    failures: int
+    started_us: float
+    start_lag_us_total: float = 0.0   # sum over batches of (actual start - eligible time)
+    start_lag_us_max: float = 0.0
+
+
+def _eligible_us(job: StageJob) -> float:
+    """A job never starts before its reserved start (an earlier start could delay a batch
+    reserved before it on this worker whose input has not arrived yet), nor before its
+    activations are there."""
+    start = job.reservation.start_us
+    return start if start > job.not_before_us else job.not_before_us
+
+
+class StageWorker:
+    """A thread that runs one stage's batches.
+
+    ``executor``: the engine for the block range, or ``None`` for timing-only emulation
+    (then ``emulation`` is required).  ``cut_dtype``: cast float outputs to this dtype before
+    forwarding them to the next stage (e.g. ``"float16"`` when the plan halves cut traffic).
+    """
+
+    def __init__(self, info: WorkerInfo, executor: StageExecutor | None,
+                 emulation: EmulatedTiming | None, transport: Transport, sink: WorkerSink,
+                 clock: Callable[[], float] = monotonic_us, cut_dtype: str | None = None):
+        if executor is None and emulation is None:
+            raise PPipeError(f"worker {info.worker_id}: needs an executor or an emulated "
+                             "timing (timing-only mode)")
+        self.info = info
+        self._executor = executor
+        self._emulation = emulation
+        self._transport = transport
+        self._sink = sink
+        self._clock = clock
+        self._cut_dtype = np.dtype(cut_dtype) if cut_dtype else None
+        self._jobs: list[StageJob] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # guards the counters below
+        self._batches = self._samples = self._overrun_count = self._failures = 0
+        self._busy_us = 0.0
+        self._lag_total_us = self._lag_max_us = 0.0
+        self._started_us = 0.0
+        self.overruns: list[Overrun] = []  # the most recent ones (bounded)
+
+    @property
+    def worker_id(self) -> int:
+        return self.info.worker_id
+
+    @property
+    def mode(self) -> str:
+        if self._executor is None:
+            return f"timing-only, {self._emulation.label}"
+        return self._executor.label + (f", {self._emulation.label}" if self._emulation else "")
+
+    # ---- life cycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._transport.register(self.worker_id, self.submit)
+        self._started_us = self._clock()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"ppipe-worker-{self.worker_id}")
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> list[StageJob]:
+        """Stop after the running batch; returns the jobs that never started (to be failed)."""
+        with self._cv:
+            self._stopping = True
+            left, self._jobs = self._jobs, []
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if self._executor is not None:
+            self._executor.close()
+        return left
+
+    def submit(self, job: StageJob) -> None:
+        """Queue ``job`` (called by the transport, from any thread)."""
+        with self._cv:
+            if self._stopping:
+                raise PPipeError(f"worker {self.worker_id} is stopping")
+            self._jobs.append(job)
+            self._cv.notify()
+
+    def stats(self) -> WorkerStats:
+        with self._lock:
+            return WorkerStats(self.worker_id, self.info.model, self.info.stage,
+                               self.info.gpu_class, self.mode, self._batches, self._samples,
+                               self._busy_us, len(self._jobs), self._overrun_count,
+                               self._failures, self._started_us, self._lag_total_us,
+                               self._lag_max_us)
+
+    # ---- the thread ------------------------------------------------------------------------
+    def _next_job(self) -> StageJob | None:
+        with self._cv:
+            while True:
+                if self._stopping:
+                    return None
+                now = self._clock()
+                ready = [j for j in self._jobs if _eligible_us(j) <= now]
+                if ready:
+                    job = min(ready, key=lambda j: j.reservation.start_us)
+                    self._jobs.remove(job)
+                    return job
+                timeout = None
+                if self._jobs:
+                    timeout = max(0.0, min(_eligible_us(j) for j in self._jobs) - now) / 1e6
+                self._cv.wait(timeout)
+
+    def _run(self) -> None:
+        while (job := self._next_job()) is not None:
+            try:
+                self._execute(job)
+            except Exception as exc:  # a bug in a hand-off must not kill the worker silently
+                log.exception("worker %d: unexpected error on batch %d", self.worker_id,
+                              job.dispatch.batch_id)
+                self._sink.batch_failed(job, exc, self._clock())
+
+    def _execute(self, job: StageJob) -> None:
+        batch = job.dispatch.batch_size
+        start = self._clock()
+        # how late the batch starts after it could (thread wake-up, a busy host)
+        lag = max(0.0, start - _eligible_us(job))
+        with self._lock:
+            self._lag_total_us += lag
+            self._lag_max_us = max(self._lag_max_us, lag)
+        try:
+            outputs = self._executor.run(job.tensors, batch) if self._executor else {}
+            if self._emulation is not None:
+                release = start + self._emulation.hold_us(batch)
+                computed = self._clock()
+                if computed > release:
+                    self._record_overrun(job, release - start, computed - start)
+                elif release - computed > 20.0:
+                    time.sleep((release - computed) / 1e6)
+            if self._cut_dtype is not None and not job.is_last_stage:
+                outputs = {k: (v.astype(self._cut_dtype) if v.dtype.kind == "f" else v)
+                           for k, v in outputs.items()}
+        except Exception as exc:  # reported to every request of the batch, worker survives
+            now = self._clock()
+            with self._lock:
+                self._failures += 1
+                self._busy_us += now - start
+            self._sink.batch_failed(job, exc, now)
+            return
+        finish = self._clock()
+        with self._lock:
+            self._batches += 1
+            self._samples += batch
+            self._busy_us += finish - start
+        if job.is_last_stage:
+            self._sink.batch_completed(job, outputs, finish)
+            self._sink.stage_finished(job, start, finish)
+            return
+        nxt = StageJob(job.dispatch, job.stage + 1, outputs)
+        try:
+            self._transport.send(job.dispatch.route[job.stage + 1].worker_id, nxt, finish)
+        except PPipeError as exc:
+            self._sink.stage_finished(job, start, finish)
+            self._sink.batch_failed(nxt, exc, finish)
+            return
+        self._sink.stage_finished(job, start, finish)
+
+    def _record_overrun(self, job: StageJob, emulated_us: float, actual_us: float) -> None:
+        with self._lock:
+            self._overrun_count += 1
+            self.overruns.append(Overrun(self.worker_id, job.dispatch.batch_id,
+                                         job.dispatch.batch_size, emulated_us, actual_us))
+            del self.overruns[:-32]

@@ -1,0 +1,88 @@
+"""``ppipe serve``: the no-argument demo (a real process on a free port) and --emulate."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_without_arguments_serves_the_demo_model(cpu_builds):
+    from PIL import Image
+
+    cpu_builds["demo_resnet"]  # engines already built: the command reuses them
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ppipe_trt.cli", "serve", "--engines", str(cpu_builds.root),
+         "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.3)
+        buf = io.BytesIO()
+        Image.new("RGB", (320, 240), (90, 90, 200)).save(buf, format="JPEG")
+        r = httpx.post(f"{url}/v2/models/demo_resnet/frames", content=buf.getvalue(),
+                       headers={"Content-Type": "image/jpeg"}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["top_k"]) == 5
+        status = httpx.get(f"{url}/v2/status").json()
+        assert status["plan"]["cluster"]["pools"][0]["gpu_class"] == "cpu"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert f"serving on http://127.0.0.1:{port}" in out
+    assert "/v2/models/demo_resnet/frames" in out  # the example request
+
+
+def test_emulate_plans_the_cluster_file_for_a_profiled_model(tmp_path, profiles_dir):
+    from ppipe_trt.serving.cli import describe, prepare
+
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("name: testbed\npools:\n"
+                       "  - {gpu_class: L4, count: 4, gpus_per_server: 4, max_mps: 4}\n"
+                       "  - {gpu_class: T4, count: 12, gpus_per_server: 2, max_mps: 4}\n")
+    args = argparse.Namespace(plan=None, models=["colorization-v2"], profiles=profiles_dir,
+                              emulate=cluster, engines=tmp_path / "engines", slots=1,
+                              slo_ms=None)
+    plan, profiles, built, what = prepare(args)
+    assert built == {} and "emulated cluster testbed" in what
+    assert {s.gpu_class for p in plan.models[0].pipelines for s in p.stages} <= {"L4", "T4"}
+    text = describe(plan, what, "http://127.0.0.1:8000")
+    assert "colorization-v2" in text and "http://127.0.0.1:8000/v2/models/colorization-v2" in text
+
+
+def test_emulate_refuses_an_unknown_model(tmp_path, profiles_dir):
+    from ppipe_trt.errors import BadInputError
+    from ppipe_trt.serving.cli import prepare
+
+    args = argparse.Namespace(plan=None, models=["no-such-net"], profiles=profiles_dir,
+                              emulate=None, engines=tmp_path, slots=1, slo_ms=None)
+    with pytest.raises(BadInputError, match="no-such-net"):
+        prepare(args)
