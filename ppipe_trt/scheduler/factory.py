@@ -1,0 +1,55 @@
+"""Build one scheduler per model of a plan, all sharing one :class:`ClusterState`."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ppipe_trt.errors import ConfigError
+from ppipe_trt.plan import Plan
+from ppipe_trt.profiles.types import ProfileSet
+from ppipe_trt.scheduler.baselines import ReactiveScheduler, TritonScheduler
+from ppipe_trt.scheduler.interface import Scheduler
+from ppipe_trt.scheduler.placement import Placement
+from ppipe_trt.scheduler.reservation import ReservationScheduler
+from ppipe_trt.scheduler.tables import ClusterState, build_pipeline_tables
+
+POLICIES = ("reservation", "reactive", "triton")
+
+
+def build_schedulers(plan: Plan, profiles: ProfileSet, placement: Placement,
+                     policy: str = "reservation", *, hop_overhead_us: float = 0.0,
+                     state: ClusterState | None = None, **kw: Any) -> Mapping[str, Scheduler]:
+    """One scheduler per model of ``plan``, keyed by model name.
+
+    All of them share one :class:`ClusterState` (link reservations, batch ids): pass
+    ``state`` to reuse one, else a fresh one is made (reach it as ``sched.cluster_state``).
+    ``hop_overhead_us`` is added to every network transfer (the live server feeds it from
+    measurement).  Further keywords go to the policy: ``wake_lead_us``,
+    ``strict_batch_fraction``, ``max_queue`` (reservation); ``max_queue_delay_us`` (triton).
+    """
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown scheduling policy {policy!r}; expected one of {POLICIES}")
+    state = state or ClusterState(placement, hop_overhead_us)
+    out: dict[str, Scheduler] = {}
+    for m in plan.models:
+        tables = build_pipeline_tables(plan, m, profiles, placement, hop_overhead_us)
+        if policy == "reservation":
+            allowed = {"wake_lead_us", "strict_batch_fraction", "max_queue"}
+            _check_kw(kw, allowed, policy)
+            sched: Scheduler = ReservationScheduler(m.model, tables, state, **kw)
+        elif policy == "reactive":
+            _check_kw(kw, set(), policy)
+            sched = ReactiveScheduler(m.model, tables, state)
+        else:
+            _check_kw(kw, {"max_queue_delay_us"}, policy)
+            sched = TritonScheduler(m.model, tables, state, **kw)
+        sched.cluster_state = state  # type: ignore[attr-defined]
+        out[m.model] = sched
+    return out
+
+
+def _check_kw(kw: Mapping[str, Any], allowed: set[str], policy: str) -> None:
+    bad = set(kw) - allowed
+    if bad:
+        raise ConfigError(f"policy {policy!r} takes no option(s) {sorted(bad)}; "
+                          f"it takes {sorted(allowed) or 'none'}")

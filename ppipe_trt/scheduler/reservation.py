@@ -1,0 +1,411 @@
+"""PPipe's reservation-based adaptive batching scheduler (the paper's Alg. 1-2).
+
+State: for every worker of the model the time until which it is reserved (``till``); for every
+server link the timeline of its uplink and downlink reservations (shared with the other
+models' schedulers through :class:`~ppipe_trt.scheduler.tables.ClusterState`; a transfer may
+take any gap long enough on both links, see :mod:`~ppipe_trt.scheduler.links`).  Requests
+wait in one queue per model, ordered by deadline.
+
+Decision loop, run on every arrival and wake-up:
+
+1. *Probe* every pipeline at its planned batch: stage by stage take the worker of the stage's
+   pool that finishes earliest, counting the transfer into it, which needs the previous
+   worker's uplink and this worker's downlink free over the same interval (a hand-off within
+   one server is free).  A probe's *waiting* is its finish time minus now minus the batch's
+   pure compute and network time.  Pick the pipeline with the least waiting.
+2. On it, try batch sizes from the planned one downwards until the batch finishes by the
+   deadline of the oldest queued request.  If even batch 1 misses, the other pipelines are
+   tried (least waiting first); if none can finish batch 1 in time, every queued request whose
+   deadline is before the earliest batch-1 finish is dropped (``DEADLINE_UNREACHABLE``), and
+   the loop repeats.
+3. If fewer requests are queued than the chosen batch, wait: wake up at the last moment at
+   which a batch of all queued requests still meets the oldest deadline (``wake_lead_us``
+   earlier, for callers that oversleep).  Otherwise reserve the route and dispatch.
+
+Waiting ``slack`` = deadline - (finish if dispatched now) is exact when links are not
+involved (the finish then grows by at most the wait).  A transfer that fits a link gap now
+may not fit it later, so for multi-stage pipelines the wake-up time is checked with a probe
+at that time and, if that batch would miss, moved earlier by bisection.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Sequence
+
+from ppipe_trt.errors import SchedulerError
+from ppipe_trt.scheduler.interface import (Decisions, Dispatch, Drop, DropReason, Request,
+                                           Scheduler, StageReservation)
+from ppipe_trt.scheduler.links import (PRUNE_AT, common_free, first_free, is_free, prune,
+                                       reserve)
+from ppipe_trt.scheduler.tables import INF, ClusterState, PipelineTable
+
+#: Wake-ups are placed this much (us) before the exact last moment, so that rounding in
+#: ``now + slack`` can never make the batch miss its deadline when woken exactly on time.
+_WAKE_GUARD_US = 1e-3
+
+
+class ReservationScheduler(Scheduler):
+    """One model's reservation scheduler.  Construct with :func:`build_schedulers`.
+
+    ``strict_batch_fraction`` (optional, off by default) reproduces the public artifact's
+    admission rule: the first time a request is at the head of the queue, only batch sizes
+    of at least ``round(fraction * planned)`` are tried and the request is dropped if none
+    meets its deadline; ``max_queue`` bounds the queue (``QUEUE_FULL`` drops beyond it).
+    """
+
+    def __init__(self, model: str, pipelines: Sequence[PipelineTable], state: ClusterState,
+                 *, wake_lead_us: float = 0.0, strict_batch_fraction: float | None = None,
+                 max_queue: int | None = None):
+        self.model = model
+        self.pipelines = tuple(pipelines)
+        self._state = state
+        self._uplinks = state.uplinks
+        self._downlinks = state.downlinks
+        self.wake_lead_us = float(wake_lead_us)
+        self.strict_batch_fraction = strict_batch_fraction
+        self.max_queue = max_queue
+        # Per pipeline, per stage: [server, tills, worker_ids] groups of the workers of the
+        # stage's pool that share a server; a dead worker's till is INF.
+        self._groups: list[list[list[list]]] = []
+        self._loc: dict[int, tuple[list, int]] = {}
+        for pt in self.pipelines:
+            stages = []
+            for st in pt.stages:
+                by_server: dict[int, list] = {}
+                for wid, srv in zip(st.worker_ids, st.server_ids):
+                    g = by_server.setdefault(srv, [srv, [], []])
+                    self._loc[wid] = (g[1], len(g[1]))
+                    g[1].append(0.0)
+                    g[2].append(wid)
+                stages.append(list(by_server.values()))
+            self._groups.append(stages)
+        # (tables, stage groups, latency rows, transfer rows) per pipeline for the hot path.
+        self._probe_data = [
+            (pt.planned_batch, [(self._groups[i][s], st.latency_us, st.transfer_in_us, s,
+                                 pt.stages[s + 1].transfer_in_us if s + 1 < len(pt.stages)
+                                 else None)
+                                for s, st in enumerate(pt.stages)])
+            for i, pt in enumerate(self.pipelines)]
+        self._queue: deque[Request] = deque()
+        self._batches: dict[int, list] = {}
+        self._dead: set[int] = set()
+        self._retried: set[int] = set()
+        self._wake_at: float | None = None
+        self._last_now = -INF
+
+    # ---- inspection (tests, metrics) ------------------------------------------------------
+
+    def reserved_until(self, worker_id: int) -> float:
+        """The time (us) until which ``worker_id`` is reserved (INF when removed)."""
+        tills, pos = self._worker(worker_id)
+        return tills[pos]
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    @property
+    def wake_at_us(self) -> float | None:
+        return self._wake_at
+
+    # ---- events ---------------------------------------------------------------------------
+
+    def on_arrival(self, request: Request, now_us: float) -> Decisions:
+        self._tick(now_us)
+        q = self._queue
+        dec = Decisions()
+        if self.max_queue is not None and len(q) >= self.max_queue:
+            dec.drops.append(Drop(request, DropReason.QUEUE_FULL,
+                                  f"queue holds {len(q)} requests (max {self.max_queue})"))
+            dec.wake_at_us = self._wake_at
+            return dec
+        if not q or request.deadline_us >= q[-1].deadline_us:
+            q.append(request)
+        else:  # an earlier deadline than the tail: keep the queue sorted
+            i = len(q) - 1
+            while i > 0 and q[i - 1].deadline_us > request.deadline_us:
+                i -= 1
+            q.insert(i, request)
+        self._schedule(now_us, dec)
+        return dec
+
+    def on_wake(self, now_us: float) -> Decisions:
+        self._tick(now_us)
+        dec = Decisions()
+        self._schedule(now_us, dec)
+        return dec
+
+    def on_stage_finished(self, batch_id: int, stage: int, finish_us: float,
+                          now_us: float) -> Decisions:
+        self._tick(now_us)
+        rec = self._batches.get(batch_id)
+        if rec is None:
+            raise SchedulerError(f"{self.model}: finish reported for unknown batch {batch_id} "
+                                 "(never dispatched, already finished, or dropped)")
+        wids, ends = rec[2], rec[3]
+        if not 0 <= stage < len(wids):
+            raise SchedulerError(f"{self.model}: batch {batch_id} has stages 0..{len(wids) - 1}, "
+                                 f"finish reported for stage {stage}")
+        reserved = ends[stage]
+        late = finish_us > reserved
+        if finish_us != reserved and wids[stage] not in self._dead:
+            tills, pos = self._loc[wids[stage]]
+            if tills[pos] == reserved:    # nothing reserved after this batch: take the truth
+                tills[pos] = finish_us
+            elif late:                    # later reservations on it are pushed back as much
+                tills[pos] += finish_us - reserved
+            ends[stage] = finish_us
+        rec[4] = stage + 1
+        if stage == len(wids) - 1:
+            del self._batches[batch_id]
+        dec = Decisions()
+        if late and self._queue:
+            self._schedule(now_us, dec)   # the last moment to wait may have moved earlier
+        else:
+            dec.wake_at_us = self._wake_at
+        return dec
+
+    def remove_worker(self, worker_id: int, now_us: float) -> Decisions:
+        self._tick(now_us)
+        tills, pos = self._worker(worker_id)
+        tills[pos] = INF
+        self._dead.add(worker_id)
+        dec = Decisions()
+        for bid in [b for b, rec in self._batches.items() if worker_id in rec[2][rec[4]:]]:
+            rec = self._batches.pop(bid)
+            for r in rec[1]:
+                dec.drops.append(Drop(r, DropReason.WORKER_FAILED,
+                                      f"worker {worker_id} failed under batch {bid}"))
+        self._schedule(now_us, dec)
+        return dec
+
+    def add_worker(self, worker_id: int, now_us: float) -> Decisions:
+        self._tick(now_us)
+        tills, pos = self._worker(worker_id)
+        self._dead.discard(worker_id)
+        tills[pos] = now_us
+        dec = Decisions()
+        self._schedule(now_us, dec)
+        return dec
+
+    def drain(self, now_us: float) -> Decisions:
+        dec = Decisions()
+        while self._queue:
+            dec.drops.append(Drop(self._queue.popleft(), DropReason.SHUTDOWN, "server stopping"))
+        self._wake_at = None
+        return dec
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _worker(self, worker_id: int) -> tuple[list, int]:
+        try:
+            return self._loc[worker_id]
+        except KeyError:
+            raise SchedulerError(f"{self.model}: worker {worker_id} does not serve this model; "
+                                 f"its workers are {sorted(self._loc)}") from None
+
+    def _tick(self, now_us: float) -> None:
+        if now_us < self._last_now:
+            raise SchedulerError(f"{self.model}: time went backwards from {self._last_now} us "
+                                 f"to {now_us} us")
+        self._last_now = now_us
+
+    def _probe(self, p: int, b: int, now: float):
+        """Earliest route of a batch of ``b`` on pipeline ``p`` given the reservations.
+
+        Returns ``(finish_us, work_us, picks)``; ``picks`` holds per stage ``(tills, till,
+        transfer_start, transfer_end, start, end, server, prev_server, worker_ids)``; ``finish_us`` is
+        INF when a stage has no live worker.
+        """
+        uplinks, downlinks = self._uplinks, self._downlinks
+        stages = self._probe_data[p][1]
+        t = now
+        work = 0.0
+        prev_srv = -1
+        picks = []
+        for groups, lat_row, net_row, s, next_row in stages:
+            lat = lat_row[b]
+            best = INF
+            pick = None
+            next_net = next_row[b] if next_row is not None else 0.0
+            if s == 0:
+                for srv, tills, gw in groups:
+                    m = min(tills)
+                    start = m if m > t else t
+                    end = start + lat
+                    if end >= best:
+                        continue
+                    key = end
+                    if next_row is not None:  # its output must also get onto the uplink
+                        key = first_free(uplinks[srv], end, next_net)
+                    if key < best:
+                        best = key
+                        pick = (tills, m, t, t, start, end, srv, -1, gw)
+            else:
+                net = net_row[b]
+                up = uplinks[prev_srv]
+                u0 = first_free(up, t, net)   # earliest the sender's uplink can carry it
+                for srv, tills, gw in groups:
+                    m = min(tills)
+                    if srv == prev_srv:
+                        ts = te = t
+                    else:
+                        lb = u0 + net
+                        if (m if m > lb else lb) + lat >= best:
+                            continue
+                        dn = downlinks[srv]
+                        ts = u0 if is_free(dn, u0, net) else common_free(up, dn, u0, net)
+                        te = ts + net
+                    start = m if m > te else te
+                    end = start + lat
+                    if end >= best:
+                        continue
+                    key = end
+                    if next_row is not None:
+                        key = first_free(uplinks[srv], end, next_net)
+                    if key < best:
+                        best = key
+                        pick = (tills, m, ts, te, start, end, srv, prev_srv, gw)
+            if pick is None or pick[1] == INF:
+                return INF, 0.0, None
+            work += lat + (pick[3] - pick[2])
+            t = pick[5]
+            prev_srv = pick[6]
+            picks.append(pick)
+        return t, work, picks
+
+    def _schedule(self, now: float, dec: Decisions) -> None:
+        q = self._queue
+        probe = self._probe
+        self._wake_at = None
+        npipes = len(self.pipelines)
+        while q:
+            deadline = q[0].deadline_us
+            best_p = -1
+            best_key = INF
+            best = None
+            for p in range(npipes):
+                b = self._probe_data[p][0]
+                fin, work, picks = probe(p, b, now)
+                if fin == INF:
+                    continue
+                key = fin - now - work
+                if key < best_key:
+                    best_key, best_p, best = key, p, (b, fin, picks)
+            if best is None:
+                while q:
+                    dec.drops.append(Drop(q.popleft(), DropReason.NO_WORKERS,
+                                          f"{self.model}: some stage of every pipeline has no "
+                                          "live worker"))
+                break
+            chosen = self._fit(best_p, best, deadline, now, q[0].request_id)
+            if chosen is None and not self._is_strict(q[0].request_id):
+                for p in self._by_waiting(now, exclude=best_p):
+                    chosen = self._fit(p, None, deadline, now, q[0].request_id)
+                    if chosen is not None:
+                        best_p = p
+                        break
+            if chosen is None:
+                self._drop_unreachable(now, dec)
+                continue
+            b, fin, picks = chosen
+            if len(q) >= b:
+                self._dispatch(best_p, b, picks, dec)
+                continue
+            n = len(q)
+            fin_n, _, picks_n = probe(best_p, n, now)
+            slack = deadline - fin_n
+            if slack <= _WAKE_GUARD_US + self.wake_lead_us:
+                self._dispatch(best_p, n, picks_n, dec)
+                continue
+            wake = now + slack - _WAKE_GUARD_US - self.wake_lead_us
+            if len(self.pipelines[best_p].stages) > 1 and probe(best_p, n, wake)[0] > deadline:
+                lo, hi = now, wake          # dispatching at lo meets the deadline
+                for _ in range(8):
+                    mid = 0.5 * (lo + hi)
+                    if probe(best_p, n, mid)[0] <= deadline:
+                        lo = mid
+                    else:
+                        hi = mid
+                wake = lo
+                if wake - now <= _WAKE_GUARD_US:
+                    self._dispatch(best_p, n, picks_n, dec)
+                    continue
+            self._wake_at = wake
+            break
+        dec.wake_at_us = self._wake_at
+
+    def _is_strict(self, request_id: int) -> bool:
+        return self.strict_batch_fraction is not None and request_id not in self._retried
+
+    def _fit(self, p: int, planned, deadline: float, now: float, head_id: int):
+        """Largest batch (planned downwards) on pipeline ``p`` finishing by ``deadline``."""
+        b_max = self._probe_data[p][0]
+        b_min = 1
+        if self._is_strict(head_id):
+            b_min = max(1, round(b_max * self.strict_batch_fraction))
+        if planned is not None and planned[1] <= deadline:
+            if self.strict_batch_fraction is not None:
+                self._retried.add(head_id)
+            return planned
+        for b in range(b_max - 1 if planned is not None else b_max, b_min - 1, -1):
+            fin, _, picks = self._probe(p, b, now)
+            if fin <= deadline:
+                if self.strict_batch_fraction is not None:
+                    self._retried.add(head_id)
+                return b, fin, picks
+        return None
+
+    def _by_waiting(self, now: float, exclude: int) -> list[int]:
+        keyed = []
+        for p in range(len(self.pipelines)):
+            if p != exclude:
+                fin, work, _ = self._probe(p, self._probe_data[p][0], now)
+                if fin != INF:
+                    keyed.append((fin - now - work, p))
+        keyed.sort()
+        return [p for _, p in keyed]
+
+    def _drop_unreachable(self, now: float, dec: Decisions) -> None:
+        """Drop the head, and every request behind it that no pipeline can finish in time."""
+        q = self._queue
+        head = q.popleft()
+        self._retried.discard(head.request_id)
+        earliest = min(self._probe(p, 1, now)[0] for p in range(len(self.pipelines)))
+        detail = f"earliest batch-1 finish {earliest:.0f} us > deadline"
+        dec.drops.append(Drop(head, DropReason.DEADLINE_UNREACHABLE, detail))
+        while q and q[0].deadline_us < earliest:
+            r = q.popleft()
+            self._retried.discard(r.request_id)
+            dec.drops.append(Drop(r, DropReason.DEADLINE_UNREACHABLE, detail))
+
+    def _dispatch(self, p: int, b: int, picks, dec: Decisions) -> None:
+        q = self._queue
+        reqs = tuple([q.popleft() for _ in range(b)])
+        if self.strict_batch_fraction is not None:
+            for r in reqs:
+                self._retried.discard(r.request_id)
+        route = []
+        wids = []
+        ends = []
+        for s, (tills, m, ts, te, start, end, srv, prev_srv, gw) in enumerate(picks):
+            pos = tills.index(m)
+            tills[pos] = end
+            if te != ts:
+                up, dn = self._uplinks[prev_srv], self._downlinks[srv]
+                reserve(up, ts, te)
+                reserve(dn, ts, te)
+                if len(up[0]) > PRUNE_AT:
+                    prune(up, self._last_now)
+                if len(dn[0]) > PRUNE_AT:
+                    prune(dn, self._last_now)
+            else:
+                ts = te = start
+            wid = gw[pos]
+            route.append(StageReservation(s, wid, start, end, ts, te))
+            wids.append(wid)
+            ends.append(end)
+        bid = next(self._state.batch_ids)
+        self._batches[bid] = [p, reqs, wids, ends, 0]
+        dec.dispatches.append(Dispatch(bid, self.model, p, reqs, tuple(route)))

@@ -1,0 +1,136 @@
+"""Precomputed tables the schedulers work from, and the state they share within a cluster.
+
+:class:`ClusterState` is the one object all schedulers of a cluster share: the uplink and
+downlink reservation timelines of every server (microseconds on the caller's clock), each
+server's bandwidth, and the batch-id counter (batch ids are unique across the cluster).
+
+:class:`PipelineTable` holds, for one pipeline of one model, per stage and per batch size
+``b`` (index ``b``; index 0 is unused), the compute latency of the stage's block range on one
+of its workers (from the profiles, at the stage's GPU class and MPS share) and the time to
+move ``b`` samples of activations into the stage (``bytes_per_sample * b * 8 / bandwidth``
+plus ``hop_overhead_us``; 0 for stage 0).  Tables are plain lists so the hot path indexes
+them without attribute look-ups.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from ppipe_trt.errors import ConfigError
+from ppipe_trt.plan import ModelPlan, Plan
+from ppipe_trt.profiles.types import ProfileSet
+from ppipe_trt.scheduler.links import new_timeline
+from ppipe_trt.scheduler.placement import Placement
+
+INF = float("inf")
+
+
+class ClusterState:
+    """Link reservations and ids shared by every scheduler of one cluster (see module doc).
+
+    ``uplinks[s]``/``downlinks[s]``: the reservation timeline of server ``s``'s link in each
+    direction (see :mod:`ppipe_trt.scheduler.links`).
+    """
+
+    __slots__ = ("uplinks", "downlinks", "bandwidth_gbps", "batch_ids", "hop_overhead_us")
+
+    def __init__(self, placement: Placement, hop_overhead_us: float = 0.0):
+        n = placement.num_servers
+        self.uplinks = [new_timeline() for _ in range(n)]
+        self.downlinks = [new_timeline() for _ in range(n)]
+        self.bandwidth_gbps = [s.link_bandwidth_gbps for s in placement.servers]
+        self.batch_ids = itertools.count()
+        if hop_overhead_us < 0:
+            raise ConfigError(f"hop_overhead_us must be >= 0, got {hop_overhead_us!r}")
+        self.hop_overhead_us = float(hop_overhead_us)
+
+    def reset(self) -> None:
+        """Forget every link reservation."""
+        for tl in self.uplinks + self.downlinks:
+            tl[0].clear()
+            tl[1].clear()
+
+
+@dataclass(frozen=True, slots=True)
+class StageTable:
+    """Per-batch latencies of one stage; ``latency_us[b]``/``transfer_in_us[b]`` for
+    ``b = 1..max_batch`` (index 0 unused).  ``worker_ids``/``server_ids`` list the stage's
+    workers and the server of each, in placement order."""
+
+    gpu_class: str
+    mps_share: int
+    first_block: int
+    last_block: int
+    latency_us: tuple[float, ...]
+    transfer_in_us: tuple[float, ...]
+    bytes_in_per_sample: int
+    worker_ids: tuple[int, ...]
+    server_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineTable:
+    index: int
+    planned_batch: int
+    max_batch: int
+    stages: tuple[StageTable, ...]
+
+    def work_us(self, batch: int) -> float:
+        """Compute plus network time of one batch through the pipeline, with no waiting
+        (a transfer between workers of one server would be free; this counts it)."""
+        return sum(s.latency_us[batch] + s.transfer_in_us[batch] for s in self.stages)
+
+
+def transfer_us(nbytes_per_sample: int, batch: int, bandwidth_gbps: float,
+                hop_overhead_us: float = 0.0) -> float:
+    """Time to move ``batch`` samples of ``nbytes_per_sample`` over a ``bandwidth_gbps``
+    link (1 Gbps = 1000 bits per microsecond), plus a fixed per-hop overhead."""
+    return nbytes_per_sample * batch * 8.0 / (bandwidth_gbps * 1000.0) + hop_overhead_us
+
+
+def build_pipeline_tables(plan: Plan, model_plan: ModelPlan, profiles: ProfileSet,
+                          placement: Placement, hop_overhead_us: float = 0.0,
+                          max_batch: int | None = None) -> tuple[PipelineTable, ...]:
+    """Latency tables of every pipeline of ``model_plan``, for batch sizes 1..max_batch.
+
+    ``max_batch`` defaults to the largest planned batch of the model; batch sizes a stage's
+    profile does not cover are an error only if they are at or below the pipeline's planned
+    batch (above it they are omitted: the table stops at the profiled maximum).
+    """
+    profile = profiles[model_plan.model]
+    cluster = plan.cluster
+    limit = max_batch or max(p.batch_size for p in model_plan.pipelines)
+    out = []
+    for pi, pipe in enumerate(model_plan.pipelines):
+        stage_tables = []
+        top = limit
+        for st in pipe.stages:
+            top = min(top, profile.max_batch(st.gpu_class, st.mps_share))
+        if top < pipe.batch_size:
+            raise ConfigError(
+                f"{model_plan.model} pipeline {pi}: planned batch {pipe.batch_size} but the "
+                f"profiles of its stages cover batch sizes up to {top}")
+        for si, st in enumerate(pipe.stages):
+            lat = [0.0] + [profile.range_latency_us(st.gpu_class, st.mps_share, st.first_block,
+                                                    st.last_block, b) for b in range(1, top + 1)]
+            slots = placement.pool(model_plan.model, pi, si)
+            if len(slots) != st.workers:
+                raise ConfigError(f"{model_plan.model} pipeline {pi} stage {si}: placement has "
+                                  f"{len(slots)} workers, plan {st.workers}")
+            if si == 0:
+                nbytes = 0
+                net = [0.0] * (top + 1)
+            else:
+                nbytes = profile.bytes_into_block(st.first_block)
+                prev = pipe.stages[si - 1]
+                bw = min(cluster.pool(prev.gpu_class).link_bandwidth_gbps,
+                         cluster.pool(st.gpu_class).link_bandwidth_gbps)
+                net = [0.0] + [transfer_us(nbytes, b, bw, hop_overhead_us)
+                               for b in range(1, top + 1)]
+            stage_tables.append(StageTable(
+                st.gpu_class, st.mps_share, st.first_block, st.last_block, tuple(lat),
+                tuple(net), nbytes, tuple(w.worker_id for w in slots),
+                tuple(w.server_id for w in slots)))
+        out.append(PipelineTable(pi, pipe.batch_size, top, tuple(stage_tables)))
+    return tuple(out)

@@ -1,0 +1,109 @@
+"""``ppipe simulate PLAN``: run a plan on the simulated cluster, or search its load factor.
+
+    ppipe simulate plan.json --load 0.9 --duration 30s --arrivals poisson
+    ppipe simulate plan.json --search --reference-plan ppipe.json --policy reactive --json out.json
+
+Load factor 1.0 offers each model the throughput of the ``--reference-plan`` (the PPipe
+plan, as in the paper; default: PLAN itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ppipe_trt.errors import ConfigError
+
+
+def parse_duration_s(text: str) -> float:
+    """``30s``, ``500ms``, ``2m`` or a bare number of seconds."""
+    t = text.strip().lower()
+    try:
+        for suffix, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0), ("m", 60.0)):
+            if t.endswith(suffix):
+                return float(t[: -len(suffix)]) * scale
+        return float(t)
+    except ValueError:
+        raise ConfigError(f"duration {text!r}: expected e.g. 30s, 500ms, 2m") from None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("simulate", help="simulate a plan on a virtual cluster",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("plan", help="plan JSON (ppipe plan / scripts/bench_planner.py --plans-dir)")
+    p.add_argument("--profiles", default=None, help="profile folder (default: shared profiles)")
+    p.add_argument("--load", type=float, default=1.0, help="load factor (default 1.0)")
+    p.add_argument("--duration", default="30s", help="measured simulated time (default 30s)")
+    p.add_argument("--warmup", default="2s", help="excluded warm-up before it (default 2s)")
+    p.add_argument("--arrivals", default="poisson", help="poisson | gamma:CV | trace:FILE")
+    p.add_argument("--policy", default="reservation",
+                   choices=("reservation", "reactive", "triton"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latency-cv", type=float, default=0.0,
+                   help="log-normal noise on stage latencies, coefficient of variation")
+    p.add_argument("--hop-overhead-us", type=float, default=0.0,
+                   help="fixed cost added to every network transfer")
+    p.add_argument("--max-queue-delay-us", type=float, default=None,
+                   help="triton policy: longest a request waits for a fuller batch")
+    p.add_argument("--strict-batch-fraction", type=float, default=None,
+                   help="reservation policy: the public artifact's admission rule (e.g. 0.95)")
+    p.add_argument("--reference-plan", default=None,
+                   help="plan whose per-model throughput is load 1.0 (default: PLAN)")
+    p.add_argument("--search", action="store_true",
+                   help="search the load factor from 1.0 down by 0.05 to >= 99%% attainment")
+    p.add_argument("--target", type=float, default=0.99, help="attainment target of --search")
+    p.add_argument("--json", default=None, help="write the metrics to this JSON file")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ppipe_trt.plan import load_plan
+    from ppipe_trt.profiles import load_profiles
+    from ppipe_trt.simulator.arrivals import ArrivalSpec
+    from ppipe_trt.simulator.engine import SimConfig, simulate
+    from ppipe_trt.simulator.metrics import format_table
+    from ppipe_trt.simulator.search import search_load_factor
+
+    plan = load_plan(args.plan)
+    profiles = load_profiles(args.profiles, plan.model_names)
+    ref = load_plan(args.reference_plan) if args.reference_plan else plan
+    rates = {}
+    for m in plan.model_names:
+        rates[m] = ref.model(m).throughput_rps
+    options = {}
+    if args.max_queue_delay_us is not None:
+        options["max_queue_delay_us"] = args.max_queue_delay_us
+    if args.strict_batch_fraction is not None:
+        options["strict_batch_fraction"] = args.strict_batch_fraction
+    config = SimConfig(load_factor=args.load, policy_options=options, duration_s=parse_duration_s(args.duration),
+                       warmup_s=parse_duration_s(args.warmup),
+                       arrivals=ArrivalSpec.parse(args.arrivals), policy=args.policy,
+                       seed=args.seed, latency_cv=args.latency_cv,
+                       hop_overhead_us=args.hop_overhead_us, rates_rps=rates)
+    if args.search:
+        def progress(f, res):
+            print(f"load {f:.2f}: " + ", ".join(f"{m.model[:24]} {100 * m.attainment:.2f}%"
+                                                 for m in res.models), file=sys.stderr)
+        sr = search_load_factor(plan, profiles, config, target=args.target, progress=progress)
+        print(f"load factor at >= {100 * args.target:g}% attainment ({args.policy}, plan "
+              f"{plan.scheduler}, {plan.cluster.label}):")
+        for m, f in sr.per_model_load_factor.items():
+            print(f"  {m:<48} {f:.2f}")
+        print(f"  {'mean':<48} {sr.load_factor:.3f}")
+        if sr.final:
+            print(format_table(sr.final))
+        out = {"per_model_load_factor": dict(sr.per_model_load_factor),
+               "load_factor": sr.load_factor, "utilization": dict(sr.utilization),
+               "runs": [r.to_dict() for r in sr.runs]}
+    else:
+        res = simulate(plan, profiles, config)
+        print(format_table(res))
+        print(f"({res.events} events in {res.wall_s:.2f} s wall)")
+        out = res.to_dict(workers=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0

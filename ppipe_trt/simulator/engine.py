@@ -1,0 +1,369 @@
+"""The cluster simulator: a discrete-event loop driving the real schedulers on a virtual clock.
+
+Events sit in one heap of plain tuples ``(time_us, seq, kind, a, b)``; ``seq`` breaks ties
+in insertion order, so a run is a pure function of its inputs and seed.  Kinds: a model's
+next arrival, a scheduler's wake-up (stale ones are skipped by a per-model token), and a
+stage finishing on a worker.
+
+Physical model (the truth the scheduler's reservations are checked against):
+
+* a worker runs the batches handed to it one at a time, in the order they are handed over,
+  each as soon as its input is there; a stage of ``b`` samples takes the profiled latency of
+  its block range at batch ``b`` and the worker's MPS share, optionally times a log-normal
+  factor of mean 1 and coefficient of variation ``latency_cv`` (GPU kernel times are
+  right-skewed and never negative; a log-normal is the usual fit);
+* a hand-off between two servers occupies the sender's uplink and the receiver's downlink for
+  ``bytes_per_sample * b * 8 / bandwidth`` (+ ``hop_overhead_us``), starting when both are
+  free; a hand-off within a server is free.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from bisect import insort
+from collections import deque
+from operator import itemgetter
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ppipe_trt.errors import ConfigError
+from ppipe_trt.plan import Plan
+from ppipe_trt.profiles.types import ProfileSet
+from ppipe_trt.scheduler import build_schedulers, place_workers
+from ppipe_trt.scheduler.interface import Request, Scheduler
+from ppipe_trt.scheduler.tables import build_pipeline_tables
+from ppipe_trt.simulator.arrivals import ArrivalSpec, arrival_times_us
+from ppipe_trt.simulator.metrics import (ModelMetrics, SimResult, WorkerQueueing, busy_union_us,
+                                         percentiles)
+
+_ARRIVAL, _WAKE, _DONE, _XFER = 0, 1, 2, 3
+_OK, _LATE, _PENDING = "ok", "late", None
+_slot_key = itemgetter(5, 6)
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """One simulation run.  ``rates_rps`` overrides the offered rate per model (at load 1.0);
+    by default it is the plan's own throughput per model."""
+
+    load_factor: float = 1.0
+    duration_s: float = 30.0
+    warmup_s: float = 2.0
+    arrivals: ArrivalSpec = ArrivalSpec("poisson")
+    policy: str = "reservation"
+    seed: int = 0
+    latency_cv: float = 0.0
+    hop_overhead_us: float = 0.0
+    rates_rps: Mapping[str, float] | None = None
+    policy_options: Mapping[str, object] | None = None
+
+
+def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
+             wrap: Callable[[Scheduler], Scheduler] | None = None) -> SimResult:
+    """Run ``plan`` under ``config`` and return its metrics (see :mod:`.metrics`).
+
+    ``wrap`` (optional) is applied to each model's scheduler before the run, e.g. to time its
+    calls (``scripts/bench_scheduler.py``).
+    """
+    wall0 = time.perf_counter()
+    if config.duration_s <= 0 or config.warmup_s < 0:
+        raise ConfigError(f"duration must be > 0 and warm-up >= 0 (got {config.duration_s} s, "
+                          f"{config.warmup_s} s)")
+    if config.load_factor < 0:
+        raise ConfigError(f"load factor must be >= 0, got {config.load_factor}")
+    placement = place_workers(plan)
+    scheds = build_schedulers(plan, profiles, placement, config.policy,
+                              hop_overhead_us=config.hop_overhead_us,
+                              **dict(config.policy_options or {}))
+    models = plan.model_names
+    sched_list = [wrap(scheds[m]) if wrap else scheds[m] for m in models]
+    # physical latency tables: lat[model][pipeline][stage] -> row by batch
+    # physical tables: lat[model][pipeline][stage][batch], xfer[...] likewise (transfer into
+    # the stage from another server; a pool's servers all have the pool's bandwidth)
+    lat, xfer = [], []
+    for m in plan.models:
+        tables = build_pipeline_tables(plan, m, profiles, placement, config.hop_overhead_us,
+                                       max_batch=64)
+        lat.append([[st.latency_us for st in pt.stages] for pt in tables])
+        xfer.append([[st.transfer_in_us for st in pt.stages] for pt in tables])
+    slots = placement.workers
+    w_server = [w.server_id for w in slots]
+    hop = config.hop_overhead_us
+    model_index = {m: i for i, m in enumerate(models)}
+
+    # arrivals
+    warm_us = config.warmup_s * 1e6
+    end_us = warm_us + config.duration_s * 1e6
+    rates = {}
+    for m in plan.models:
+        base = (config.rates_rps or {}).get(m.model, m.throughput_rps)
+        rates[m.model] = base * config.load_factor
+    arrivals = []
+    for mi, m in enumerate(models):
+        rng = np.random.default_rng([config.seed, mi])
+        arrivals.append(arrival_times_us(config.arrivals, rates[m], 0.0, end_us, rng, mi))
+    slo_us = [m.slo_ms * 1000.0 for m in plan.models]
+
+    # per request state
+    req_model: list[int] = []
+    req_arrival: list[float] = []
+    outcome: list = []
+    finish_at: list[float] = []
+    location: list[int] = []
+
+    # Resources serve their items strictly in the order they were assigned (for the
+    # reservation policy that is reservation order, so with exact latencies every stage
+    # and transfer runs no later than reserved).  A stage item is
+    # [model, dispatch, route position, inputs pending, worker, next item, input-ready time,
+    # duration];
+    # a transfer item [stage item it feeds, src server, dst server, duration, ready,
+    # slot start, seq].  Under the reservation policy a transfer starts no earlier than its
+    # reserved slot (slots may sit in gaps between others), and each link serves transfers
+    # in slot order; the baselines' transfers go first come, first served.
+    nw, ns = len(slots), placement.num_servers
+    wq: list[deque] = [deque() for _ in range(nw)]
+    uq: list[list] = [[] for _ in range(ns)]   # transfer items sorted by (slot start, seq)
+    dq: list[list] = [[] for _ in range(ns)]
+    slotted = config.policy == "reservation"  # transfers keep to their reserved slots
+    wbusy = [False] * nw
+    ubusy = [False] * ns
+    dbusy = [False] * ns
+    busy: list[list[tuple[float, float]]] = [[] for _ in slots]
+    waits: list[list[float]] = [[] for _ in slots]
+    batch_sizes: list[dict[int, int]] = [dict() for _ in models]
+    wake_token = [0] * len(models)
+    wake_time: list[float | None] = [None] * len(models)
+    noise = random.Random(config.seed * 1_000_003 + 17)
+    cv = config.latency_cv
+    sigma = math.sqrt(math.log(1.0 + cv * cv)) if cv > 0 else 0.0
+    mu = -0.5 * sigma * sigma
+    heap: list = []
+    seq = 0
+    push = heapq.heappush
+    pop = heapq.heappop
+    for mi, times in enumerate(arrivals):
+        if times:
+            push(heap, (times[0], seq, _ARRIVAL, mi, 0))
+            seq += 1
+    next_arrival = [1] * len(models)
+    events = 0
+
+    def try_worker(wid: int, now: float) -> None:
+        nonlocal seq
+        if wbusy[wid]:
+            return
+        q = wq[wid]
+        if not q:
+            return
+        si = q[0]
+        if si[3]:
+            return
+        dur = si[7]
+        if cv > 0:
+            dur *= noise.lognormvariate(mu, sigma)
+        wbusy[wid] = True
+        busy[wid].append((now, now + dur))
+        waits[wid].append(now - si[6])
+        push(heap, (now + dur, seq, _DONE, si, 0))
+        seq += 1
+
+    def try_transfer(xi, now: float) -> None:
+        nonlocal seq
+        src, dst = xi[1], xi[2]
+        if (xi[4] and not ubusy[src] and not dbusy[dst] and uq[src][0] is xi
+                and dq[dst][0] is xi):
+            ubusy[src] = dbusy[dst] = True
+            start = xi[5] if xi[5] > now else now
+            push(heap, (start + xi[3], seq, _XFER, xi, 0))
+            seq += 1
+
+    def feed(item, now: float) -> None:
+        """An input of ``item`` (a stage or transfer item) has become ready."""
+        if len(item) == 7:  # a transfer
+            item[4] = True
+            try_transfer(item, now)
+        else:
+            item[3] -= 1
+            if not item[3]:
+                item[6] = now
+                try_worker(item[4], now)
+
+    def start_batch(mi: int, d, now: float) -> None:
+        nonlocal seq
+        route = d.route
+        b = len(d.requests)
+        r0 = route[0]
+        if r0.stage == 0 and warm_us <= now < end_us:
+            h = batch_sizes[mi]
+            h[b] = h.get(b, 0) + 1
+        items = []
+        lat_p = lat[mi][d.pipeline]
+        for pos, r in enumerate(route):
+            si = [mi, d, pos, 1 if pos else 0, r.worker_id, None, now, lat_p[r.stage][b]]
+            wq[r.worker_id].append(si)
+            items.append(si)
+        if len(route) > 1:
+            xfer_p = xfer[mi][d.pipeline]
+            for pos in range(1, len(route)):
+                src, dst = w_server[route[pos - 1].worker_id], w_server[route[pos].worker_id]
+                if src == dst:
+                    items[pos - 1][5] = items[pos]
+                else:
+                    xi = [items[pos], src, dst, xfer_p[route[pos].stage][b], False,
+                          route[pos].transfer_start_us if slotted else now, seq]
+                    seq += 1
+                    insort(uq[src], xi, key=_slot_key)
+                    insort(dq[dst], xi, key=_slot_key)
+                    items[pos - 1][5] = xi
+        if r0.stage > 0:  # inputs sit where the previous stage ran them (reactive policy)
+            si = items[0]
+            dst = w_server[r0.worker_id]
+            per_src: dict[int, int] = {}
+            for r in d.requests:
+                src = location[r.request_id]
+                if src != dst:
+                    per_src[src] = per_src.get(src, 0) + 1
+            si[3] = len(per_src)
+            row = xfer[mi][d.pipeline][r0.stage]
+            for src, n in per_src.items():
+                xi = [si, src, dst, row[n], True, now, seq]
+                seq += 1
+                insort(uq[src], xi, key=_slot_key)
+                insort(dq[dst], xi, key=_slot_key)
+                try_transfer(xi, now)
+        try_worker(r0.worker_id, now)
+
+    def apply(mi: int, dec, now: float) -> None:
+        nonlocal seq
+        for d in dec.dispatches:
+            start_batch(mi, d, now)
+        for drop in dec.drops:
+            outcome[drop.request.request_id] = drop.reason.value
+        w = dec.wake_at_us
+        if w != wake_time[mi]:
+            wake_time[mi] = w
+            wake_token[mi] += 1
+            if w is not None:
+                push(heap, (w if w > now else now, seq, _WAKE, mi, wake_token[mi]))
+                seq += 1
+
+    while heap:
+        now, _, kind, a, b = pop(heap)
+        events += 1
+        if kind == _DONE:
+            mi, d, pos, _, wid, nxt, _, _ = a
+            wbusy[wid] = False
+            wq[wid].popleft()
+            try_worker(wid, now)
+            r = d.route[pos]
+            if nxt is not None:
+                feed(nxt, now)
+            elif r.stage == len(lat[mi][d.pipeline]) - 1:  # the requests are done
+                for q in d.requests:
+                    rid = q.request_id
+                    finish_at[rid] = now
+                    outcome[rid] = _OK if now <= q.deadline_us else _LATE
+            else:  # a one-stage dispatch of a multi-stage pipeline (reactive)
+                srv = w_server[wid]
+                for q in d.requests:
+                    location[q.request_id] = srv
+            apply(mi, sched_list[mi].on_stage_finished(d.batch_id, r.stage, now, now), now)
+        elif kind == _ARRIVAL:
+            mi = a
+            rid = len(req_model)
+            req_model.append(mi)
+            req_arrival.append(now)
+            outcome.append(_PENDING)
+            finish_at.append(0.0)
+            location.append(-1)
+            req = Request(rid, models[mi], now, now + slo_us[mi])
+            times = arrivals[mi]
+            k = next_arrival[mi]
+            if k < len(times):
+                push(heap, (times[k], seq, _ARRIVAL, mi, 0))
+                seq += 1
+                next_arrival[mi] = k + 1
+            apply(mi, sched_list[mi].on_arrival(req, now), now)
+        elif kind == _XFER:
+            si, src, dst = a[0], a[1], a[2]
+            ubusy[src] = dbusy[dst] = False
+            for q in (uq[src], dq[dst]):
+                if q[0] is a:
+                    del q[0]
+                else:  # cannot happen with the slot keys used above; keep the queue right
+                    del q[next(i for i, x in enumerate(q) if x is a)]
+            if uq[src]:
+                try_transfer(uq[src][0], now)
+            if dq[dst]:
+                try_transfer(dq[dst][0], now)
+            feed(si, now)
+        else:  # _WAKE
+            mi = a
+            if b != wake_token[mi]:
+                continue
+            wake_time[mi] = None
+            apply(mi, sched_list[mi].on_wake(now), now)
+
+    for mi, s in enumerate(sched_list):  # nothing should be left; be explicit if it is
+        apply(mi, s.drain(end_us), end_us)
+
+    return _summarise(plan, config, placement, rates, req_model, req_arrival, outcome,
+                      finish_at, batch_sizes, busy, waits, warm_us, end_us, events,
+                      time.perf_counter() - wall0, model_index)
+
+
+def _summarise(plan, config, placement, rates, req_model, req_arrival, outcome, finish_at,
+               batch_sizes, busy, waits, warm_us, end_us, events, wall_s, model_index):
+    models = plan.model_names
+    lat_by_model: list[list[float]] = [[] for _ in models]
+    counts = [dict() for _ in models]
+    for rid, mi in enumerate(req_model):
+        t = req_arrival[rid]
+        if t < warm_us or t >= end_us:
+            continue
+        o = outcome[rid] or "unresolved"
+        c = counts[mi]
+        c[o] = c.get(o, 0) + 1
+        if o == _OK or o == _LATE:
+            lat_by_model[mi].append(finish_at[rid] - t)
+    out = []
+    for mi, m in enumerate(models):
+        c = counts[mi]
+        n = sum(c.values())
+        p50, p90, p99, pmax = percentiles(lat_by_model[mi])
+        hist = dict(sorted(batch_sizes[mi].items()))
+        nb = sum(hist.values())
+        out.append(ModelMetrics(
+            model=m, offered_rps=rates[m], requests=n, completed=c.get(_OK, 0),
+            late=c.get(_LATE, 0),
+            dropped={k: v for k, v in c.items() if k not in (_OK, _LATE)},
+            attainment=c.get(_OK, 0) / n if n else 1.0,
+            latency_p50_us=p50, latency_p90_us=p90, latency_p99_us=p99, latency_max_us=pmax,
+            mean_batch=sum(k * v for k, v in hist.items()) / nb if nb else 0.0,
+            batch_histogram=hist))
+    span = end_us - warm_us
+    gpu_util: dict[str, list[float]] = {c: [0.0] * n for c, n in placement.gpus_per_class.items()}
+    per_gpu: dict[tuple[str, int], list] = {}
+    for w in placement.workers:
+        per_gpu.setdefault((w.gpu_class, w.gpu_index), []).extend(busy[w.worker_id])
+    for (cls, gi), iv in per_gpu.items():
+        gpu_util[cls][gi] = busy_union_us(iv, warm_us, end_us) / span
+    util = {c: (sum(v) / len(v) if v else 0.0) for c, v in gpu_util.items()}
+    wq = []
+    for w in placement.workers:
+        ws = waits[w.worker_id]
+        wq.append(WorkerQueueing(
+            w.worker_id, w.gpu_class, len(ws), sum(ws) / len(ws) if ws else 0.0,
+            max(ws) if ws else 0.0, busy_union_us(busy[w.worker_id], warm_us, end_us) / span))
+    return SimResult(
+        plan_scheduler=plan.scheduler, policy=config.policy, cluster=plan.cluster.label,
+        load_factor=config.load_factor, duration_s=config.duration_s,
+        warmup_s=config.warmup_s, seed=config.seed, arrivals=str(config.arrivals),
+        models=tuple(out), utilization=util,
+        gpu_utilization={c: tuple(v) for c, v in gpu_util.items()}, workers=tuple(wq),
+        events=events, wall_s=wall_s)
