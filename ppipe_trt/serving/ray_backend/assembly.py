@@ -1,0 +1,324 @@
+"""Assemble a :class:`RayServingRuntime` from a plan: one Ray actor per placement slot.
+
+The plan, the placement, the schedulers and the served-model descriptions are exactly those
+of :func:`ppipe_trt.serving.assembly.build_runtime`; only the workers differ.  Each worker
+is a :class:`~ppipe_trt.serving.ray_backend.actor.StageActor` placed by Ray on a node that
+has the worker's GPU class:
+
+* a worker whose engines are TensorRT engines built for its own class asks for
+  ``num_gpus = 1 / mps_share`` (the MPS share as a fractional GPU) and
+  ``accelerator_type = <class>``;
+* any other worker (ONNX Runtime on CPU, an emulated class, timing-only) asks for
+  ``1 / mps_share`` of the custom resource ``gpu_class:<class>`` and no CPU reservation.
+  :func:`connect_ray` declares these resources on a local Ray instance (one unit per GPU of
+  the class in the placement); nodes of a real cluster declare them with
+  ``ray start --resources='{"gpu_class:T4": 4}'``.
+
+After the actors are up, the hop between two stage actors is measured (one-way actor call,
+90th percentile) and given to the schedulers as their per-hop transfer overhead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ppipe_trt.errors import BackendUnavailableError, ConfigError
+from ppipe_trt.plan import Plan
+from ppipe_trt.profiles.types import ProfileSet
+from ppipe_trt.serving.assembly import (TIMING_ONLY_INPUTS, TIMING_ONLY_OUTPUTS, RuntimeOptions,
+                                        _emulation, _image_spec)
+from ppipe_trt.serving.ray_backend.actor import StageActorSpec, stage_actor_class
+from ppipe_trt.serving.ray_backend.health import HealthOptions
+from ppipe_trt.serving.ray_backend.runtime import RayServingRuntime, RayWorkerProxy
+from ppipe_trt.serving.ray_backend.transport import RayTransport
+from ppipe_trt.serving.runtime import ServedModel
+from ppipe_trt.serving.worker import WorkerInfo, monotonic_us
+
+log = logging.getLogger("ppipe.serving.ray")
+
+RESOURCE_PREFIX = "gpu_class:"
+
+
+@dataclass(frozen=True, slots=True)
+class RayOptions:
+    """How to reach Ray and how to run the workers on it.
+
+    ``address``: ``None`` starts (or reuses) a local instance; ``"auto"``, ``"ray://host:port"``
+    or ``"host:port"`` join a running cluster.  ``num_cpus``/``temp_dir``: for a local
+    instance (``temp_dir`` default: a fresh folder under the system's temporary folder).
+    ``health``: ping period and timeout.  ``max_redispatch``: re-dispatches allowed per
+    request after worker failures.  ``hop_samples``: actor calls timed to measure the hop.
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+    temp_dir: str | None = None
+    health: HealthOptions = field(default_factory=HealthOptions)
+    max_redispatch: int = 1
+    hop_samples: int = 60
+    actor_max_concurrency: int = 32
+
+
+def emulated_resources(plan: Plan) -> dict[str, float]:
+    """``{"gpu_class:<class>": GPUs of that class}`` for the plan's placement."""
+    from ppipe_trt.scheduler import place_workers
+
+    return {RESOURCE_PREFIX + c: float(n) for c, n in place_workers(plan).gpus_per_class.items()
+            if n > 0}
+
+
+def connect_ray(options: RayOptions, resources: Mapping[str, float]) -> tuple[bool, str | None]:
+    """Initialise Ray unless it already is.  Returns (whether this call started it -- then the
+    runtime shuts it down when it stops --, the temporary folder this call created for a
+    local instance, removed at that time too).  A local instance declares ``resources``."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    try:
+        import ray
+    except ImportError as exc:
+        raise BackendUnavailableError("Ray is not installed; pip install 'ray[serve]' to use "
+                                      "--cluster ray") from exc
+    if ray.is_initialized():
+        return False, None
+    created = None
+    if options.address is None:
+        temp_dir = options.temp_dir or tempfile.mkdtemp(prefix="ppipe-ray-")
+        created = None if options.temp_dir else temp_dir
+        ray.init(num_cpus=options.num_cpus or os.cpu_count(), resources=dict(resources),
+                 include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
+                 configure_logging=False)
+    else:
+        ray.init(address=options.address, log_to_driver=False, configure_logging=False)
+    return True, created
+
+
+def _check_resources(needed: Mapping[str, float]) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    short = {k: v for k, v in needed.items() if have.get(k, 0.0) + 1e-6 < v}
+    if short:
+        raise ConfigError(
+            f"the Ray cluster lacks resources {short} (it has "
+            f"{ {k: v for k, v in have.items() if k.startswith(RESOURCE_PREFIX)} }); declare "
+            "them on the nodes of each GPU class, e.g. ray start --resources "
+            "'{\"gpu_class:T4\": 4}'")
+
+
+def _served_models(plan: Plan, profiles: ProfileSet,
+                   built_models: Mapping[str, Any]) -> dict[str, ServedModel]:
+    """The same descriptions the single-host assembly makes."""
+    models: dict[str, ServedModel] = {}
+    for mp in plan.models:
+        max_batch = max(p.batch_size for p in mp.pipelines)
+        classes = {s.gpu_class for p in mp.pipelines for s in p.stages}
+        built = built_models.get(mp.model)
+        if built is not None:
+            emulated = any(c != built.gpu_class for c in classes)
+            engine = "tensorrt" if built.backend == "tensorrt" else "onnxruntime"
+            mode = (f"{engine} {built.gpu_class}" + (", emulated GPU classes" if emulated else "")
+                    + ", ray actors")
+            models[mp.model] = ServedModel(
+                mp.model, tuple(built.inputs), tuple(built.outputs), mp.slo_ms * 1000.0,
+                max_batch, mode, emulated=emulated, timing_only=False,
+                image=_image_spec(mp.model, tuple(built.inputs)))
+        else:
+            if mp.model not in profiles:
+                raise ConfigError(f"model {mp.model!r} has neither built engines nor profiles; "
+                                  "build it (ppipe engines build) or pass --profiles")
+            models[mp.model] = ServedModel(
+                mp.model, TIMING_ONLY_INPUTS, TIMING_ONLY_OUTPUTS, mp.slo_ms * 1000.0,
+                max_batch, "timing-only, emulated, ray actors", emulated=True, timing_only=True)
+    return models
+
+
+class ActorLauncher:
+    """Starts the actor of a placement slot (at start-up, and again to re-add a worker)."""
+
+    def __init__(self, plan: Plan, profiles: ProfileSet, built_models: Mapping[str, Any],
+                 options: RuntimeOptions, ray_options: RayOptions):
+        from ppipe_trt.scheduler import place_workers
+
+        self.plan = plan
+        self.placement = place_workers(plan)
+        self._profiles = profiles
+        self._built = dict(built_models)
+        self._options = options
+        self._actor_cls = stage_actor_class(ray_options.actor_max_concurrency)
+        self._cut_dtype = options.cut_dtype or plan.params.get("cut_dtype") or None
+        self._onnx: dict[tuple[str, int, int], bytes] = {}
+
+    def spec(self, worker_id: int) -> tuple[StageActorSpec, dict[str, Any]]:
+        """The actor's spec and its Ray placement options."""
+        slot = self.placement.worker(worker_id)
+        mp = self.plan.model(slot.model)
+        stage = mp.pipelines[slot.pipeline].stages[slot.stage]
+        info = WorkerInfo(slot.worker_id, slot.model, slot.pipeline, slot.stage,
+                          stage.first_block, stage.last_block, slot.gpu_class, slot.mps_share,
+                          slot.server_id, slot.gpu_index)
+        built = self._built.get(slot.model)
+        max_batch = max(p.batch_size for p in mp.pipelines)
+        onnx = trt_dir = emulation = None
+        share = 1.0 / slot.mps_share
+        if built is not None and built.backend == "tensorrt" and slot.gpu_class == built.gpu_class:
+            trt_dir = str(built.build_dir)
+            placement = {"num_gpus": share, "accelerator_type": slot.gpu_class, "num_cpus": 0}
+        else:
+            placement = {"resources": {RESOURCE_PREFIX + slot.gpu_class: share}, "num_cpus": 0}
+            if built is not None:
+                key = (slot.model, stage.first_block, stage.last_block)
+                if key not in self._onnx:
+                    self._onnx[key] = built.stage_onnx(*key[1:]).read_bytes()
+                onnx = self._onnx[key]
+                if slot.gpu_class != built.gpu_class:
+                    emulation = _emulation(self._profiles, slot, stage)
+            else:
+                emulation = _emulation(self._profiles, slot, stage)
+        cut_dtype = self._cut_dtype
+        if cut_dtype is None and built is not None and \
+                built.manifest.get("partition", {}).get("fp16_cuts"):
+            cut_dtype = "float16"  # as the local assembly: its profile counts fp16 cuts
+        spec = StageActorSpec(info, onnx, emulation, max_batch, cut_dtype,
+                              self._options.intra_op_threads, self._options.emulate_links,
+                              trt_dir)
+        return spec, placement
+
+    def needed_resources(self) -> dict[str, float]:
+        need: dict[str, float] = {}
+        for w in self.placement.workers:
+            _, placement = self.spec(w.worker_id)
+            for k, v in placement.get("resources", {}).items():
+                need[k] = need.get(k, 0.0) + v
+        return need
+
+    def create(self, worker_id: int):
+        spec, placement = self.spec(worker_id)
+        return self._actor_cls.options(
+            name=None, max_restarts=0, **placement).remote(spec), spec.info
+
+    def finish(self, handle, info: WorkerInfo, timeout_s: float = 120.0) -> RayWorkerProxy:
+        """Wait until a created actor is up; align its clock with this process's."""
+        import ray
+
+        desc = ray.get(handle.describe.remote(), timeout=timeout_s)
+        here = ray.get_runtime_context().get_node_id()
+        offset = 0.0
+        if desc["node_id"] != here:  # another node: its monotonic clock has another origin
+            best = None
+            for _ in range(10):
+                t0 = monotonic_us()
+                theirs = ray.get(handle.local_clock_us.remote(), timeout=timeout_s)
+                t1 = monotonic_us()
+                if best is None or t1 - t0 < best[0]:
+                    best = (t1 - t0, theirs - (t0 + t1) / 2.0)
+            offset = best[1]
+        ray.get(handle.set_clock_offset.remote(offset), timeout=timeout_s)
+        return RayWorkerProxy(info, handle, desc["mode"], desc["node_id"], desc["pid"],
+                              monotonic_us())
+
+    def launch(self, worker_id: int) -> RayWorkerProxy:
+        handle, info = self.create(worker_id)
+        return self.finish(handle, info)
+
+
+def set_peers(proxies: Mapping[int, RayWorkerProxy]) -> None:
+    """Give every live actor the handles of all live workers (it forwards to the next stage's
+    reserved worker by id)."""
+    import ray
+
+    handles = {wid: p.handle for wid, p in proxies.items()}
+    ray.get([p.handle.set_peers.remote(handles) for p in proxies.values()], timeout=60)
+
+
+def measure_ray_hop_us(proxies: Mapping[int, RayWorkerProxy], samples: int = 40,
+                       quantile: float = 0.9, tail: float = 0.99) -> tuple[float, float]:
+    """(actor-to-actor one-way call: its ``quantile``; API-process-to-actor one-way call: its
+    ``tail`` quantile), over ``samples`` calls each, microseconds.  The first is the hop
+    between stages (the scheduler's transfer estimate); the second is paid twice per request
+    (dispatch, answer) outside the scheduler's view, so the deadline margin takes its tail."""
+    import ray
+
+    by_stage = sorted(proxies.values(), key=lambda p: (p.info.model, p.info.pipeline,
+                                                       p.info.stage))
+    first = by_stage[0]
+    nxt = next((p for p in by_stage if p.info.model == first.info.model
+                and p.info.pipeline == first.info.pipeline and p.info.stage == 1), None)
+    target = nxt or first
+
+    def q(values: list[float], quantile: float) -> float:
+        values = sorted(values)
+        return float(values[min(len(values) - 1, int(quantile * len(values)))])
+
+    hops = ray.get(first.handle.probe_hop_us.remote(target.worker_id, samples), timeout=60)
+    direct = [ray.get(first.handle.echo_delay_us.remote(monotonic_us()), timeout=60)
+              for _ in range(samples)]
+    return q(hops, quantile), q(direct, tail)
+
+
+def build_ray_runtime(plan: Plan, profiles: ProfileSet,
+                      built_models: Mapping[str, Any] | None = None,
+                      options: RuntimeOptions | None = None,
+                      ray_options: RayOptions | None = None,
+                      info: Mapping[str, Any] | None = None,
+                      connection: tuple[bool, str | None] | None = None) -> RayServingRuntime:
+    """A runtime (not started) serving ``plan`` with one Ray actor per worker slot.
+
+    Connects to (or starts) Ray, starts and warms every actor, measures the hop, then builds
+    the schedulers with it.  ``options.hop_overhead_us``, when given, overrides the measured
+    hop.  Blocks until every actor is up (seconds: each loads its sub-graph).
+    ``connection``: what :func:`connect_ray` returned when the caller connected already (the
+    runtime then owns that instance as if it had started it).
+    """
+    from ppipe_trt.scheduler import build_schedulers
+
+    options = options or RuntimeOptions()
+    ray_options = ray_options or RayOptions()
+    built_models = dict(built_models or {})
+    models = _served_models(plan, profiles, built_models)
+    launcher = ActorLauncher(plan, profiles, built_models, options, ray_options)
+    owns, own_temp = connection or connect_ray(ray_options, emulated_resources(plan))
+    try:
+        _check_resources(launcher.needed_resources())
+        created = [launcher.create(w.worker_id) for w in launcher.placement.workers]
+        proxies = {info.worker_id: launcher.finish(h, info) for h, info in created}
+        set_peers(proxies)
+        hop_us, direct_us = measure_ray_hop_us(proxies, ray_options.hop_samples)
+    except BaseException:
+        if owns:
+            import ray
+
+            ray.shutdown()
+            if own_temp:
+                shutil.rmtree(own_temp, ignore_errors=True)
+        raise
+    hop = options.hop_overhead_us if options.hop_overhead_us is not None else hop_us
+    kwargs = dict(options.scheduler_kwargs or {})
+    if options.policy == "reservation":
+        kwargs.setdefault("wake_lead_us", options.wake_lead_us)
+    schedulers = build_schedulers(plan, profiles, launcher.placement, policy=options.policy,
+                                  hop_overhead_us=hop, **kwargs)
+    # The scheduler does not see the dispatch to stage 0 and the answer's way back.
+    margin = options.deadline_margin_us + 2.0 * direct_us
+    real = [m.slo_us for m in models.values() if not m.timing_only]
+    if real:
+        margin += options.deadline_margin_fraction * min(real)
+    transport = RayTransport(monotonic_us)
+    for wid, p in proxies.items():
+        transport.set_handle(wid, p.handle)
+    runtime = RayServingRuntime(
+        plan, models, schedulers, transport, hop_overhead_us=hop, deadline_margin_us=margin,
+        max_pending=options.max_pending,
+        info={"policy": options.policy, "transport": "ray actors",
+              "cluster": "ray" + (f"://{ray_options.address}" if ray_options.address else
+                                  " (local instance)"),
+              "ray_hop_us": hop_us, "ray_dispatch_us": direct_us,
+              "emulate_links": options.emulate_links, **(info or {})},
+        relaunch=launcher.launch, set_peers=set_peers, health=ray_options.health,
+        max_redispatch=ray_options.max_redispatch, owns_ray=owns, ray_temp_dir=own_temp)
+    for wid in sorted(proxies):
+        runtime.add_worker(proxies[wid])
+    return runtime

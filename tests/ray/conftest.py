@@ -1,0 +1,115 @@
+"""Fixtures of the Ray tests: one local Ray instance per module (its own temporary folder,
+emulated GPU classes as custom resources), built-in models built for the CPU class, a real
+uvicorn server in a thread."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+
+import pytest
+
+#: Emulated GPU classes declared on the local instance (units = GPUs of the class).
+LOCAL_RESOURCES = {"gpu_class:cpu": 16.0, "gpu_class:T4": 8.0, "gpu_class:L4": 4.0}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance for the module (2 CPUs, dashboard off, temp folder under /tmp),
+    shut down and removed afterwards."""
+    ray = pytest.importorskip("ray")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    tmp = tempfile.mkdtemp(prefix="ppipe-raytest-", dir="/tmp")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, resources=LOCAL_RESOURCES,
+                 log_to_driver=False, configure_logging=False)
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _LazyBuilds(dict):
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, model):
+        from ppipe_trt.engines import build_model_engines
+
+        self[model] = build_model_engines(model, "cpu", store_root=self.root, progress=False)
+        return self[model]
+
+
+@pytest.fixture(scope="session")
+def cpu_engines(tmp_path_factory):
+    """(store root, {model: BuiltModel}) for the CPU class, built on first use."""
+    root = tmp_path_factory.getbasetemp() / "engines"
+    return root, _LazyBuilds(root)
+
+
+def constant_profile(model: str, num_blocks: int, gpu_class: str, block_us: float,
+                     max_batch: int = 8):
+    """A profile whose every block takes ``block_us * (1 + 0.25 (b - 1))`` at batch ``b``
+    (a timing-only model of known speed)."""
+    from ppipe_trt.profiles.types import BlockLatencyTable, ModelProfile, ProfileSet
+
+    row = tuple(block_us * (1 + 0.25 * b) for b in range(max_batch))
+    table = BlockLatencyTable(model, gpu_class, 1, tuple(row for _ in range(num_blocks)))
+    profile = ModelProfile(model, num_blocks, tuple(4096 for _ in range(num_blocks - 1)),
+                           {(gpu_class, 1): table}, {gpu_class: block_us * num_blocks},
+                           4, 4)
+    return ProfileSet({model: profile}, "synthetic")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HttpServer:
+    """``with HttpServer(app) as srv:`` a real uvicorn server on 127.0.0.1 in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.app = app
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "HttpServer":
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def http_server():
+    """``with http_server(app) as srv:`` -- see :class:`HttpServer`."""
+    return HttpServer
+
+
+@pytest.fixture(scope="session")
+def synthetic_profile():
+    """``synthetic_profile(model, num_blocks, gpu_class, block_us)`` -- see
+    :func:`constant_profile`."""
+    return constant_profile
