@@ -10,6 +10,7 @@ timing-only.  ``--plan`` serves a saved plan as is.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-body-mb", type=float, default=32.0,
                    help="largest request body accepted (MiB; larger ones get 413)")
+    p.add_argument("--deadline-margin", type=float, default=None, metavar="FRACTION",
+                   help="schedule batches to finish this fraction of the SLO before the "
+                        "deadline when real compute runs (default 0.1; raise it on a host "
+                        "shared with other work, where compute times jitter)")
     p.add_argument("--save-plan", type=Path, help="also write the plan in force here")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--cluster", default="local", metavar="local|ray[://ADDRESS]",
@@ -100,14 +105,20 @@ def serve_command(args) -> int:
     import uvicorn
 
     from api.app import ApiSettings, create_app
+    from ppipe_trt.errors import BadInputError
     from ppipe_trt.plan import save_plan
     from ppipe_trt.serving.assembly import RuntimeOptions, build_runtime
 
+    if args.deadline_margin is not None and not 0.0 <= args.deadline_margin < 1.0:
+        raise BadInputError(f"--deadline-margin {args.deadline_margin}; expected a fraction "
+                            "of the SLO in [0, 1)")
     sys.setswitchinterval(0.0005)  # worker threads wake on time; keep GIL hand-offs short
     plan, profiles, built, what = prepare(args)
     if args.save_plan:
         save_plan(plan, args.save_plan)
     options = RuntimeOptions(policy=args.policy)
+    if args.deadline_margin is not None:
+        options = dataclasses.replace(options, deadline_margin_fraction=args.deadline_margin)
     factory = lambda: build_runtime(plan, profiles, built, options, info={"source": what})  # noqa: E731
     if getattr(args, "cluster", "local") != "local":  # ray backend (lazy: Ray imported there)
         from ppipe_trt.serving.ray_backend.cli import ray_runtime_factory

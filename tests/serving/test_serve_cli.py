@@ -86,3 +86,12 @@ def test_emulate_refuses_an_unknown_model(tmp_path, profiles_dir):
                               emulate=None, engines=tmp_path, slots=1, slo_ms=None)
     with pytest.raises(BadInputError, match="no-such-net"):
         prepare(args)
+
+
+def test_deadline_margin_out_of_range_is_refused_before_any_work(capsys):
+    from ppipe_trt.cli import main
+
+    assert main(["serve", "--deadline-margin", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert "--deadline-margin 1.5; expected a fraction of the SLO in [0, 1)" in err
+    assert "engines:" not in err
