@@ -8,6 +8,10 @@ attainment with the reservation scheduler, plus the PPipe plan under the reactiv
 
     scripts/reproduce_paper.py [--profiles DIR] [--only 2:L4-T4 ...] [--json PATH]
                                [--csv PATH] [--plots-dir DIR] [--doc docs/benchmarks/reproduction.md]
+                               [--link-model duplex|sender] [--schedulers ppipe,np,dart-r]
+
+``--link-model sender`` runs the simulator and scheduler with the public artifact's link model
+(a transfer occupies only the sender's uplink); ``--schedulers`` restricts the plans searched.
 
 Writes JSON rows (``models``, ``cluster``, ``scheduler``, ``policy``,
 ``per_model_load_factor``, ``load_factor``, ``utilization``), a CSV, PNG plots in the paper's
@@ -72,12 +76,14 @@ def _search(job):
     profiles = load_profiles(profiles_dir, plan.model_names)
     rates = {m.model: m.throughput_rps for m in ref.models}
     cfg = SimConfig(duration_s=sim["duration_s"], warmup_s=sim["warmup_s"], seed=sim["seed"],
-                    policy=sched_policy, rates_rps=rates)
+                    policy=sched_policy, rates_rps=rates,
+                    link_model=sim.get("link_model", "duplex"))
     sr = search_load_factor(plan, profiles, cfg)
     return {
         "group": group, "models": list(plan.model_names), "cluster": cluster,
         "scheduler": plan_policy if sched_policy == "reservation" else f"{plan_policy}+{sched_policy}",
         "plan": plan_policy, "policy": sched_policy,
+        "link_model": sim.get("link_model", "duplex"),
         "per_model_load_factor": dict(sr.per_model_load_factor),
         "load_factor": sr.load_factor,
         "utilization": dict(sr.utilization),
@@ -232,23 +238,35 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--link-model", default="duplex", choices=("duplex", "sender"),
+                    help="duplex (default): sender uplink + receiver downlink per transfer; "
+                         "sender: only the sender's uplink (the public artifact's model)")
+    ap.add_argument("--schedulers", default=",".join(PLAN_POLICIES),
+                    help="comma-separated plans to search (default: np,dart-r,ppipe)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     from tqdm import tqdm
     setting = load_paper_setting(args.profiles)
     only = set(args.only) if args.only else None
+    plan_policies = tuple(p.strip() for p in args.schedulers.split(",") if p.strip())
+    bad = [p for p in plan_policies if p not in PLAN_POLICIES]
+    if bad or not plan_policies:
+        print(f"--schedulers {args.schedulers!r}: expected a comma-separated subset of "
+              f"{','.join(PLAN_POLICIES)}", file=sys.stderr)
+        return 2
     configs = _configs(setting, only)
     if not configs:
         print(f"no configuration matches {sorted(only or [])}", file=sys.stderr)
         return 2
     if args.plans_dir:  # plan once, up front, so the workers only read
         for g, c in tqdm(configs, desc="planning", file=sys.stderr):
-            for pol in PLAN_POLICIES:
+            for pol in set(plan_policies) | {"ppipe"}:
                 _plan(args.profiles, g, c, pol, args.plans_dir)
-    sim = {"duration_s": args.duration, "warmup_s": args.warmup, "seed": args.seed}
+    sim = {"duration_s": args.duration, "warmup_s": args.warmup, "seed": args.seed,
+           "link_model": args.link_model}
     jobs = [(args.profiles, g, c, pol, "reservation", args.plans_dir, sim)
-            for g, c in configs for pol in PLAN_POLICIES]
-    if not args.no_reactive:
+            for g, c in configs for pol in plan_policies]
+    if not args.no_reactive and "ppipe" in plan_policies:
         jobs += [(args.profiles, g, c, "ppipe", "reactive", args.plans_dir, sim)
                  for g, c in configs]
     t0 = time.perf_counter()

@@ -18,18 +18,26 @@ POLICIES = ("reservation", "reactive", "triton")
 
 def build_schedulers(plan: Plan, profiles: ProfileSet, placement: Placement,
                      policy: str = "reservation", *, hop_overhead_us: float = 0.0,
-                     state: ClusterState | None = None, **kw: Any) -> Mapping[str, Scheduler]:
+                     state: ClusterState | None = None, link_model: str = "duplex",
+                     **kw: Any) -> Mapping[str, Scheduler]:
     """One scheduler per model of ``plan``, keyed by model name.
 
     All of them share one :class:`ClusterState` (link reservations, batch ids): pass
     ``state`` to reuse one, else a fresh one is made (reach it as ``sched.cluster_state``).
     ``hop_overhead_us`` is added to every network transfer (the live server feeds it from
-    measurement).  Further keywords go to the policy: ``wake_lead_us``,
+    measurement).  ``link_model`` (see :data:`~ppipe_trt.scheduler.links.LINK_MODELS`):
+    ``"duplex"`` reserves the sender's uplink and the receiver's downlink for a transfer,
+    ``"sender"`` only the sender's uplink (as the public artifact); a given ``state`` must
+    have been made with the same model.  Further keywords go to the policy: ``wake_lead_us``,
     ``strict_batch_fraction``, ``max_queue`` (reservation); ``max_queue_delay_us`` (triton).
     """
     if policy not in POLICIES:
         raise ConfigError(f"unknown scheduling policy {policy!r}; expected one of {POLICIES}")
-    state = state or ClusterState(placement, hop_overhead_us)
+    if state is None:
+        state = ClusterState(placement, hop_overhead_us, link_model)
+    elif state.link_model != link_model:
+        raise ConfigError(f"the given cluster state uses link model {state.link_model!r} but "
+                          f"link_model={link_model!r} was asked for; pass the same one")
     out: dict[str, Scheduler] = {}
     for m in plan.models:
         tables = build_pipeline_tables(plan, m, profiles, placement, hop_overhead_us)

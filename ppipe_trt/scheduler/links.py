@@ -14,6 +14,12 @@ from bisect import bisect_right
 
 Timeline = tuple[list, list]
 
+#: Link models.  ``"duplex"`` (default): a transfer between servers occupies the sender's
+#: uplink and the receiver's downlink over the same interval.  ``"sender"`` (as the public
+#: PPipe artifact's simulator): it occupies only the sender's uplink; downlinks are never
+#: contended (their timelines stay empty).
+LINK_MODELS = ("duplex", "sender")
+
 #: Past intervals are pruned once a timeline holds more than this many.
 PRUNE_AT = 32
 
@@ -68,6 +74,28 @@ def reserve(tl: Timeline, s: float, e: float) -> None:
     else:
         starts.insert(i, s)
         ends.insert(i, e)
+
+
+def reserve_duplex(up: Timeline, dn: Timeline, s: float, e: float, now: float) -> None:
+    """Reserve ``[s, e)`` on the sender's uplink and the receiver's downlink (pruning the
+    past of each once it grows beyond :data:`PRUNE_AT`)."""
+    reserve(up, s, e)
+    reserve(dn, s, e)
+    if len(up[0]) > PRUNE_AT:
+        prune(up, now)
+    if len(dn[0]) > PRUNE_AT:
+        prune(dn, now)
+
+
+def reserve_sender(up: Timeline, dn: Timeline, s: float, e: float, now: float) -> None:
+    """Reserve ``[s, e)`` on the sender's uplink only (``dn`` is left untouched)."""
+    reserve(up, s, e)
+    if len(up[0]) > PRUNE_AT:
+        prune(up, now)
+
+
+#: The transfer-reservation function of each link model.
+RESERVE_TRANSFER = {"duplex": reserve_duplex, "sender": reserve_sender}
 
 
 def prune(tl: Timeline, now: float) -> None:

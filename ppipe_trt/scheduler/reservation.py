@@ -3,7 +3,9 @@
 State: for every worker of the model the time until which it is reserved (``till``); for every
 server link the timeline of its uplink and downlink reservations (shared with the other
 models' schedulers through :class:`~ppipe_trt.scheduler.tables.ClusterState`; a transfer may
-take any gap long enough on both links, see :mod:`~ppipe_trt.scheduler.links`).  Requests
+take any gap long enough on both links, see :mod:`~ppipe_trt.scheduler.links`).  Under the
+``"sender"`` link model of the state, a transfer reserves only the sender's uplink and
+downlink timelines stay empty.  Requests
 wait in one queue per model, ordered by deadline.
 
 Decision loop, run on every arrival and wake-up:
@@ -36,8 +38,7 @@ from typing import Sequence
 from ppipe_trt.errors import SchedulerError
 from ppipe_trt.scheduler.interface import (Decisions, Dispatch, Drop, DropReason, Request,
                                            Scheduler, StageReservation)
-from ppipe_trt.scheduler.links import (PRUNE_AT, common_free, first_free, is_free, prune,
-                                       reserve)
+from ppipe_trt.scheduler.links import RESERVE_TRANSFER, common_free, first_free, is_free
 from ppipe_trt.scheduler.tables import INF, ClusterState, PipelineTable
 
 #: Wake-ups are placed this much (us) before the exact last moment, so that rounding in
@@ -62,6 +63,9 @@ class ReservationScheduler(Scheduler):
         self._state = state
         self._uplinks = state.uplinks
         self._downlinks = state.downlinks
+        # chosen once: under the "sender" link model downlinks are never reserved, so the
+        # probe always finds them free and the hot path needs no branch on the model
+        self._reserve_transfer = RESERVE_TRANSFER[state.link_model]
         self.wake_lead_us = float(wake_lead_us)
         self.strict_batch_fraction = strict_batch_fraction
         self.max_queue = max_queue
@@ -393,13 +397,8 @@ class ReservationScheduler(Scheduler):
             pos = tills.index(m)
             tills[pos] = end
             if te != ts:
-                up, dn = self._uplinks[prev_srv], self._downlinks[srv]
-                reserve(up, ts, te)
-                reserve(dn, ts, te)
-                if len(up[0]) > PRUNE_AT:
-                    prune(up, self._last_now)
-                if len(dn[0]) > PRUNE_AT:
-                    prune(dn, self._last_now)
+                self._reserve_transfer(self._uplinks[prev_srv], self._downlinks[srv], ts, te,
+                                       self._last_now)
             else:
                 ts = te = start
             wid = gw[pos]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ppipe_trt.errors import ConfigError
 from ppipe_trt.plan import ModelPlan, Plan
 from ppipe_trt.profiles.types import ProfileSet
-from ppipe_trt.scheduler.links import new_timeline
+from ppipe_trt.scheduler.links import LINK_MODELS, new_timeline
 from ppipe_trt.scheduler.placement import Placement
 
 INF = float("inf")
@@ -30,12 +30,20 @@ class ClusterState:
     """Link reservations and ids shared by every scheduler of one cluster (see module doc).
 
     ``uplinks[s]``/``downlinks[s]``: the reservation timeline of server ``s``'s link in each
-    direction (see :mod:`ppipe_trt.scheduler.links`).
+    direction (see :mod:`ppipe_trt.scheduler.links`).  ``link_model`` is one of
+    :data:`~ppipe_trt.scheduler.links.LINK_MODELS`; under ``"sender"`` the downlink
+    timelines are never reserved (stay empty).
     """
 
-    __slots__ = ("uplinks", "downlinks", "bandwidth_gbps", "batch_ids", "hop_overhead_us")
+    __slots__ = ("uplinks", "downlinks", "bandwidth_gbps", "batch_ids", "hop_overhead_us",
+                 "link_model")
 
-    def __init__(self, placement: Placement, hop_overhead_us: float = 0.0):
+    def __init__(self, placement: Placement, hop_overhead_us: float = 0.0,
+                 link_model: str = "duplex"):
+        if link_model not in LINK_MODELS:
+            raise ConfigError(f"unknown link model {link_model!r}; expected one of "
+                              f"{LINK_MODELS}")
+        self.link_model = link_model
         n = placement.num_servers
         self.uplinks = [new_timeline() for _ in range(n)]
         self.downlinks = [new_timeline() for _ in range(n)]

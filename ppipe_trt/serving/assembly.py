@@ -79,6 +79,35 @@ def _image_spec(model: str, inputs: tuple[TensorSpec, ...]) -> ImageSpec | None:
                      info.num_classes if info.task == "classification" else 0)
 
 
+def served_models(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, Any],
+                  mode_suffix: str = "") -> dict[str, ServedModel]:
+    """What the front end serves for each model of ``plan``: real engines when built here
+    (possibly emulating other GPU classes), else timing-only from ``profiles``.
+    ``mode_suffix`` is appended to each model's mode label (e.g. ", ray actors")."""
+    models: dict[str, ServedModel] = {}
+    for mp in plan.models:
+        max_batch = max(p.batch_size for p in mp.pipelines)
+        classes = {s.gpu_class for p in mp.pipelines for s in p.stages}
+        built = built_models.get(mp.model)
+        if built is not None:
+            emulated = any(c != built.gpu_class for c in classes)
+            engine = "tensorrt" if built.backend == "tensorrt" else "onnxruntime"
+            mode = (f"{engine} {built.gpu_class}" + (", emulated GPU classes" if emulated else "")
+                    + mode_suffix)
+            models[mp.model] = ServedModel(
+                mp.model, tuple(built.inputs), tuple(built.outputs), mp.slo_ms * 1000.0,
+                max_batch, mode, emulated=emulated, timing_only=False,
+                image=_image_spec(mp.model, tuple(built.inputs)))
+        else:
+            if mp.model not in profiles:
+                raise ConfigError(f"model {mp.model!r} has neither built engines nor profiles; "
+                                  "build it (ppipe engines build) or pass --profiles")
+            models[mp.model] = ServedModel(
+                mp.model, TIMING_ONLY_INPUTS, TIMING_ONLY_OUTPUTS, mp.slo_ms * 1000.0,
+                max_batch, "timing-only, emulated" + mode_suffix, emulated=True, timing_only=True)
+    return models
+
+
 def build_runtime(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, Any] | None = None,
                   options: RuntimeOptions | None = None,
                   info: Mapping[str, Any] | None = None) -> ServingRuntime:
@@ -102,26 +131,7 @@ def build_runtime(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, A
                                   hop_overhead_us=hop, **kwargs)
     cut_dtype = options.cut_dtype or plan.params.get("cut_dtype") or None
 
-    models: dict[str, ServedModel] = {}
-    for mp in plan.models:
-        max_batch = max(p.batch_size for p in mp.pipelines)
-        classes = {s.gpu_class for p in mp.pipelines for s in p.stages}
-        built = built_models.get(mp.model)
-        if built is not None:
-            emulated = any(c != built.gpu_class for c in classes)
-            engine = "tensorrt" if built.backend == "tensorrt" else "onnxruntime"
-            mode = f"{engine} {built.gpu_class}" + (", emulated GPU classes" if emulated else "")
-            models[mp.model] = ServedModel(
-                mp.model, tuple(built.inputs), tuple(built.outputs), mp.slo_ms * 1000.0,
-                max_batch, mode, emulated=emulated, timing_only=False,
-                image=_image_spec(mp.model, tuple(built.inputs)))
-        else:
-            if mp.model not in profiles:
-                raise ConfigError(f"model {mp.model!r} has neither built engines nor profiles; "
-                                  "build it (ppipe engines build) or pass --profiles")
-            models[mp.model] = ServedModel(
-                mp.model, TIMING_ONLY_INPUTS, TIMING_ONLY_OUTPUTS, mp.slo_ms * 1000.0,
-                max_batch, "timing-only, emulated", emulated=True, timing_only=True)
+    models = served_models(plan, profiles, built_models)
 
     transport = InProcessTransport(emulate_links=options.emulate_links)
     margin = options.deadline_margin_us

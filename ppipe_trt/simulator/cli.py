@@ -46,6 +46,10 @@ def register(subparsers) -> None:
                    help="log-normal noise on stage latencies, coefficient of variation")
     p.add_argument("--hop-overhead-us", type=float, default=0.0,
                    help="fixed cost added to every network transfer")
+    p.add_argument("--link-model", default="duplex", choices=("duplex", "sender"),
+                   help="duplex (default): a transfer occupies the sender's uplink and the "
+                        "receiver's downlink; sender: only the sender's uplink (as the "
+                        "public PPipe artifact's simulator)")
     p.add_argument("--max-queue-delay-us", type=float, default=None,
                    help="triton policy: longest a request waits for a fuller batch")
     p.add_argument("--strict-batch-fraction", type=float, default=None,
@@ -82,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
                        warmup_s=parse_duration_s(args.warmup),
                        arrivals=ArrivalSpec.parse(args.arrivals), policy=args.policy,
                        seed=args.seed, latency_cv=args.latency_cv,
-                       hop_overhead_us=args.hop_overhead_us, rates_rps=rates)
+                       hop_overhead_us=args.hop_overhead_us, rates_rps=rates,
+                       link_model=args.link_model)
     if args.search:
         def progress(f, res):
             print(f"load {f:.2f}: " + ", ".join(f"{m.model[:24]} {100 * m.attainment:.2f}%"

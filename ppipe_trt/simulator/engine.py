@@ -14,7 +14,9 @@ Physical model (the truth the scheduler's reservations are checked against):
   right-skewed and never negative; a log-normal is the usual fit);
 * a hand-off between two servers occupies the sender's uplink and the receiver's downlink for
   ``bytes_per_sample * b * 8 / bandwidth`` (+ ``hop_overhead_us``), starting when both are
-  free; a hand-off within a server is free.
+  free; a hand-off within a server is free.  With ``link_model="sender"`` (the public
+  artifact's model) it occupies only the sender's uplink: receivers' downlinks are not
+  contended (the schedulers are built with the same link model).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ppipe_trt.plan import Plan
 from ppipe_trt.profiles.types import ProfileSet
 from ppipe_trt.scheduler import build_schedulers, place_workers
 from ppipe_trt.scheduler.interface import Request, Scheduler
+from ppipe_trt.scheduler.links import LINK_MODELS
 from ppipe_trt.scheduler.tables import build_pipeline_tables
 from ppipe_trt.simulator.arrivals import ArrivalSpec, arrival_times_us
 from ppipe_trt.simulator.metrics import (ModelMetrics, SimResult, WorkerQueueing, busy_union_us,
@@ -61,6 +64,7 @@ class SimConfig:
     hop_overhead_us: float = 0.0
     rates_rps: Mapping[str, float] | None = None
     policy_options: Mapping[str, object] | None = None
+    link_model: str = "duplex"
 
 
 def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
@@ -74,11 +78,15 @@ def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
     if config.duration_s <= 0 or config.warmup_s < 0:
         raise ConfigError(f"duration must be > 0 and warm-up >= 0 (got {config.duration_s} s, "
                           f"{config.warmup_s} s)")
+    if config.link_model not in LINK_MODELS:
+        raise ConfigError(f"unknown link model {config.link_model!r}; expected one of "
+                          f"{LINK_MODELS}")
     if config.load_factor < 0:
         raise ConfigError(f"load factor must be >= 0, got {config.load_factor}")
     placement = place_workers(plan)
     scheds = build_schedulers(plan, profiles, placement, config.policy,
                               hop_overhead_us=config.hop_overhead_us,
+                              link_model=config.link_model,
                               **dict(config.policy_options or {}))
     models = plan.model_names
     sched_list = [wrap(scheds[m]) if wrap else scheds[m] for m in models]
@@ -93,7 +101,6 @@ def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
         xfer.append([[st.transfer_in_us for st in pt.stages] for pt in tables])
     slots = placement.workers
     w_server = [w.server_id for w in slots]
-    hop = config.hop_overhead_us
     model_index = {m: i for i, m in enumerate(models)}
 
     # arrivals
@@ -172,7 +179,7 @@ def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
         push(heap, (now + dur, seq, _DONE, si, 0))
         seq += 1
 
-    def try_transfer(xi, now: float) -> None:
+    def try_transfer_duplex(xi, now: float) -> None:
         nonlocal seq
         src, dst = xi[1], xi[2]
         if (xi[4] and not ubusy[src] and not dbusy[dst] and uq[src][0] is xi
@@ -181,6 +188,20 @@ def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
             start = xi[5] if xi[5] > now else now
             push(heap, (start + xi[3], seq, _XFER, xi, 0))
             seq += 1
+
+    def try_transfer_sender(xi, now: float) -> None:
+        nonlocal seq
+        src = xi[1]
+        if xi[4] and not ubusy[src] and uq[src][0] is xi:
+            ubusy[src] = True
+            start = xi[5] if xi[5] > now else now
+            push(heap, (start + xi[3], seq, _XFER, xi, 0))
+            seq += 1
+
+    # Under the "sender" link model the downlink queues stay empty and are never checked:
+    # the choice is made here once, not per event.
+    duplex = config.link_model == "duplex"
+    try_transfer = try_transfer_duplex if duplex else try_transfer_sender
 
     def feed(item, now: float) -> None:
         """An input of ``item`` (a stage or transfer item) has become ready."""
@@ -218,7 +239,8 @@ def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
                           route[pos].transfer_start_us if slotted else now, seq]
                     seq += 1
                     insort(uq[src], xi, key=_slot_key)
-                    insort(dq[dst], xi, key=_slot_key)
+                    if duplex:
+                        insort(dq[dst], xi, key=_slot_key)
                     items[pos - 1][5] = xi
         if r0.stage > 0:  # inputs sit where the previous stage ran them (reactive policy)
             si = items[0]
@@ -234,7 +256,8 @@ def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
                 xi = [si, src, dst, row[n], True, now, seq]
                 seq += 1
                 insort(uq[src], xi, key=_slot_key)
-                insort(dq[dst], xi, key=_slot_key)
+                if duplex:
+                    insort(dq[dst], xi, key=_slot_key)
                 try_transfer(xi, now)
         try_worker(r0.worker_id, now)
 
@@ -292,7 +315,7 @@ def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
         elif kind == _XFER:
             si, src, dst = a[0], a[1], a[2]
             ubusy[src] = dbusy[dst] = False
-            for q in (uq[src], dq[dst]):
+            for q in ((uq[src], dq[dst]) if duplex else (uq[src],)):
                 if q[0] is a:
                     del q[0]
                 else:  # cannot happen with the slot keys used above; keep the queue right

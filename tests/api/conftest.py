@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from ppipe_trt.models import BUILTIN_MODELS
 
 
 class _LazyBuilds(dict):

@@ -30,13 +30,11 @@ from typing import Any, Mapping
 from ppipe_trt.errors import BackendUnavailableError, ConfigError
 from ppipe_trt.plan import Plan
 from ppipe_trt.profiles.types import ProfileSet
-from ppipe_trt.serving.assembly import (TIMING_ONLY_INPUTS, TIMING_ONLY_OUTPUTS, RuntimeOptions,
-                                        _emulation, _image_spec)
+from ppipe_trt.serving.assembly import RuntimeOptions, _emulation, served_models
 from ppipe_trt.serving.ray_backend.actor import StageActorSpec, stage_actor_class
 from ppipe_trt.serving.ray_backend.health import HealthOptions
 from ppipe_trt.serving.ray_backend.runtime import RayServingRuntime, RayWorkerProxy
 from ppipe_trt.serving.ray_backend.transport import RayTransport
-from ppipe_trt.serving.runtime import ServedModel
 from ppipe_trt.serving.worker import WorkerInfo, monotonic_us
 
 log = logging.getLogger("ppipe.serving.ray")
@@ -107,33 +105,6 @@ def _check_resources(needed: Mapping[str, float]) -> None:
             f"{ {k: v for k, v in have.items() if k.startswith(RESOURCE_PREFIX)} }); declare "
             "them on the nodes of each GPU class, e.g. ray start --resources "
             "'{\"gpu_class:T4\": 4}'")
-
-
-def _served_models(plan: Plan, profiles: ProfileSet,
-                   built_models: Mapping[str, Any]) -> dict[str, ServedModel]:
-    """The same descriptions the single-host assembly makes."""
-    models: dict[str, ServedModel] = {}
-    for mp in plan.models:
-        max_batch = max(p.batch_size for p in mp.pipelines)
-        classes = {s.gpu_class for p in mp.pipelines for s in p.stages}
-        built = built_models.get(mp.model)
-        if built is not None:
-            emulated = any(c != built.gpu_class for c in classes)
-            engine = "tensorrt" if built.backend == "tensorrt" else "onnxruntime"
-            mode = (f"{engine} {built.gpu_class}" + (", emulated GPU classes" if emulated else "")
-                    + ", ray actors")
-            models[mp.model] = ServedModel(
-                mp.model, tuple(built.inputs), tuple(built.outputs), mp.slo_ms * 1000.0,
-                max_batch, mode, emulated=emulated, timing_only=False,
-                image=_image_spec(mp.model, tuple(built.inputs)))
-        else:
-            if mp.model not in profiles:
-                raise ConfigError(f"model {mp.model!r} has neither built engines nor profiles; "
-                                  "build it (ppipe engines build) or pass --profiles")
-            models[mp.model] = ServedModel(
-                mp.model, TIMING_ONLY_INPUTS, TIMING_ONLY_OUTPUTS, mp.slo_ms * 1000.0,
-                max_batch, "timing-only, emulated, ray actors", emulated=True, timing_only=True)
-    return models
 
 
 class ActorLauncher:
@@ -278,7 +249,7 @@ def build_ray_runtime(plan: Plan, profiles: ProfileSet,
     options = options or RuntimeOptions()
     ray_options = ray_options or RayOptions()
     built_models = dict(built_models or {})
-    models = _served_models(plan, profiles, built_models)
+    models = served_models(plan, profiles, built_models, mode_suffix=", ray actors")
     launcher = ActorLauncher(plan, profiles, built_models, options, ray_options)
     owns, own_temp = connection or connect_ray(ray_options, emulated_resources(plan))
     try:
