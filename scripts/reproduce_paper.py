@@ -78,6 +78,9 @@ def _search(job):
     cfg = SimConfig(duration_s=sim["duration_s"], warmup_s=sim["warmup_s"], seed=sim["seed"],
                     policy=sched_policy, rates_rps=rates,
                     link_model=sim.get("link_model", "duplex"))
+    if sim.get("isolate"):
+        return _search_isolated(plan, profiles, cfg, group, cluster, plan_policy, sched_policy,
+                                sim, t0)
     sr = search_load_factor(plan, profiles, cfg)
     return {
         "group": group, "models": list(plan.model_names), "cluster": cluster,
@@ -89,6 +92,31 @@ def _search(job):
         "utilization": dict(sr.utilization),
         "attainment_at_factor": sr.final.attainment if sr.final else 0.0,
         "steps": len(sr.runs), "wall_s": time.perf_counter() - t0,
+    }
+
+
+def _search_isolated(plan, profiles, cfg, group, cluster, plan_policy, sched_policy, sim, t0):
+    """Each model searched alone: a plan holding only its pipelines, so its workers share no
+    server (and no link) with another model's -- how the artifact's simulator runs them.
+    Utilisation is not comparable in this mode (other models' GPUs are absent) and is left out."""
+    from dataclasses import replace
+
+    from ppipe_trt.simulator import search_load_factor
+
+    per_model = {}
+    for mp in plan.models:
+        alone = replace(plan, models=(mp,))
+        sr = search_load_factor(alone, profiles, cfg)
+        per_model[mp.model] = sr.per_model_load_factor[mp.model]
+    return {
+        "group": group, "models": list(plan.model_names), "cluster": cluster,
+        "scheduler": plan_policy if sched_policy == "reservation" else f"{plan_policy}+{sched_policy}",
+        "plan": plan_policy, "policy": sched_policy,
+        "link_model": sim.get("link_model", "duplex"), "isolated_models": True,
+        "per_model_load_factor": per_model,
+        "load_factor": sum(per_model.values()) / len(per_model),
+        "utilization": {}, "attainment_at_factor": None, "steps": None,
+        "wall_s": time.perf_counter() - t0,
     }
 
 
@@ -243,6 +271,9 @@ def main(argv=None) -> int:
                          "sender: only the sender's uplink (the public artifact's model)")
     ap.add_argument("--schedulers", default=",".join(PLAN_POLICIES),
                     help="comma-separated plans to search (default: np,dart-r,ppipe)")
+    ap.add_argument("--isolate-models", action="store_true",
+                    help="search each model alone (its workers share no server with another "
+                         "model's), as the artifact's simulator does; utilisation not reported")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     from tqdm import tqdm
@@ -263,7 +294,7 @@ def main(argv=None) -> int:
             for pol in set(plan_policies) | {"ppipe"}:
                 _plan(args.profiles, g, c, pol, args.plans_dir)
     sim = {"duration_s": args.duration, "warmup_s": args.warmup, "seed": args.seed,
-           "link_model": args.link_model}
+           "link_model": args.link_model, "isolate": args.isolate_models}
     jobs = [(args.profiles, g, c, pol, "reservation", args.plans_dir, sim)
             for g, c in configs for pol in plan_policies]
     if not args.no_reactive and "ppipe" in plan_policies:

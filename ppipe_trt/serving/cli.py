@@ -42,8 +42,8 @@ def register(subparsers) -> None:
                    help="largest request body accepted (MiB; larger ones get 413)")
     p.add_argument("--deadline-margin", type=float, default=None, metavar="FRACTION",
                    help="schedule batches to finish this fraction of the SLO before the "
-                        "deadline when real compute runs (default 0.1; raise it on a host "
-                        "shared with other work, where compute times jitter)")
+                        "deadline when real compute runs (default 0.3; lower it on a host "
+                        "dedicated to serving, raise it where compute times jitter more)")
     p.add_argument("--save-plan", type=Path, help="also write the plan in force here")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--cluster", default="local", metavar="local|ray[://ADDRESS]",
