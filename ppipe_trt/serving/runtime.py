@@ -106,6 +106,9 @@ class _Pending:
     inputs: Mapping[str, np.ndarray] | None
     future: Future = field(default_factory=Future)
     deadline_us: float = 0.0
+    # The request's activations between two dispatches of a policy that schedules stage by
+    # stage (reactive): the outputs of the stage it last finished, keyed by tensor name.
+    carried: dict[str, np.ndarray] | None = None
 
 
 class ServingRuntime:
@@ -122,6 +125,8 @@ class ServingRuntime:
         if missing:
             raise PPipeError(f"no scheduler for models {missing}")
         self.plan = plan
+        self._num_stages = {(m.model, i): len(p.stages)
+                            for m in plan.models for i, p in enumerate(m.pipelines)}
         self.models = dict(models)
         self.hop_overhead_us = hop_overhead_us
         self.deadline_margin_us = deadline_margin_us
@@ -253,8 +258,8 @@ class ServingRuntime:
 
     # ---- worker sink (worker threads) -----------------------------------------------------
     def stage_finished(self, job: StageJob, start_us: float, finish_us: float) -> None:
-        self._inbox.put(("finished", job.dispatch.model, job.dispatch.batch_id, job.stage,
-                         finish_us))
+        d = job.dispatch
+        self._inbox.put(("finished", d.model, d.batch_id, d.route[job.stage].stage, finish_us))
 
     def batch_completed(self, job: StageJob, outputs: dict[str, np.ndarray],
                         finish_us: float) -> None:
@@ -262,6 +267,14 @@ class ServingRuntime:
         with self._inflight_lock:
             self._inflight.pop((d.model, d.batch_id), None)
         spec = self.models[d.model]
+        if d.route[-1].stage < self._num_stages[(d.model, d.pipeline)] - 1:
+            # A per-stage dispatch (reactive policy) ended mid-pipeline: keep each request's
+            # activations for the dispatch of its next stage.  Set before stage_finished
+            # reports the finish, so that dispatch always finds them.
+            if not spec.timing_only:
+                for i, r in enumerate(d.requests):
+                    r.payload.carried = {k: v[i:i + 1] for k, v in outputs.items()}
+            return
         if spec.timing_only:
             outputs = {o.name: np.zeros((d.batch_size,) + tuple(max(1, x) for x in o.shape[1:]),
                                         o.dtype) for o in spec.outputs}
@@ -288,8 +301,8 @@ class ServingRuntime:
                 f"{type(error).__name__}: {error}")
         self._fail_requests(d, error)
         # The batch's remaining reservations are released: their stages "finish" now.
-        for stage in range(job.stage, len(d.route)):
-            self._inbox.put(("finished", d.model, d.batch_id, stage, now_us))
+        for hop in d.route[job.stage:]:
+            self._inbox.put(("finished", d.model, d.batch_id, hop.stage, now_us))
 
     def _fail_requests(self, d: Dispatch, error: BaseException) -> None:
         self.stats.failure(d.model, len(d.requests))
@@ -392,9 +405,15 @@ class ServingRuntime:
         spec = self.models[d.model]
         tensors: dict[str, np.ndarray] = {}
         if not spec.timing_only:
-            for s in spec.inputs:
-                parts = [r.payload.inputs[s.name] for r in d.requests]
-                tensors[s.name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            if d.route[0].stage == 0:
+                names = [s.name for s in spec.inputs]
+                sources = [r.payload.inputs for r in d.requests]
+            else:  # a later stage dispatched on its own: the activations the requests carry
+                sources = [r.payload.carried for r in d.requests]
+                names = list(sources[0])
+            for name in names:
+                parts = [src[name] for src in sources]
+                tensors[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self.stats.batch(d.model, d.batch_size)
         with self._inflight_lock:
             self._inflight[(d.model, d.batch_id)] = d

@@ -171,3 +171,27 @@ def test_failed_batch_is_answered_and_workers_keep_serving(cpu_builds):
         assert good.result(timeout=10).outputs["logits"].shape == (1, 1000)
         assert rt.stats.snapshot()["demo_resnet"].failures == 1
         assert sum(w.stats().failures for w in rt.workers) == 1
+
+
+@pytest.mark.parametrize("policy", ["reactive", "triton"])
+def test_baseline_policies_serve_a_split_model_correctly(cpu_builds, policy):
+    """The reactive batcher dispatches stage by stage (a dispatch may start at stage > 0) and
+    the Triton-style batcher batches whole requests; both must answer every request with the
+    unsplit model's outputs."""
+    from ppipe_trt.profiles import load_profiles
+
+    built = cpu_builds["demo_resnet"]
+    profiles = load_profiles(built.profile_path)
+    plan = pipeline_plan(profiles, "demo_resnet", cuts=[2, 6], gpu_class="cpu", batch_size=4,
+                         slo_ms=5_000.0)
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((1, 3, 224, 224)).astype(np.float32) for _ in range(6)]
+    with build_runtime(plan, profiles, {"demo_resnet": built},
+                       RuntimeOptions(policy=policy)) as rt:
+        futures = [rt.submit("demo_resnet", {"image": x}) for x in xs]
+        results = [f.result(timeout=30) for f in futures]
+    with built.open_backend(0, built.num_blocks - 1) as full:
+        for x, r in zip(xs, results):
+            ref = full.infer({"image": x})["logits"]
+            assert np.max(np.abs(r.outputs["logits"] - ref)) <= 1e-5 * np.max(np.abs(ref))
+    assert rt.stats.snapshot()["demo_resnet"].completions == len(xs)
