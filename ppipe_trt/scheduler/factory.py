@@ -27,7 +27,9 @@ def build_schedulers(plan: Plan, profiles: ProfileSet, placement: Placement,
     ``hop_overhead_us`` is added to every network transfer (the live server feeds it from
     measurement).  ``link_model`` (see :data:`~ppipe_trt.scheduler.links.LINK_MODELS`):
     ``"duplex"`` reserves the sender's uplink and the receiver's downlink for a transfer,
-    ``"sender"`` only the sender's uplink (as the public artifact); a given ``state`` must
+    ``"sender"`` only the sender's uplink, ``"channel"`` only the sending worker's channel
+    (the public artifact's exact semantics, see :func:`~ppipe_trt.scheduler.tables.
+    sender_channels`); a given ``state`` must
     have been made with the same model.  Further keywords go to the policy: ``wake_lead_us``,
     ``strict_batch_fraction``, ``max_queue`` (reservation); ``max_queue_delay_us`` (triton).
     """

@@ -7,7 +7,9 @@ caller's clock (float).
 
 Call protocol
 -------------
-* ``on_arrival(request, now_us)`` when a request enters the system.
+* ``on_arrival(request, now_us)`` when a request enters the system;
+  ``on_arrivals(requests, now_us)`` for several that arrived by ``now_us`` (a burst the
+  caller took in at once: one decision pass instead of one per request).
 * ``on_stage_finished(batch_id, stage, finish_us, now_us)`` when the worker of ``stage`` of a
   dispatched batch has finished (``finish_us`` is the actual time; the scheduler corrects
   that worker's reservation if it differs from what was reserved).
@@ -25,6 +27,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Sequence
 
 
 @dataclass(slots=True)
@@ -109,6 +112,19 @@ class Scheduler(ABC):
 
     @abstractmethod
     def on_arrival(self, request: Request, now_us: float) -> Decisions: ...
+
+    def on_arrivals(self, requests: Sequence[Request], now_us: float) -> Decisions:
+        """Several requests that arrived by ``now_us``, in arrival order.  This default
+        calls :meth:`on_arrival` for each at ``now_us``; a policy may instead queue them all
+        and decide once (the reservation policy does: one decision pass, batches formed in
+        deadline order over the whole burst)."""
+        out = Decisions()
+        for r in requests:
+            dec = self.on_arrival(r, now_us)
+            out.dispatches.extend(dec.dispatches)
+            out.drops.extend(dec.drops)
+            out.wake_at_us = dec.wake_at_us   # a later decision supersedes an earlier wake-up
+        return out
 
     @abstractmethod
     def on_stage_finished(self, batch_id: int, stage: int, finish_us: float,

@@ -1,4 +1,4 @@
-"""Reservation timelines of network links (one per server and direction).
+"""Reservation timelines of network links (one per server and direction, or per channel).
 
 A timeline is a pair of parallel lists ``(starts, ends)`` of reserved intervals (us), sorted
 and disjoint; touching intervals are merged, so back-to-back transfers make one block.  A
@@ -17,8 +17,14 @@ Timeline = tuple[list, list]
 #: Link models.  ``"duplex"`` (default): a transfer between servers occupies the sender's
 #: uplink and the receiver's downlink over the same interval.  ``"sender"`` (as the public
 #: PPipe artifact's simulator): it occupies only the sender's uplink; downlinks are never
-#: contended (their timelines stay empty).
-LINK_MODELS = ("duplex", "sender")
+#: contended (their timelines stay empty).  ``"channel"`` (the artifact's exact semantics): the
+#: sending stage's workers are grouped, in order, into channels of ``gpus_per_server *
+#: mps_share`` consecutive workers (``gpus_per_server`` the larger of the two adjacent stages'
+#: classes'), and a transfer occupies only its sender's channel: channels of different stages,
+#: pipelines or models never contend, even on one server, and downlinks are never contended.
+#: :class:`~ppipe_trt.scheduler.tables.ClusterState` maps each worker to its uplink timeline
+#: (its server's, or its channel's).
+LINK_MODELS = ("duplex", "sender", "channel")
 
 #: Past intervals are pruned once a timeline holds more than this many.
 PRUNE_AT = 32
@@ -88,14 +94,15 @@ def reserve_duplex(up: Timeline, dn: Timeline, s: float, e: float, now: float) -
 
 
 def reserve_sender(up: Timeline, dn: Timeline, s: float, e: float, now: float) -> None:
-    """Reserve ``[s, e)`` on the sender's uplink only (``dn`` is left untouched)."""
+    """Reserve ``[s, e)`` on the sender's uplink (or channel) only (``dn`` is left untouched)."""
     reserve(up, s, e)
     if len(up[0]) > PRUNE_AT:
         prune(up, now)
 
 
 #: The transfer-reservation function of each link model.
-RESERVE_TRANSFER = {"duplex": reserve_duplex, "sender": reserve_sender}
+RESERVE_TRANSFER = {"duplex": reserve_duplex, "sender": reserve_sender,
+                    "channel": reserve_sender}
 
 
 def prune(tl: Timeline, now: float) -> None:

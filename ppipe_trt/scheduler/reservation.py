@@ -5,8 +5,9 @@ server link the timeline of its uplink and downlink reservations (shared with th
 models' schedulers through :class:`~ppipe_trt.scheduler.tables.ClusterState`; a transfer may
 take any gap long enough on both links, see :mod:`~ppipe_trt.scheduler.links`).  Under the
 ``"sender"`` link model of the state, a transfer reserves only the sender's uplink and
-downlink timelines stay empty.  Requests
-wait in one queue per model, ordered by deadline.
+downlink timelines stay empty; under ``"channel"`` the "uplink" of a worker is its sending
+channel's timeline (``ClusterState.worker_uplink``) and downlinks stay empty as well.
+Requests wait in one queue per model, ordered by deadline.
 
 Decision loop, run on every arrival and wake-up:
 
@@ -63,26 +64,31 @@ class ReservationScheduler(Scheduler):
         self._state = state
         self._uplinks = state.uplinks
         self._downlinks = state.downlinks
-        # chosen once: under the "sender" link model downlinks are never reserved, so the
-        # probe always finds them free and the hot path needs no branch on the model
+        # chosen once: under the "sender" and "channel" link models downlinks are never
+        # reserved, so the probe always finds them free and the hot path needs no branch on
+        # the model (under "channel" the uplink indices in the groups are channels)
         self._reserve_transfer = RESERVE_TRANSFER[state.link_model]
         self.wake_lead_us = float(wake_lead_us)
         self.strict_batch_fraction = strict_batch_fraction
         self.max_queue = max_queue
-        # Per pipeline, per stage: [server, tills, worker_ids] groups of the workers of the
-        # stage's pool that share a server; a dead worker's till is INF.
+        # Per pipeline, per stage: [server, uplink, tills, worker_ids] groups of the workers
+        # of the stage's pool that share a server and an uplink timeline (under "duplex" and
+        # "sender" the uplink is the server's, so a group is a server); a dead worker's till
+        # is INF.
+        worker_uplink = state.worker_uplink
         self._groups: list[list[list[list]]] = []
         self._loc: dict[int, tuple[list, int]] = {}
         for pt in self.pipelines:
             stages = []
             for st in pt.stages:
-                by_server: dict[int, list] = {}
+                by_link: dict[tuple[int, int], list] = {}
                 for wid, srv in zip(st.worker_ids, st.server_ids):
-                    g = by_server.setdefault(srv, [srv, [], []])
-                    self._loc[wid] = (g[1], len(g[1]))
-                    g[1].append(0.0)
-                    g[2].append(wid)
-                stages.append(list(by_server.values()))
+                    link = worker_uplink[wid]
+                    g = by_link.setdefault((srv, link), [srv, link, [], []])
+                    self._loc[wid] = (g[2], len(g[2]))
+                    g[2].append(0.0)
+                    g[3].append(wid)
+                stages.append(list(by_link.values()))
             self._groups.append(stages)
         # (tables, stage groups, latency rows, transfer rows) per pipeline for the hot path.
         self._probe_data = [
@@ -116,21 +122,31 @@ class ReservationScheduler(Scheduler):
     # ---- events ---------------------------------------------------------------------------
 
     def on_arrival(self, request: Request, now_us: float) -> Decisions:
+        return self.on_arrivals((request,), now_us)
+
+    def on_arrivals(self, requests: Sequence[Request], now_us: float) -> Decisions:
+        """Queue ``requests`` and decide once for all of them (the whole burst is in the
+        queue, in deadline order, when batches are formed).  With ``max_queue``, a full queue
+        is first scheduled as one arrival at a time would have been, and a request that still
+        finds it full is dropped (``QUEUE_FULL``)."""
         self._tick(now_us)
         q = self._queue
         dec = Decisions()
-        if self.max_queue is not None and len(q) >= self.max_queue:
-            dec.drops.append(Drop(request, DropReason.QUEUE_FULL,
-                                  f"queue holds {len(q)} requests (max {self.max_queue})"))
-            dec.wake_at_us = self._wake_at
-            return dec
-        if not q or request.deadline_us >= q[-1].deadline_us:
-            q.append(request)
-        else:  # an earlier deadline than the tail: keep the queue sorted
-            i = len(q) - 1
-            while i > 0 and q[i - 1].deadline_us > request.deadline_us:
-                i -= 1
-            q.insert(i, request)
+        for request in requests:
+            if self.max_queue is not None and len(q) >= self.max_queue:
+                self._schedule(now_us, dec)
+                if len(q) >= self.max_queue:
+                    dec.drops.append(Drop(request, DropReason.QUEUE_FULL,
+                                          f"queue holds {len(q)} requests (max "
+                                          f"{self.max_queue})"))
+                    continue
+            if not q or request.deadline_us >= q[-1].deadline_us:
+                q.append(request)
+            else:  # an earlier deadline than the tail: keep the queue sorted
+                i = len(q) - 1
+                while i > 0 and q[i - 1].deadline_us > request.deadline_us:
+                    i -= 1
+                q.insert(i, request)
         self._schedule(now_us, dec)
         return dec
 
@@ -219,14 +235,16 @@ class ReservationScheduler(Scheduler):
         """Earliest route of a batch of ``b`` on pipeline ``p`` given the reservations.
 
         Returns ``(finish_us, work_us, picks)``; ``picks`` holds per stage ``(tills, till,
-        transfer_start, transfer_end, start, end, server, prev_server, worker_ids)``; ``finish_us`` is
-        INF when a stage has no live worker.
+        transfer_start, transfer_end, start, end, server, prev_uplink, worker_ids, uplink)``
+        (``prev_uplink``: the uplink timeline index the transfer into the stage uses;
+        ``uplink``: the stage worker's own); ``finish_us`` is INF when a stage has no live
+        worker.
         """
         uplinks, downlinks = self._uplinks, self._downlinks
         stages = self._probe_data[p][1]
         t = now
         work = 0.0
-        prev_srv = -1
+        prev_srv = prev_link = -1
         picks = []
         for groups, lat_row, net_row, s, next_row in stages:
             lat = lat_row[b]
@@ -234,7 +252,7 @@ class ReservationScheduler(Scheduler):
             pick = None
             next_net = next_row[b] if next_row is not None else 0.0
             if s == 0:
-                for srv, tills, gw in groups:
+                for srv, link, tills, gw in groups:
                     m = min(tills)
                     start = m if m > t else t
                     end = start + lat
@@ -242,15 +260,15 @@ class ReservationScheduler(Scheduler):
                         continue
                     key = end
                     if next_row is not None:  # its output must also get onto the uplink
-                        key = first_free(uplinks[srv], end, next_net)
+                        key = first_free(uplinks[link], end, next_net)
                     if key < best:
                         best = key
-                        pick = (tills, m, t, t, start, end, srv, -1, gw)
+                        pick = (tills, m, t, t, start, end, srv, -1, gw, link)
             else:
                 net = net_row[b]
-                up = uplinks[prev_srv]
+                up = uplinks[prev_link]
                 u0 = first_free(up, t, net)   # earliest the sender's uplink can carry it
-                for srv, tills, gw in groups:
+                for srv, link, tills, gw in groups:
                     m = min(tills)
                     if srv == prev_srv:
                         ts = te = t
@@ -267,15 +285,16 @@ class ReservationScheduler(Scheduler):
                         continue
                     key = end
                     if next_row is not None:
-                        key = first_free(uplinks[srv], end, next_net)
+                        key = first_free(uplinks[link], end, next_net)
                     if key < best:
                         best = key
-                        pick = (tills, m, ts, te, start, end, srv, prev_srv, gw)
+                        pick = (tills, m, ts, te, start, end, srv, prev_link, gw, link)
             if pick is None or pick[1] == INF:
                 return INF, 0.0, None
             work += lat + (pick[3] - pick[2])
             t = pick[5]
             prev_srv = pick[6]
+            prev_link = pick[9]
             picks.append(pick)
         return t, work, picks
 
@@ -393,11 +412,11 @@ class ReservationScheduler(Scheduler):
         route = []
         wids = []
         ends = []
-        for s, (tills, m, ts, te, start, end, srv, prev_srv, gw) in enumerate(picks):
+        for s, (tills, m, ts, te, start, end, srv, prev_link, gw, _) in enumerate(picks):
             pos = tills.index(m)
             tills[pos] = end
             if te != ts:
-                self._reserve_transfer(self._uplinks[prev_srv], self._downlinks[srv], ts, te,
+                self._reserve_transfer(self._uplinks[prev_link], self._downlinks[srv], ts, te,
                                        self._last_now)
             else:
                 ts = te = start

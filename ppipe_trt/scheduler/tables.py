@@ -1,7 +1,8 @@
 """Precomputed tables the schedulers work from, and the state they share within a cluster.
 
 :class:`ClusterState` is the one object all schedulers of a cluster share: the uplink and
-downlink reservation timelines of every server (microseconds on the caller's clock), each
+downlink reservation timelines of every server, or of every sending channel under the
+``"channel"`` link model (microseconds on the caller's clock), each
 server's bandwidth, and the batch-id counter (batch ids are unique across the cluster).
 
 :class:`PipelineTable` holds, for one pipeline of one model, per stage and per batch size
@@ -29,14 +30,17 @@ INF = float("inf")
 class ClusterState:
     """Link reservations and ids shared by every scheduler of one cluster (see module doc).
 
-    ``uplinks[s]``/``downlinks[s]``: the reservation timeline of server ``s``'s link in each
-    direction (see :mod:`ppipe_trt.scheduler.links`).  ``link_model`` is one of
-    :data:`~ppipe_trt.scheduler.links.LINK_MODELS`; under ``"sender"`` the downlink
-    timelines are never reserved (stay empty).
+    ``downlinks[s]``: the reservation timeline of server ``s``'s downlink;
+    ``uplinks[worker_uplink[w]]``: that of the uplink worker ``w`` sends on (see
+    :mod:`ppipe_trt.scheduler.links`).  ``link_model`` is one of
+    :data:`~ppipe_trt.scheduler.links.LINK_MODELS`.  Under ``"duplex"`` and ``"sender"``
+    ``worker_uplink[w]`` is ``w``'s server (one uplink per server); under ``"channel"`` it is
+    ``w``'s channel (see :func:`sender_channels`; one uplink timeline per channel).  Under
+    ``"sender"`` and ``"channel"`` the downlink timelines are never reserved (stay empty).
     """
 
     __slots__ = ("uplinks", "downlinks", "bandwidth_gbps", "batch_ids", "hop_overhead_us",
-                 "link_model")
+                 "link_model", "worker_uplink")
 
     def __init__(self, placement: Placement, hop_overhead_us: float = 0.0,
                  link_model: str = "duplex"):
@@ -45,7 +49,13 @@ class ClusterState:
                               f"{LINK_MODELS}")
         self.link_model = link_model
         n = placement.num_servers
-        self.uplinks = [new_timeline() for _ in range(n)]
+        if link_model == "channel":
+            self.worker_uplink = sender_channels(placement)
+            n_up = max(self.worker_uplink, default=-1) + 1
+        else:
+            self.worker_uplink = tuple(w.server_id for w in placement.workers)
+            n_up = n
+        self.uplinks = [new_timeline() for _ in range(n_up)]
         self.downlinks = [new_timeline() for _ in range(n)]
         self.bandwidth_gbps = [s.link_bandwidth_gbps for s in placement.servers]
         self.batch_ids = itertools.count()
@@ -58,6 +68,37 @@ class ClusterState:
         for tl in self.uplinks + self.downlinks:
             tl[0].clear()
             tl[1].clear()
+
+
+def sender_channels(placement: Placement) -> tuple[int, ...]:
+    """The channel of every worker (indexed by worker id) under the ``"channel"`` link model.
+
+    Per stage that feeds another, the stage's workers, in placement order, are cut into
+    channels of ``gpus_per_server * mps_share`` consecutive workers, ``gpus_per_server`` being
+    the larger of the two stages' classes' (as the public artifact groups its transfer
+    delayers); a last stage's workers never send and get one channel each.  Channel ids are
+    ``0..C-1``, global over the cluster, numbered pool by pool in plan order.
+    """
+    gps: dict[str, int] = {}
+    for srv in placement.servers:
+        gps[srv.gpu_class] = max(gps.get(srv.gpu_class, 0), len(srv.gpu_indices))
+    pools: dict[tuple[str, int, int], list[int]] = {}
+    for w in placement.workers:
+        pools.setdefault((w.model, w.pipeline, w.stage), []).append(w.worker_id)
+    out = [0] * len(placement.workers)
+    next_id = 0
+    for (model, pi, si), wids in pools.items():
+        first = placement.workers[wids[0]]
+        after = placement.pool(model, pi, si + 1)
+        if after:
+            size = first.mps_share * max(gps.get(first.gpu_class, 1),
+                                         gps.get(after[0].gpu_class, 1), 1)
+        else:
+            size = 1
+        for k, wid in enumerate(wids):
+            out[wid] = next_id + k // size
+        next_id += -(-len(wids) // size)
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

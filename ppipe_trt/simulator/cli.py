@@ -46,10 +46,11 @@ def register(subparsers) -> None:
                    help="log-normal noise on stage latencies, coefficient of variation")
     p.add_argument("--hop-overhead-us", type=float, default=0.0,
                    help="fixed cost added to every network transfer")
-    p.add_argument("--link-model", default="duplex", choices=("duplex", "sender"),
+    p.add_argument("--link-model", default="duplex", choices=("duplex", "sender", "channel"),
                    help="duplex (default): a transfer occupies the sender's uplink and the "
-                        "receiver's downlink; sender: only the sender's uplink (as the "
-                        "public PPipe artifact's simulator)")
+                        "receiver's downlink; sender: only the sender's uplink; channel: only "
+                        "the sending worker's channel of gpus_per_server x mps_share workers "
+                        "of its stage (the public PPipe artifact's simulator)")
     p.add_argument("--max-queue-delay-us", type=float, default=None,
                    help="triton policy: longest a request waits for a fuller batch")
     p.add_argument("--strict-batch-fraction", type=float, default=None,

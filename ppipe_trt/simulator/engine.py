@@ -16,7 +16,11 @@ Physical model (the truth the scheduler's reservations are checked against):
   ``bytes_per_sample * b * 8 / bandwidth`` (+ ``hop_overhead_us``), starting when both are
   free; a hand-off within a server is free.  With ``link_model="sender"`` (the public
   artifact's model) it occupies only the sender's uplink: receivers' downlinks are not
-  contended (the schedulers are built with the same link model).
+  contended; with ``link_model="channel"`` (the artifact's exact semantics) it occupies only
+  the sending worker's channel (a FIFO of ``gpus_per_server * mps_share`` consecutive workers
+  of the sending stage, see :func:`~ppipe_trt.scheduler.tables.sender_channels`), so
+  transfers of different channels never contend, even from one server (the schedulers are
+  built with the same link model and share its cluster state).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from ppipe_trt.profiles.types import ProfileSet
 from ppipe_trt.scheduler import build_schedulers, place_workers
 from ppipe_trt.scheduler.interface import Request, Scheduler
 from ppipe_trt.scheduler.links import LINK_MODELS
-from ppipe_trt.scheduler.tables import build_pipeline_tables
+from ppipe_trt.scheduler.tables import ClusterState, build_pipeline_tables
 from ppipe_trt.simulator.arrivals import ArrivalSpec, arrival_times_us
 from ppipe_trt.simulator.metrics import (ModelMetrics, SimResult, WorkerQueueing, busy_union_us,
                                          percentiles)
@@ -84,8 +88,9 @@ def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
     if config.load_factor < 0:
         raise ConfigError(f"load factor must be >= 0, got {config.load_factor}")
     placement = place_workers(plan)
+    state = ClusterState(placement, config.hop_overhead_us, config.link_model)
     scheds = build_schedulers(plan, profiles, placement, config.policy,
-                              hop_overhead_us=config.hop_overhead_us,
+                              hop_overhead_us=config.hop_overhead_us, state=state,
                               link_model=config.link_model,
                               **dict(config.policy_options or {}))
     models = plan.model_names
@@ -101,6 +106,8 @@ def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
         xfer.append([[st.transfer_in_us for st in pt.stages] for pt in tables])
     slots = placement.workers
     w_server = [w.server_id for w in slots]
+    # the uplink queue a worker sends on: its server's, or its channel's under "channel"
+    w_uplink = state.worker_uplink
     model_index = {m: i for i, m in enumerate(models)}
 
     # arrivals
@@ -128,17 +135,17 @@ def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
     # and transfer runs no later than reserved).  A stage item is
     # [model, dispatch, route position, inputs pending, worker, next item, input-ready time,
     # duration];
-    # a transfer item [stage item it feeds, src server, dst server, duration, ready,
+    # a transfer item [stage item it feeds, src uplink, dst server, duration, ready,
     # slot start, seq].  Under the reservation policy a transfer starts no earlier than its
     # reserved slot (slots may sit in gaps between others), and each link serves transfers
     # in slot order; the baselines' transfers go first come, first served.
-    nw, ns = len(slots), placement.num_servers
+    nw, ns, nu = len(slots), placement.num_servers, len(state.uplinks)
     wq: list[deque] = [deque() for _ in range(nw)]
-    uq: list[list] = [[] for _ in range(ns)]   # transfer items sorted by (slot start, seq)
+    uq: list[list] = [[] for _ in range(nu)]   # transfer items sorted by (slot start, seq)
     dq: list[list] = [[] for _ in range(ns)]
     slotted = config.policy == "reservation"  # transfers keep to their reserved slots
     wbusy = [False] * nw
-    ubusy = [False] * ns
+    ubusy = [False] * nu
     dbusy = [False] * ns
     busy: list[list[tuple[float, float]]] = [[] for _ in slots]
     waits: list[list[float]] = [[] for _ in slots]
@@ -198,7 +205,8 @@ def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
             push(heap, (start + xi[3], seq, _XFER, xi, 0))
             seq += 1
 
-    # Under the "sender" link model the downlink queues stay empty and are never checked:
+    # Under the "sender" and "channel" link models the downlink queues stay empty and are
+    # never checked (under "channel" the uplink queues are the channels'):
     # the choice is made here once, not per event.
     duplex = config.link_model == "duplex"
     try_transfer = try_transfer_duplex if duplex else try_transfer_sender
@@ -231,10 +239,12 @@ def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
         if len(route) > 1:
             xfer_p = xfer[mi][d.pipeline]
             for pos in range(1, len(route)):
-                src, dst = w_server[route[pos - 1].worker_id], w_server[route[pos].worker_id]
+                sw = route[pos - 1].worker_id
+                src, dst = w_server[sw], w_server[route[pos].worker_id]
                 if src == dst:
                     items[pos - 1][5] = items[pos]
                 else:
+                    src = w_uplink[sw]
                     xi = [items[pos], src, dst, xfer_p[route[pos].stage][b], False,
                           route[pos].transfer_start_us if slotted else now, seq]
                     seq += 1
@@ -247,8 +257,9 @@ def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
             dst = w_server[r0.worker_id]
             per_src: dict[int, int] = {}
             for r in d.requests:
-                src = location[r.request_id]
-                if src != dst:
+                sw = location[r.request_id]   # the worker that ran the previous stage
+                if w_server[sw] != dst:
+                    src = w_uplink[sw]
                     per_src[src] = per_src.get(src, 0) + 1
             si[3] = len(per_src)
             row = xfer[mi][d.pipeline][r0.stage]
@@ -292,9 +303,8 @@ def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
                     finish_at[rid] = now
                     outcome[rid] = _OK if now <= q.deadline_us else _LATE
             else:  # a one-stage dispatch of a multi-stage pipeline (reactive)
-                srv = w_server[wid]
                 for q in d.requests:
-                    location[q.request_id] = srv
+                    location[q.request_id] = wid
             apply(mi, sched_list[mi].on_stage_finished(d.batch_id, r.stage, now, now), now)
         elif kind == _ARRIVAL:
             mi = a

@@ -277,3 +277,50 @@ def test_strict_batch_fraction_drops_instead_of_shrinking():
     scheds, _ = schedulers()
     dec = scheds["toy"].on_arrival(Request(1, "toy", 0.0, 4000.0), 0.0)
     assert not dec.drops   # the default rule shrinks the batch instead
+
+
+
+def _decisions_key(dec):
+    return ([(d.batch_id, d.pipeline, tuple(r.request_id for r in d.requests),
+              tuple((r.worker_id, r.start_us, r.finish_us, r.transfer_start_us,
+                     r.transfer_finish_us) for r in d.route)) for d in dec.dispatches],
+            [(x.request.request_id, x.reason) for x in dec.drops], dec.wake_at_us)
+
+
+def _burst_then_late():
+    # 60 requests at t=0 (the SLO fits a few batches; the rest is dropped), then 3 at t=500
+    # whose deadlines are earlier than any queued
+    return ((([Request(i, "toy", 0.0, 20_000.0 + 10.0 * (i % 7)) for i in range(60)], 0.0),
+             ([Request(100 + i, "toy", 500.0, 15_000.0 - i) for i in range(3)], 500.0)))
+
+
+@pytest.mark.parametrize("policy", ["reactive", "triton"])
+def test_the_interfaces_on_arrivals_is_one_arrival_at_a_time(policy):
+    one_by_one, at_once = schedulers(policy=policy)[0]["toy"], schedulers(policy=policy)[0]["toy"]
+    for group, now in _burst_then_late():
+        got = _decisions_key(at_once.on_arrivals(group, now))
+        decs = [_decisions_key(one_by_one.on_arrival(r, now)) for r in group]
+        assert got == ([d for dec in decs for d in dec[0]], [d for dec in decs for d in dec[1]],
+                       decs[-1][2])
+
+
+@pytest.mark.parametrize("max_queue", [None, 5])
+def test_a_burst_decided_at_once_serves_at_least_as_many_in_time(max_queue):
+    one_by_one = schedulers(max_queue=max_queue)[0]["toy"]
+    at_once = schedulers(max_queue=max_queue)[0]["toy"]
+    queued = 0
+    for group, now in _burst_then_late():
+        dec = at_once.on_arrivals(group, now)
+        singles = [one_by_one.on_arrival(r, now) for r in group]
+        served = [r.request_id for d in dec.dispatches for r in d.requests]
+        dropped = [x.request.request_id for x in dec.drops]
+        # every request is served, dropped or left queued, exactly once
+        assert len(set(served)) == len(served) and not set(served) & set(dropped)
+        assert len(served) + len(dropped) + at_once.queue_length == queued + len(group)
+        queued = at_once.queue_length
+        for d in dec.dispatches:
+            assert d.finish_us <= min(r.deadline_us for r in d.requests)
+        assert len(served) >= sum(d.batch_size for s in singles for d in s.dispatches)
+        # a bounded queue overflows no more often than with one arrival at a time
+        full = sum(x.reason == DropReason.QUEUE_FULL for x in dec.drops)
+        assert full <= sum(x.reason == DropReason.QUEUE_FULL for s in singles for x in s.drops)

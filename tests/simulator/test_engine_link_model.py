@@ -1,4 +1,5 @@
-"""The simulator's link models: the physical links follow the schedulers' link model.
+"""The simulator's link models (duplex, sender, channel): the physical links follow the
+schedulers' link model.
 
 Two H servers (one GPU each) send to one L server.  Models ``a`` and ``b`` run block 0 on
 their own H GPU (1000 us) and block 1 on an L GPU (2000 us); a hand-off takes 100 us.  On a
@@ -72,7 +73,7 @@ def test_default_is_duplex_and_unknown_model_is_an_error(tmp_path):
         simulate(plan, profiles, _regular(tmp_path, link_model="full"))
 
 
-@pytest.mark.parametrize("link_model", ["duplex", "sender"])
+@pytest.mark.parametrize("link_model", ["duplex", "sender", "channel"])
 @pytest.mark.parametrize("load", [0.6, 1.0])
 def test_reservations_hold_physically_under_either_link_model(link_model, load):
     profiles = _profiles()
@@ -94,7 +95,7 @@ def test_cli_link_model_flag(tmp_path, shared_profiles, profiles_dir, capsys):
         (2, [(0, 8, "L4", 2, 4), (9, 9, "T4", 2, 2)])])])
     path = save_plan(plan, tmp_path / "plan.json")
     runs = {}
-    for lm in ("duplex", "sender"):
+    for lm in ("duplex", "sender", "channel"):
         out = tmp_path / f"{lm}.json"
         assert main(["simulate", str(path), "--profiles", str(profiles_dir), "--load", "0.8",
                      "--duration", "1s", "--warmup", "200ms", "--link-model", lm,
@@ -105,3 +106,47 @@ def test_cli_link_model_flag(tmp_path, shared_profiles, profiles_dir, capsys):
     with pytest.raises(SystemExit):   # argparse rejects an unknown choice
         main(["simulate", str(path), "--link-model", "bogus"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_channel_does_not_contend_the_receiver_downlink(tmp_path):
+    profiles = _profiles()
+    res = simulate(_plan(profiles), profiles, _regular(tmp_path, link_model="channel"))
+    for m in res.models:
+        assert m.completed == 100
+        assert m.latency_max_us == pytest.approx(3100.0)
+
+
+# One H server of 2 GPUs, one L server of 2 GPUs.  Model ``a`` has two pipelines (block 0 on
+# one H GPU, block 1 on one L GPU): the two H workers share the H server's uplink but are two
+# channels (one per pipeline).
+C2 = ClusterSpec((GpuPool("H", 2, 2, 1, 10.0), GpuPool("L", 2, 2, 1, 10.0)), "H-L")
+
+
+def _two_pipelines_one_server(profiles):
+    return hand_plan(profiles, C2, [ModelSpec("a", 20.0, [(1, [(0, 0, "H", 1, 1),
+                                                                (1, 1, "L", 1, 1)])] * 2)])
+
+
+def _pairs(tmp_path):
+    """Two requests of ``a`` at each instant, instants 10 ms apart (the trailing stamp makes
+    the gaps alternate 0, 10 ms also across the trace's loop)."""
+    trace = tmp_path / "pairs.txt"
+    trace.write_text("".join(f"{0.01 * i:.2f}\n{0.01 * i:.2f}\n" for i in range(50))
+                     + "0.50\n")
+    return ArrivalSpec.parse(f"trace:{trace}")
+
+
+@pytest.mark.parametrize("link_model", ["channel", "sender", "duplex"])
+def test_channels_of_one_server_send_in_parallel_only_under_channel(tmp_path, link_model):
+    profiles = _profiles()
+    res = simulate(_two_pipelines_one_server(profiles), profiles,
+                   SimConfig(duration_s=1.0, warmup_s=0.105, arrivals=_pairs(tmp_path),
+                             rates_rps={"a": 200.0}, link_model=link_model))
+    a = res.model("a")
+    assert a.requests > 150 and a.completed == a.requests and a.late == 0
+    if link_model == "channel":   # the pair's transfers run side by side
+        assert a.latency_max_us == pytest.approx(3100.0)
+        assert a.latency_p50_us == pytest.approx(3100.0)
+    else:                         # one H uplink: the second transfer of a pair waits 100 us
+        assert a.latency_max_us == pytest.approx(3200.0)
+        assert a.latency_p90_us == pytest.approx(3200.0)
