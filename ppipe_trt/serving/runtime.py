@@ -19,7 +19,9 @@ import gc
 import itertools
 import logging
 import queue
+import sys
 import threading
+import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -36,6 +38,9 @@ from ppipe_trt.serving.transport import StageJob, Transport
 from ppipe_trt.serving.worker import StageWorker, monotonic_us
 
 log = logging.getLogger("ppipe.serving")
+
+#: How long the loop releases the GIL after dispatching, before it answers many drops.
+_YIELD_S = 50e-6
 
 
 class StageFailedError(PPipeError):
@@ -114,13 +119,16 @@ class _Pending:
 class ServingRuntime:
     """Schedulers + workers + the wall-clock loop.  Use :meth:`start` / :meth:`stop` (or
     ``with``).  ``max_pending``: requests waiting or running at once, beyond which new ones
-    are rejected at once with reason ``queue_full``."""
+    are rejected at once with reason ``queue_full``.  ``switch_interval_s``: Python's thread
+    switch interval (:func:`sys.setswitchinterval`, process-wide) from :meth:`start` to
+    :meth:`stop`; ``None`` leaves it as it is."""
 
     def __init__(self, plan: Plan, models: Mapping[str, ServedModel],
                  schedulers: Mapping[str, Scheduler], transport: Transport,
                  hop_overhead_us: float = 0.0, deadline_margin_us: float = 0.0,
                  max_pending: int = 10_000,
-                 clock: Callable[[], float] = monotonic_us, info: Mapping[str, Any] | None = None):
+                 clock: Callable[[], float] = monotonic_us, info: Mapping[str, Any] | None = None,
+                 switch_interval_s: float | None = None):
         missing = [m for m in models if m not in schedulers]
         if missing:
             raise PPipeError(f"no scheduler for models {missing}")
@@ -136,6 +144,8 @@ class ServingRuntime:
         self._transport = transport
         self._clock = clock
         self._max_pending = max_pending
+        self._switch_interval_s = switch_interval_s
+        self._saved_switch_interval_s: float | None = None
         self._workers: dict[int, StageWorker] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake: dict[str, float | None] = {m: None for m in self.models}
@@ -165,6 +175,12 @@ class ServingRuntime:
         # cannot absorb; freezing them keeps later collections small.
         gc.collect()
         gc.freeze()
+        if self._switch_interval_s is not None:
+            # A thread that a reservation is waiting for (a worker whose batch starts now,
+            # the loop at its wake-up) waits for the GIL up to this long behind a thread
+            # running Python; the default 5 ms is as long as a whole stage of small models.
+            self._saved_switch_interval_s = sys.getswitchinterval()
+            sys.setswitchinterval(self._switch_interval_s)
         for w in self.workers:
             w.start()
         self.started_us = self._clock()
@@ -191,6 +207,9 @@ class ServingRuntime:
             self._fail_requests(d, RequestRejectedError(
                 DropReason.SHUTDOWN.value, "server shutting down; batch cancelled"))
         self._thread = None
+        if self._saved_switch_interval_s is not None:
+            sys.setswitchinterval(self._saved_switch_interval_s)
+            self._saved_switch_interval_s = None
 
     def __enter__(self) -> "ServingRuntime":
         return self.start()
@@ -331,19 +350,33 @@ class ServingRuntime:
                               len(events))
 
     def _process(self, events: list[tuple]) -> bool:
-        for ev in events:
+        i, n = 0, len(events)
+        while i < n:
+            ev = events[i]
             now = self._clock()
             kind = ev[0]
             if kind == "arrive":
-                request: Request = ev[1]
+                # A burst that queued up meanwhile goes to its scheduler in one call (one
+                # decision pass): the loop then holds the GIL for microseconds per request,
+                # not a decision pass each, and the workers it dispatched to start on time.
+                model = ev[1].model
+                j = i + 1
+                while j < n and events[j][0] == "arrive" and events[j][1].model == model:
+                    j += 1
+                requests = [e[1] for e in events[i:j]]
+                i = j
                 try:
-                    decisions = self._schedulers[request.model].on_arrival(request, now)
+                    decisions = self._schedulers[model].on_arrivals(requests, now)
                 except PPipeError as exc:
-                    log.error("scheduler refused request %d: %s", request.request_id, exc)
-                    _resolve(request.payload.future, error=exc)
+                    log.error("scheduler refused %d request(s) of %s: %s", len(requests),
+                              model, exc)
+                    for r in requests:
+                        _resolve(r.payload.future, error=exc)
                     continue
-                self._apply(request.model, decisions, now)
-            elif kind == "finished":
+                self._apply(model, decisions, now)
+                continue
+            i += 1
+            if kind == "finished":
                 _, model, batch_id, stage, finish_us = ev
                 try:
                     decisions = self._schedulers[model].on_stage_finished(
@@ -380,10 +413,16 @@ class ServingRuntime:
 
     def _apply(self, model: str, decisions: Decisions, now: float) -> None:
         self._wake[model] = decisions.wake_at_us
-        for drop in decisions.drops:
-            self._answer_drop(model, drop.request, drop.reason, drop.detail)
+        # dispatches first: their workers wait on reserved start times, the dropped
+        # requests' clients only on their answers
         for d in decisions.dispatches:
             self._dispatch(d, now)
+        if decisions.dispatches and len(decisions.drops) > 8:
+            # an overload burst: let the workers just dispatched to take the GIL and start
+            # before this thread spends milliseconds answering the dropped requests
+            time.sleep(_YIELD_S)
+        for drop in decisions.drops:
+            self._answer_drop(model, drop.request, drop.reason, drop.detail)
 
     def _answer_drop(self, model: str, request: Request, reason: DropReason, detail: str) -> None:
         reason_value = getattr(reason, "value", str(reason))

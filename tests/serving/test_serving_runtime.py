@@ -76,7 +76,9 @@ def test_overload_is_answered_at_once_with_reasons(emulated):
     assert "cannot finish within the deadline" in str(errors[0])
     oks = [f.result() for f in futures if f.exception() is None]
     # the requests it accepted are (nearly all: the host's thread wake-ups jitter) on time
-    assert oks and sum(r.met_deadline for r in oks) >= 0.9 * len(oks)
+    late_ms = [round((r.finish_us - r.deadline_us) / 1000.0, 2) for r in oks if not r.met_deadline]
+    assert oks and len(oks) - len(late_ms) >= 0.9 * len(oks), \
+        f"{len(late_ms)} of {len(oks)} accepted requests late by {late_ms} ms"
 
 
 def test_stop_answers_queued_requests_and_refuses_new_ones(cpu_builds, emulated_class):
