@@ -8,10 +8,16 @@ attainment with the reservation scheduler, plus the PPipe plan under the reactiv
 
     scripts/reproduce_paper.py [--profiles DIR] [--only 2:L4-T4 ...] [--json PATH]
                                [--csv PATH] [--plots-dir DIR] [--doc docs/benchmarks/reproduction.md]
-                               [--link-model duplex|sender] [--schedulers ppipe,np,dart-r]
+                               [--link-model duplex|sender|channel] [--schedulers ppipe,np,dart-r]
+                               [--isolate-models] [--load-basis capacity|objective]
 
-``--link-model sender`` runs the simulator and scheduler with the public artifact's link model
-(a transfer occupies only the sender's uplink); ``--schedulers`` restricts the plans searched.
+``--link-model sender`` runs the simulator and scheduler with a transfer occupying only the
+sender's uplink; ``--link-model channel`` with the public artifact's exact model (only the
+sending worker's channel of ``gpus_per_server x mps_share`` workers of its stage);
+``--schedulers`` restricts the plans searched; ``--isolate-models`` searches each model of a
+group alone (as the artifact's simulator runs them); ``--load-basis objective`` offers each
+model ``weight x`` the PPipe plan's normalized throughput at load 1.0 instead of its own
+planned capacity (see :func:`reference_rates`).
 
 Writes JSON rows (``models``, ``cluster``, ``scheduler``, ``policy``,
 ``per_model_load_factor``, ``load_factor``, ``utilization``), a CSV, PNG plots in the paper's
@@ -65,6 +71,23 @@ def _plan(profiles_dir, group, cluster, policy, plans_dir):
     return plan
 
 
+def reference_rates(ref, basis: str) -> dict:
+    """Each model's rate at load factor 1.0, from the PPipe plan ``ref``.
+
+    ``"capacity"`` (default): the model's own planned throughput (its bottleneck stage's exact
+    capacity, spare GPUs included).  ``"objective"``: ``weight x`` the plan's normalized
+    throughput, the rate the max-min objective guarantees every model -- the value the
+    public artifact's MILP may give a model's continuous ``xput`` variable, which it bounds
+    above by capacity only and from below by the objective (``ilp_v4.py``), and which its
+    ``run_sim_in_batch.py`` offers as load 1.0.  Equal for the model that sets the objective.
+    """
+    if basis == "capacity":
+        return {m.model: m.throughput_rps for m in ref.models}
+    if basis == "objective":
+        return {m.model: m.weight * ref.normalized_throughput for m in ref.models}
+    raise ValueError(f"load basis {basis!r}; expected capacity or objective")
+
+
 def _search(job):
     profiles_dir, group, cluster, plan_policy, sched_policy, plans_dir, sim = job
     from ppipe_trt.profiles import load_profiles
@@ -74,7 +97,7 @@ def _search(job):
     plan = ref if plan_policy == "ppipe" else _plan(profiles_dir, group, cluster, plan_policy,
                                                      plans_dir)
     profiles = load_profiles(profiles_dir, plan.model_names)
-    rates = {m.model: m.throughput_rps for m in ref.models}
+    rates = reference_rates(ref, sim.get("load_basis", "capacity"))
     cfg = SimConfig(duration_s=sim["duration_s"], warmup_s=sim["warmup_s"], seed=sim["seed"],
                     policy=sched_policy, rates_rps=rates,
                     link_model=sim.get("link_model", "duplex"))
@@ -87,6 +110,7 @@ def _search(job):
         "scheduler": plan_policy if sched_policy == "reservation" else f"{plan_policy}+{sched_policy}",
         "plan": plan_policy, "policy": sched_policy,
         "link_model": sim.get("link_model", "duplex"),
+        "load_basis": sim.get("load_basis", "capacity"),
         "per_model_load_factor": dict(sr.per_model_load_factor),
         "load_factor": sr.load_factor,
         "utilization": dict(sr.utilization),
@@ -113,6 +137,7 @@ def _search_isolated(plan, profiles, cfg, group, cluster, plan_policy, sched_pol
         "scheduler": plan_policy if sched_policy == "reservation" else f"{plan_policy}+{sched_policy}",
         "plan": plan_policy, "policy": sched_policy,
         "link_model": sim.get("link_model", "duplex"), "isolated_models": True,
+        "load_basis": sim.get("load_basis", "capacity"),
         "per_model_load_factor": per_model,
         "load_factor": sum(per_model.values()) / len(per_model),
         "utilization": {}, "attainment_at_factor": None, "steps": None,
@@ -266,14 +291,19 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--link-model", default="duplex", choices=("duplex", "sender"),
+    ap.add_argument("--link-model", default="duplex", choices=("duplex", "sender", "channel"),
                     help="duplex (default): sender uplink + receiver downlink per transfer; "
-                         "sender: only the sender's uplink (the public artifact's model)")
+                         "sender: only the sender's uplink; channel: only the sending "
+                         "worker's channel (the public artifact's exact model)")
     ap.add_argument("--schedulers", default=",".join(PLAN_POLICIES),
                     help="comma-separated plans to search (default: np,dart-r,ppipe)")
     ap.add_argument("--isolate-models", action="store_true",
                     help="search each model alone (its workers share no server with another "
                          "model's), as the artifact's simulator does; utilisation not reported")
+    ap.add_argument("--load-basis", default="capacity", choices=("capacity", "objective"),
+                    help="load factor 1.0 = each model's planned capacity in the PPipe plan "
+                         "(default) or weight x the plan's normalized throughput (what the "
+                         "max-min objective guarantees; see reference_rates)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     from tqdm import tqdm
@@ -294,7 +324,8 @@ def main(argv=None) -> int:
             for pol in set(plan_policies) | {"ppipe"}:
                 _plan(args.profiles, g, c, pol, args.plans_dir)
     sim = {"duration_s": args.duration, "warmup_s": args.warmup, "seed": args.seed,
-           "link_model": args.link_model, "isolate": args.isolate_models}
+           "link_model": args.link_model, "isolate": args.isolate_models,
+           "load_basis": args.load_basis}
     jobs = [(args.profiles, g, c, pol, "reservation", args.plans_dir, sim)
             for g, c in configs for pol in plan_policies]
     if not args.no_reactive and "ppipe" in plan_policies:
