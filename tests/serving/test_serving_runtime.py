@@ -75,9 +75,14 @@ def test_overload_is_answered_at_once_with_reasons(emulated):
     assert {e.reason for e in errors} == {"deadline_unreachable"}
     assert "cannot finish within the deadline" in str(errors[0])
     oks = [f.result() for f in futures if f.exception() is None]
-    # the requests it accepted are (nearly all: the host's thread wake-ups jitter) on time
+    # It accepted no more than the plan can finish within one SLO of the burst ...
+    assert oks and len(oks) <= plan.models[0].throughput_rps * slo_s
+    # ... and served what it accepted within its deadline, up to the host's thread wake-up
+    # jitter (a few ms on a busy 2-core machine; accepting 3x capacity would make answers
+    # late by up to two SLOs).  How many are exactly on time is a timing figure: measured
+    # in scripts/bench_serve.py, not asserted here.
     late_ms = [round((r.finish_us - r.deadline_us) / 1000.0, 2) for r in oks if not r.met_deadline]
-    assert oks and len(oks) - len(late_ms) >= 0.9 * len(oks), \
+    assert max(late_ms, default=0.0) <= 0.1 * plan.models[0].slo_ms, \
         f"{len(late_ms)} of {len(oks)} accepted requests late by {late_ms} ms"
 
 
