@@ -8,7 +8,12 @@ PROFILES  ?= ../shared/ppipe-profiles
 TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 GPU_CLASS ?=
-MODEL     ?= all
+# MODEL: a built-in name or an .onnx path; unset: the models of MODEL_REPOSITORY
+MODEL     ?=
+# A Triton-layout model repository (<dir>/<name>/config.pbtxt, <dir>/<name>/1/model.onnx);
+# unset: `make engines` builds the example repository, `make serve` serves its demo_resnet
+MODEL_REPOSITORY ?=
+EXAMPLE_REPOSITORY := examples/model_repository
 PYTEST_ARGS ?=
 
 .PHONY: install test serve engines plan bench clean help
@@ -16,7 +21,9 @@ PYTEST_ARGS ?=
 help:
 	@echo "make serve                 install, build the demo engines, plan, serve on http://127.0.0.1:8000"
 	@echo "make test                  install and run the test suite (CPU only)"
-	@echo "make engines GPU_CLASS=T4 MODEL=demo_resnet   build + profile engines (GPU class auto-detected if unset)"
+	@echo "make engines MODEL_REPOSITORY=DIR [GPU_CLASS=T4]   build + profile every model of DIR"
+	@echo "                           (GPU class auto-detected if unset; default DIR: the example repository)"
+	@echo "make serve MODEL_REPOSITORY=DIR   serve every model of DIR with real engines"
 	@echo "make plan                  plan the paper's group 2 on L4+T4 from the shared profiles"
 	@echo "make bench                 run the benchmarks under scripts/"
 
@@ -33,10 +40,10 @@ test: install
 	PPIPE_PROFILES=$(PROFILES) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 serve: install
-	PPIPE_PROFILES=$(PROFILES) $(BIN)/ppipe serve
+	PPIPE_PROFILES=$(PROFILES) $(BIN)/ppipe serve $(if $(MODEL_REPOSITORY),--model-repository $(MODEL_REPOSITORY),)
 
 engines: install
-	$(BIN)/ppipe engines build $(MODEL) $(if $(GPU_CLASS),--gpu-class $(GPU_CLASS),)
+	$(BIN)/ppipe engines build $(if $(MODEL),$(MODEL),--model-repository $(or $(MODEL_REPOSITORY),$(EXAMPLE_REPOSITORY))) $(if $(GPU_CLASS),--gpu-class $(GPU_CLASS),)
 
 plan: install
 	$(BIN)/ppipe plan --profiles $(PROFILES) --paper-group 2 --paper-cluster L4-T4

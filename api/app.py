@@ -25,12 +25,15 @@ from ppipe_trt.serving.runtime import ServingRuntime
 
 @dataclass(frozen=True, slots=True)
 class ApiSettings:
-    """``max_body_bytes``: requests above are answered 413.  ``answer_grace_s``: how long
-    past a request's deadline the front end still waits for its answer before a 504."""
+    """``max_body_bytes``: requests above are answered 413 (gRPC: RESOURCE_EXHAUSTED).
+    ``answer_grace_s``: how long past a request's deadline the front end still waits for its
+    answer before a 504.  ``grpc_port``: also serve gRPC on ``grpc_host:grpc_port`` over the
+    same runtime (started and stopped with the app)."""
 
     max_body_bytes: int = 32 * 1024 * 1024
     answer_grace_s: float = 2.0
-    default_top_k: int = 5
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int | None = None  # the KServe v2 / Triton gRPC service beside HTTP; None: off
 
 
 class _HttpMetrics:
@@ -66,13 +69,25 @@ def create_app(runtime_factory: Callable[[], ServingRuntime],
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        runtime = await run_in_threadpool(runtime_factory)
-        runtime.start()
-        app.state.runtime = runtime
+        grpc_front = None
+        if settings.grpc_port is not None:
+            from api.grpc_server import GrpcFrontEnd
+
+            grpc_front = GrpcFrontEnd()  # answers UNAVAILABLE until the runtime runs
+            app.state.grpc_port = await grpc_front.start(lambda: app.state.runtime,
+                                                         settings.grpc_host,
+                                                         settings.grpc_port, settings)
         try:
-            yield
+            runtime = await run_in_threadpool(runtime_factory)
+            runtime.start()
+            app.state.runtime = runtime
+            try:
+                yield
+            finally:
+                await run_in_threadpool(runtime.stop)
         finally:
-            await run_in_threadpool(runtime.stop)
+            if grpc_front is not None:
+                await grpc_front.stop()
 
     app = FastAPI(title="ppipe-trt", version=SERVER_VERSION, lifespan=lifespan,
                   description="Pipelined CNN serving (KServe v2 / Triton-compatible REST)")

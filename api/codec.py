@@ -59,7 +59,7 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _timeout_us(params: dict[str, Any]) -> float | None:
+def timeout_us_of(params: dict[str, Any]) -> float | None:
     if "timeout_ms" in params:
         value, scale, key = params["timeout_ms"], 1000.0, "timeout_ms"
     elif "timeout" in params:  # Triton's per-request timeout, in microseconds
@@ -70,6 +70,51 @@ def _timeout_us(params: dict[str, Any]) -> float | None:
             or not math.isfinite(value):
         raise BadInputError(f"parameters.{key} must be a positive number, got {value!r}")
     return float(value) * scale
+
+
+def check_input(model: ServedModel, name: str, datatype: Any, shape: Any,
+                seen: dict[str, np.ndarray]) -> tuple[int, ...]:
+    """Check one declared input tensor (any protocol) against ``model``: known name, not in
+    ``seen`` yet, the model's datatype, a shape matching the model's with batch >= 1.
+    Returns the shape."""
+    where = f"input {name!r}"
+    spec = model.input(name)
+    if spec is None:
+        raise BadInputError(f"unknown input {name!r} for model {model.name!r}; expected "
+                            f"inputs: {sorted(s.name for s in model.inputs)}")
+    if name in seen:
+        raise BadInputError(f"input {name!r} is given twice")
+    if datatype not in V2_DATATYPES:
+        raise BadInputError(f"{where}: unknown datatype {datatype!r}; expected one of "
+                            f"{list(V2_DATATYPES)}")
+    want = v2_datatype(spec.dtype)
+    if datatype != want:
+        raise BadInputError(f"{where}: datatype {datatype} but model {model.name!r} "
+                            f"expects {want}")
+    shape = _shape(shape, where)
+    if len(shape) != len(spec.shape) or any(
+            e not in (-1, d) for e, d in zip(spec.shape[1:], shape[1:])) or not shape \
+            or shape[0] < 1:
+        expect = ["N" if d == -1 else d for d in spec.shape]
+        raise BadInputError(f"{where}: shape {list(shape)} does not match the model's "
+                            f"{expect} (N = batch >= 1)")
+    return shape
+
+
+def request_batch(model: ServedModel, arrays: dict[str, np.ndarray]) -> int:
+    """The request's batch once every input is decoded (any protocol): all inputs present,
+    one batch dimension, at most ``MAX_SAMPLES_PER_REQUEST`` samples."""
+    missing = sorted({s.name for s in model.inputs} - set(arrays))
+    if missing:
+        raise BadInputError(f"missing inputs {missing} for model {model.name!r}")
+    batches = {a.shape[0] for a in arrays.values()}
+    if len(batches) != 1:
+        raise BadInputError(f"inputs disagree on the batch dimension: {sorted(batches)}")
+    batch = batches.pop()
+    if batch > MAX_SAMPLES_PER_REQUEST:
+        raise BadInputError(f"batch {batch} is larger than {MAX_SAMPLES_PER_REQUEST} samples "
+                            "per request")
+    return batch
 
 
 def parse_infer_request(body: bytes, header_length: str | None,
@@ -84,7 +129,6 @@ def parse_infer_request(body: bytes, header_length: str | None,
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise BadInputError("'parameters' must be a JSON object")
-    expected = {s.name: s for s in model.inputs}
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     for i, item in enumerate(items):
@@ -93,27 +137,8 @@ def parse_infer_request(body: bytes, header_length: str | None,
             raise BadInputError(f"{where} must be an object with a string 'name'")
         name = item["name"]
         where = f"input {name!r}"
-        spec = expected.get(name)
-        if spec is None:
-            raise BadInputError(f"unknown input {name!r} for model {model.name!r}; expected "
-                                f"inputs: {sorted(expected)}")
-        if name in arrays:
-            raise BadInputError(f"input {name!r} is given twice")
         datatype = item.get("datatype")
-        if datatype not in V2_DATATYPES:
-            raise BadInputError(f"{where}: unknown datatype {datatype!r}; expected one of "
-                                f"{list(V2_DATATYPES)}")
-        want = v2_datatype(spec.dtype)
-        if datatype != want:
-            raise BadInputError(f"{where}: datatype {datatype} but model {model.name!r} "
-                                f"expects {want}")
-        shape = _shape(item.get("shape"), where)
-        if len(shape) != len(spec.shape) or any(
-                e not in (-1, d) for e, d in zip(spec.shape[1:], shape[1:])) or not shape \
-                or shape[0] < 1:
-            expect = ["N" if d == -1 else d for d in spec.shape]
-            raise BadInputError(f"{where}: shape {list(shape)} does not match the model's "
-                                f"{expect} (N = batch >= 1)")
+        shape = check_input(model, name, datatype, item.get("shape"), arrays)
         iparams = item.get("parameters") or {}
         if not isinstance(iparams, dict):
             raise BadInputError(f"{where}: 'parameters' must be a JSON object")
@@ -138,21 +163,11 @@ def parse_infer_request(body: bytes, header_length: str | None,
     if offset != len(binary):
         raise BadInputError(f"binary sizes do not add up: inputs declare {offset} bytes but "
                             f"{len(binary)} bytes follow the JSON header")
-    missing = sorted(set(expected) - set(arrays))
-    if missing:
-        raise BadInputError(f"missing inputs {missing} for model {model.name!r}")
-    batches = {a.shape[0] for a in arrays.values()}
-    if len(batches) != 1:
-        raise BadInputError(f"inputs disagree on the batch dimension: {sorted(batches)}")
-    batch = batches.pop()
-    if batch > MAX_SAMPLES_PER_REQUEST:
-        raise BadInputError(f"batch {batch} is larger than {MAX_SAMPLES_PER_REQUEST} samples "
-                            "per request")
     return ParsedInfer(
         request_id=str(doc["id"]) if doc.get("id") is not None else None,
-        batch_size=batch, inputs=arrays,
-        outputs=_requested_outputs(doc.get("outputs"), params, model),
-        timeout_us=_timeout_us(params), parameters=params)
+        batch_size=request_batch(model, arrays), inputs=arrays,
+        outputs=requested_outputs(doc.get("outputs"), params, model),
+        timeout_us=timeout_us_of(params), parameters=params)
 
 
 def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
@@ -170,7 +185,7 @@ def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], where: str) -
     return array.reshape(shape)
 
 
-def _requested_outputs(items: Any, params: dict[str, Any],
+def requested_outputs(items: Any, params: dict[str, Any],
                        model: ServedModel) -> list[RequestedOutput]:
     default_binary = bool(params.get("binary_data_output", False))
     names = [o.name for o in model.outputs]

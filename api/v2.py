@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 from api.binary import HEADER_LENGTH, v2_datatype
 from api.codec import ParsedInfer, RequestedOutput, build_infer_response, parse_infer_request
 from api.errors import (AnswerTimeoutError, BodyTooLargeError, UnsupportedMediaError)
-from api.frames import decode_frame, top_k
+from api.frames import classification, decode_frame, segmentation_mask
 from ppipe_trt.errors import BadInputError, ModelNotFoundError
 from ppipe_trt.serving.runtime import InferenceResult, ServedModel, ServingRuntime
 
@@ -131,7 +131,7 @@ async def status(request: Request) -> dict[str, Any]:
 @router.get("/v2/models/stats")
 async def all_stats(request: Request) -> dict[str, Any]:
     rt = _runtime(request)
-    return {"model_stats": [_model_stats(rt, m) for m in sorted(rt.models)]}
+    return {"model_stats": [statistics_of(rt, m) for m in sorted(rt.models)]}
 
 
 # ---- models --------------------------------------------------------------------------------
@@ -142,7 +142,9 @@ async def model_metadata(request: Request, model_name: str, version: str | None 
     return {"name": model.name, "versions": ["1"], "platform": SERVER_NAME,
             **_tensor_meta(model),
             "parameters": {"slo_ms": model.slo_us / 1000.0, "mode": model.mode,
-                           "emulated": model.emulated}}
+                           "emulated": model.emulated, "timing_only": model.timing_only,
+                           "frames": model.image is not None,
+                           "postprocess": model.postprocess.kind}}
 
 
 @router.get("/v2/models/{model_name}/ready")
@@ -171,11 +173,14 @@ async def model_config(request: Request, model_name: str, version: str | None = 
                     "dims": dims(s)} for s in model.outputs],
         "dynamic_batching": {"max_queue_delay_microseconds": 0},
         "parameters": {"slo_ms": {"string_value": f"{model.slo_us / 1000.0:g}"},
-                       "emulated": {"string_value": str(model.emulated).lower()}},
+                       "emulated": {"string_value": str(model.emulated).lower()},
+                       "timing_only": {"string_value": str(model.timing_only).lower()},
+                       "mode": {"string_value": model.mode}},
     }
 
 
-def _model_stats(rt: ServingRuntime, name: str) -> dict[str, Any]:
+def statistics_of(rt: ServingRuntime, name: str) -> dict[str, Any]:
+    """Triton's statistics document of model ``name`` (REST and gRPC)."""
     c = rt.stats.snapshot()[name]
     ns = int(c.latency_s.total * 1e9)
     return {
@@ -201,7 +206,7 @@ def _model_stats(rt: ServingRuntime, name: str) -> dict[str, Any]:
 @router.get("/v2/models/{model_name}/versions/{version}/stats")
 async def model_stats(request: Request, model_name: str, version: str | None = None):
     _model(request, model_name, version)
-    return {"model_stats": [_model_stats(_runtime(request), model_name)]}
+    return {"model_stats": [statistics_of(_runtime(request), model_name)]}
 
 
 @router.post("/v2/models/{model_name}/infer")
@@ -243,17 +248,25 @@ def _timing_headers(results: list[InferenceResult]) -> dict[str, str]:
 # ---- frames --------------------------------------------------------------------------------
 @router.post("/v2/models/{model_name}/frames")
 async def frames(request: Request, model_name: str, top: int | None = None,
-                 timeout_ms: float | None = None) -> Response:
+                 timeout_ms: float | None = None, mask: str | None = None,
+                 raw: bool | None = None) -> Response:
+    """One frame in; the outputs and the model's postprocessing out (``top_k`` for a
+    classifier, ``mask`` for a segmenter).  ``raw``: include the raw output tensors (default:
+    yes, except for segmenters); ``mask``: "png" or "array" (default: the config's)."""
     settings = request.app.state.settings
     rt = _runtime(request)
     model = _model(request, model_name)
     if model.image is None:
-        raise BadInputError(f"model {model_name!r} does not declare an image input; use "
-                            f"/v2/models/{model_name}/infer")
+        raise BadInputError(
+            f"model {model_name!r} has no frames preprocessing; declare its image input with "
+            "format: FORMAT_NCHW (or FORMAT_NHWC) or add preprocessing parameters (mean, std, "
+            f"resize) to its config, or send tensors to /v2/models/{model_name}/infer")
     if timeout_ms is not None and not timeout_ms > 0:
         raise BadInputError(f"timeout_ms must be > 0, got {timeout_ms}")
     if top is not None and not 1 <= top <= 1000:
         raise BadInputError(f"top must be in 1..1000, got {top}")
+    if mask not in (None, "png", "array"):
+        raise BadInputError(f"mask must be 'png' or 'array', got {mask!r}")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         data = await _multipart_image(request, settings.max_body_bytes)
@@ -267,16 +280,20 @@ async def frames(request: Request, model_name: str, top: int | None = None,
                          [RequestedOutput(o.name, False) for o in model.outputs],
                          timeout_us=timeout_ms * 1000.0 if timeout_ms else None)
     (result,) = await _run(rt, model, parsed, settings.answer_grace_s)
-    doc: dict[str, Any] = {
-        "model_name": model.name, "latency_ms": round(result.latency_us / 1000.0, 3),
-        "batch_size": result.batch_size,
-        "outputs": {name: {"shape": list(a.shape), "datatype": v2_datatype(a.dtype),
-                           "data": a.ravel().tolist()}
-                    for name, a in result.outputs.items()},
-    }
-    if model.image.num_classes > 0:
-        scores = result.outputs[model.outputs[0].name]
-        doc["top_k"] = top_k(scores, top or settings.default_top_k)
+    post = model.postprocess
+    doc: dict[str, Any] = {"model_name": model.name,
+                           "latency_ms": round(result.latency_us / 1000.0, 3),
+                           "batch_size": result.batch_size}
+    if raw if raw is not None else post.kind != "segmentation":
+        doc["outputs"] = {name: {"shape": list(a.shape), "datatype": v2_datatype(a.dtype),
+                                 "data": a.ravel().tolist()}
+                          for name, a in result.outputs.items()}
+    if post.kind == "classification":
+        doc["top_k"] = classification(result.outputs[post.output or model.outputs[0].name],
+                                      post, top or post.top_k)
+    elif post.kind == "segmentation":
+        doc["mask"] = await run_in_threadpool(
+            segmentation_mask, result.outputs[post.output or model.outputs[0].name], post, mask)
     return JSONResponse(doc, headers=_timing_headers([result]))
 
 

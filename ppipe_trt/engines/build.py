@@ -15,19 +15,24 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from ppipe_trt.engines.gpu import (CPU_CLASS, default_mps_shares, detect_gpu_class,
                                   local_device_description)
-from ppipe_trt.engines.store import (BuiltModel, content_hash, model_dir, read_manifest,
-                                     sha256_file, spec_dicts, write_json)
+from ppipe_trt.engines.store import (BuiltModel, build_problem, content_hash, model_dir,
+                                     model_sha256, read_manifest, sha256_file, spec_dicts,
+                                     write_json)
 from ppipe_trt.errors import BackendUnavailableError, BadInputError, PPipeError
 from ppipe_trt.models import BUILTIN_MODELS, export_builtin
 
+log = logging.getLogger("ppipe.engines")
+
 DEFAULT_NUM_BLOCKS = 10
 #: Bump when the analysis, partitioning or extraction changes what a build produces.
-BUILD_ALGORITHM_VERSION = 3
+BUILD_ALGORITHM_VERSION = 4
 
 
 def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
@@ -111,12 +116,16 @@ def build_model_engines(model: str | Path, gpu_class: str | None = None, *,
                         backend: str = "auto", max_batch: int = 8, progress: bool = True,
                         profile: bool = True, precision: str = "tf32", fp16_cuts: bool = False,
                         warmup: int = 2, repeats: int = 7,
-                        mps_shares: tuple[int, ...] | None = None) -> BuiltModel:
+                        mps_shares: tuple[int, ...] | None = None, name: str | None = None,
+                        rebuild_command: str | None = None) -> BuiltModel:
     """Build (or find up to date) the blocks, engines and profile of ``model``; idempotent.
 
     ``precision`` ("tf32" | "fp16" | "fp32") applies to TensorRT engines; ``fp16_cuts`` makes
     the profile's cut sizes count float tensors as 2 bytes (activations sent in fp16).
     ``mps_shares``: shares to profile (default :func:`default_mps_shares`: (1,) on CPU).
+    ``name``: the model's name in the store (default: the built-in name or the file's stem;
+    a repository passes its entry's name).  ``rebuild_command``: what a user runs to rebuild
+    it, quoted by the errors that find the build stale or corrupt.
     """
     from ppipe_trt.engines.graph import ModelGraph
     from ppipe_trt.engines.prepartition import prepartition
@@ -131,9 +140,12 @@ def build_model_engines(model: str | Path, gpu_class: str | None = None, *,
         raise BadInputError(f"precision {precision!r}; expected 'tf32', 'fp16' or 'fp32'")
     store_root = Path(store_root)
     gpu_class = gpu_class or detect_gpu_class()
-    name, source = resolve_model(model, store_root)
+    resolved_name, source = resolve_model(model, store_root)
+    name = name or resolved_name
+    if rebuild_command is None:
+        rebuild_command = f"ppipe engines build {model} --gpu-class {gpu_class}"
     backend_name, backend_version = resolve_backend(backend, gpu_class)
-    source_sha = sha256_file(source)
+    source_sha = model_sha256(source)
     key = content_hash({"source_sha256": source_sha, "num_blocks": num_blocks,
                         "backend": backend_name, "backend_version": backend_version,
                         "max_batch": max_batch, "precision": precision, "gpu_class": gpu_class,
@@ -142,6 +154,12 @@ def build_model_engines(model: str | Path, gpu_class: str | None = None, *,
     build_dir = mdir / key
 
     complete = (build_dir / "manifest.json").exists() and read_manifest(build_dir).get("complete")
+    if complete:
+        problem = build_problem(BuiltModel.from_manifest(build_dir), check_source=False)
+        if problem is not None:  # same inputs, damaged outputs: build them again
+            log.warning("%s: %s; rebuilding it", build_dir, problem)
+            shutil.rmtree(build_dir)
+            complete = False
     if not complete:
         graph = ModelGraph.from_onnx(source)
         full_onnx = save_model(graph.model, build_dir / "model.onnx")
@@ -163,7 +181,8 @@ def build_model_engines(model: str | Path, gpu_class: str | None = None, *,
             latencies[gpu_class] = [node_lat[n] for n in node_names]
             if sum(latencies[gpu_class]) <= 0:  # profiler reported nothing: fall back to uniform
                 latencies[gpu_class] = [1.0] * len(node_names)
-            part = prepartition(latencies, cut_bytes, num_blocks)
+            part = prepartition(latencies, cut_bytes, num_blocks,
+                                allowed_cuts=graph.allowed_cuts())
             ranges = list(part.block_ranges)
             part_info = {"lower": part.lower, "upper": part.upper,
                          "balanced_on": sorted(latencies),
@@ -180,6 +199,7 @@ def build_model_engines(model: str | Path, gpu_class: str | None = None, *,
             "precision": precision, "max_batch": max_batch, "device": local_device_description(),
             "algorithm": BUILD_ALGORITHM_VERSION,
             "inputs": spec_dicts(graph.input_specs), "outputs": spec_dicts(graph.output_specs),
+            "model_sha256": sha256_file(full_onnx), "rebuild_command": rebuild_command,
             "complete": False,
         }
         write_json(build_dir / "manifest.json", manifest)
@@ -187,7 +207,9 @@ def build_model_engines(model: str | Path, gpu_class: str | None = None, *,
         built.__dict__["graph"] = graph  # already analysed: spare a reload
         engines = []
         for b in _progress(range(built.num_blocks), f"{name}: extract/build blocks", progress):
-            entry = {"block": b, "onnx": str(built.stage_onnx(b, b).relative_to(build_dir))}
+            stage = built.stage_onnx(b, b)
+            entry = {"block": b, "onnx": str(stage.relative_to(build_dir)),
+                     "sha256": sha256_file(stage)}
             if backend_name == "tensorrt":
                 backend_obj = built.open_backend(b, b, "tensorrt")  # builds the .plan
                 entry["plan"] = str(Path(backend_obj.plan_path).relative_to(build_dir))

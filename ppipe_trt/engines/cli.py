@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ppipe_trt.errors import BadInputError, EngineBuildError
+from ppipe_trt.errors import BadInputError, EngineBuildError, PPipeError
 from ppipe_trt.models import BUILTIN_MODELS
 
 DEFAULT_TOLERANCE = 1e-5
@@ -20,14 +20,22 @@ def register(subparsers) -> None:
     build = sub.add_parser(
         "build", help="pre-partition a model into blocks, build engines, profile them",
         description="MODEL is a built-in name (" + ", ".join(BUILTIN_MODELS) + "), 'all' "
-                    "(the three built-ins) or a path to an ONNX model (opset >= 13).")
-    build.add_argument("model", metavar="MODEL")
+                    "(the three built-ins) or a path to an ONNX model (opset >= 13).  With "
+                    "--model-repository DIR (Triton's layout: DIR/<name>/config.pbtxt and "
+                    "DIR/<name>/<version>/model.onnx) every model of DIR is built, or those "
+                    "named with --model.")
+    build.add_argument("model", metavar="MODEL", nargs="?")
+    build.add_argument("--model-repository", type=Path, default=None, metavar="DIR",
+                       help="build the models of this Triton-layout repository")
+    build.add_argument("--model", dest="repo_models", action="append", metavar="NAME",
+                       help="with --model-repository: only this model (repeatable)")
     build.add_argument("--gpu-class", default=None,
                        help="GPU class to build for (default: detected with nvidia-ml-py; "
                             "'cpu' without an NVIDIA driver)")
     build.add_argument("--blocks", type=int, default=10, help="number of blocks (default 10)")
     build.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
-    build.add_argument("--max-batch", type=int, default=8)
+    build.add_argument("--max-batch", type=int, default=8,
+                       help="largest batch (default 8; a repository's max_batch_size wins)")
     build.add_argument("--precision", default="tf32", choices=("tf32", "fp16", "fp32"),
                        help="TensorRT precision flag (default tf32)")
     build.add_argument("--fp16-cuts", action="store_true",
@@ -91,21 +99,68 @@ def _parse_shares(text: str | None) -> tuple[int, ...] | None:
     return shares
 
 
+def _build_targets(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """[(label, what to build)]: repository entries, built-in names or ONNX paths."""
+    if args.model_repository is not None:
+        if args.model:
+            raise BadInputError(f"give either MODEL ({args.model}) or --model-repository, "
+                                "not both")
+        from ppipe_trt.repository import load_repository
+
+        entries = load_repository(args.model_repository)
+        wanted = args.repo_models or list(entries)
+        unknown = [m for m in wanted if m not in entries]
+        if unknown:
+            raise BadInputError(f"models {unknown} are not in {args.model_repository} "
+                                f"(it holds {sorted(entries)})")
+        return [(m, entries[m]) for m in wanted]
+    if args.repo_models:
+        raise BadInputError("--model NAME selects models of --model-repository DIR")
+    if not args.model:
+        raise BadInputError("nothing to build: give MODEL (a built-in name, 'all' or an .onnx "
+                            "path) or --model-repository DIR")
+    models = list(BUILTIN_MODELS) if args.model == "all" else [args.model]
+    return [(str(m), m) for m in models]
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from ppipe_trt.engines.build import build_model_engines
     from ppipe_trt.engines.verify import check_chain
+    from ppipe_trt.repository import ModelEntry
+    from ppipe_trt.repository.engines import build_entry
 
-    models = list(BUILTIN_MODELS) if args.model == "all" else [args.model]
     if args.blocks < 1:
         raise BadInputError(f"--blocks {args.blocks}; expected >= 1")
-    summaries, failed = [], []
-    for model in models:
-        built = build_model_engines(model, args.gpu_class, store_root=args.store,
-                                    num_blocks=args.blocks, backend=args.backend,
-                                    max_batch=args.max_batch, progress=not args.quiet,
-                                    profile=not args.no_profile, precision=args.precision,
-                                    fp16_cuts=args.fp16_cuts, repeats=args.repeats,
-                                    mps_shares=_parse_shares(args.mps_shares))
+    targets = _build_targets(args)
+    summaries, failed, broken = [], [], []
+    common = dict(num_blocks=args.blocks, backend=args.backend, progress=not args.quiet,
+                  profile=not args.no_profile, precision=args.precision,
+                  fp16_cuts=args.fp16_cuts, repeats=args.repeats,
+                  mps_shares=_parse_shares(args.mps_shares))
+    bar = None
+    if len(targets) > 1 and not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(targets), desc="models", unit="model", dynamic_ncols=True)
+    for label, model in targets:
+        if bar is not None:
+            bar.set_postfix_str(label)
+        try:
+            if isinstance(model, ModelEntry):
+                built = build_entry(model, args.gpu_class or _detected_class(), args.store,
+                                    **common)
+            else:
+                built = build_model_engines(model, args.gpu_class, store_root=args.store,
+                                            max_batch=args.max_batch, **common)
+        except PPipeError as exc:
+            if len(targets) == 1:
+                raise
+            print(f"{label}: build failed: {exc}", file=sys.stderr)
+            broken.append(label)
+            continue
+        finally:
+            if bar is not None:
+                bar.update(1)
         check = fp16_check = None
         if args.verify:
             check = check_chain(built)
@@ -132,31 +187,52 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=1))
+    if bar is not None:
+        bar.close()
+    if broken:
+        raise EngineBuildError(f"{len(broken)} of {len(targets)} models did not build: "
+                               f"{broken} (errors above); the others are built")
     if failed:
         raise EngineBuildError(f"verification above tolerance {args.tolerance:g} for {failed}")
     return 0
 
 
+def _detected_class() -> str:
+    from ppipe_trt.engines.gpu import detect_gpu_class
+
+    return detect_gpu_class()
+
+
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    from ppipe_trt.engines.store import read_manifest
+    """One row per model and GPU class: blocks, backend, max batch, hash, profile, whether a
+    repository config is kept with it, and its state (ok, or why it is stale or corrupt)."""
+    from ppipe_trt.engines.store import BuiltModel, build_problem
+    from ppipe_trt.repository.engines import CONFIG_COPY
 
     root = Path(args.store)
     rows = []
     for current in sorted(root.glob("*/*/CURRENT")):
         build_dir = current.parent / current.read_text().strip()
         try:
-            m = read_manifest(build_dir)
+            built = BuiltModel.from_manifest(build_dir)
+            m = built.manifest
+            state = build_problem(built) or "ok"
         except Exception as exc:  # list what is readable, name what is not
-            print(f"{current.parent}: unreadable build ({exc})", file=sys.stderr)
+            rows.append((current.parent.parent.name, current.parent.name, "?", "?", "?", "?",
+                         "?", "?", "?", f"unreadable ({exc})"))
             continue
         rows.append((m["gpu_class"], m["model"], m["num_blocks"], m["backend"],
-                     m["backend_version"], m["content_hash"],
-                     "yes" if (current.parent / "profile.json").exists() else "no"))
+                     m["backend_version"], m["max_batch"], m["content_hash"],
+                     "yes" if (current.parent / "profile.json").exists() else "no",
+                     "yes" if (current.parent / CONFIG_COPY).exists() else "no", state))
     if not rows:
-        print(f"no builds in {root}; run: ppipe engines build all")
+        print(f"no builds in {root}; run: ppipe engines build --model-repository DIR")
         return 0
-    header = ("gpu_class", "model", "blocks", "backend", "version", "hash", "profile")
+    header = ("gpu_class", "model", "blocks", "backend", "version", "max_batch", "hash",
+              "profile", "config", "state")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
     return 0

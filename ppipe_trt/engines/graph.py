@@ -7,6 +7,12 @@ as produced before node 0) and consumed after ``p`` or returned as a model outpu
 skip connection from node 3 to node 40 is in the cut set of every position 3..39, and a model
 output produced early is carried to the end.  Sizes are bytes *per sample*: the batch
 dimension (dim 0 of every tensor whose first dimension is the symbolic batch) is excluded.
+
+Batch dimensions are known, not guessed: :func:`normalize_model` hands the shape-inferred
+model to :mod:`ppipe_trt.engines.batch_dims`, which measures the tensors inference leaves
+unproven, folds or recomputes the non-batched ones where it can (a tensor without a batch
+dimension may not cross a cut) and declares every live tensor in ``value_info``, so a saved
+normalized model reloads with the same classification and no measurement.
 """
 
 from __future__ import annotations
@@ -26,12 +32,17 @@ from ppipe_trt.errors import BadInputError
 
 MIN_OPSET = 13
 BATCH_DIM = "batch"
+#: dim_param of a dimension that changes with the batch size but is not the batch (only in
+#: non-batched tensors, e.g. ``x.view(-1)``); :class:`TensorInfo` writes it as ``VARYING_DIM``.
+NONBATCH_DIM = "batch_dependent"
+VARYING_DIM = -2
 _FLOAT_TYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
-    """A tensor's dtype and shape; ``shape[0] == -1`` when dim 0 is the batch dimension."""
+    """A tensor's dtype and shape; ``shape[0] == -1`` when dim 0 is the batch dimension,
+    ``VARYING_DIM`` (-2) for a dimension of a non-batched tensor that changes with the batch."""
 
     name: str
     dtype: str
@@ -97,7 +108,11 @@ def load_onnx(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
 
 def normalize_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with: opset checked, every node named uniquely, dim 0 of the model's inputs and
-    outputs made the symbolic ``batch``, shapes re-inferred.  The source is not modified."""
+    outputs made the symbolic ``batch``, shapes re-inferred, then batch dimensions resolved
+    (:func:`~ppipe_trt.engines.batch_dims.resolve_batch_dims`: non-batched tensors folded
+    or recomputed where possible, every live tensor declared).  The source is not modified.
+    Runs the model with ONNX Runtime at batch 2, 3 and 4 when shape inference leaves any live
+    tensor unproven."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or opset < MIN_OPSET:
         raise BadInputError(
@@ -123,14 +138,17 @@ def normalize_model(model: onnx.ModelProto) -> onnx.ModelProto:
         tt.shape.dim[0].dim_param = BATCH_DIM
     del graph.value_info[:]
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
-                                                 data_prop=True)
-    except Exception:
-        pass  # data propagation is the fragile part; retry without it
-    try:
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
-    except Exception as exc:
-        raise BadInputError(f"ONNX shape inference failed on the model: {exc}") from None
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
+                                                     data_prop=True)
+    except Exception:  # data propagation is the fragile part; retry without it
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, check_type=False,
+                                                         strict_mode=False)
+        except Exception as exc:
+            raise BadInputError(f"ONNX shape inference failed on the model: {exc}") from None
+    from ppipe_trt.engines.batch_dims import resolve_batch_dims  # it builds on ModelGraph
+
+    return resolve_batch_dims(inferred)
 
 
 def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
@@ -148,6 +166,8 @@ def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo | None:
     for i, d in enumerate(tt.shape.dim):
         if d.HasField("dim_value"):
             dims.append(int(d.dim_value))
+        elif d.dim_param == NONBATCH_DIM:
+            dims.append(VARYING_DIM)
         elif i == 0 and d.dim_param:
             dims.append(-1)  # symbolic leading dim: the batch
         else:
@@ -201,14 +221,16 @@ class ModelGraph:
         if missing:
             raise BadInputError(f"tensors {missing[:5]} are consumed but never produced; "
                                 "the model is not a valid DAG")
-        self.tensors = self._collect_tensor_infos()
 
     @classmethod
     def from_onnx(cls, source: str | Path | onnx.ModelProto) -> "ModelGraph":
         return cls(normalize_model(load_onnx(source)))
 
     # ---- shapes -------------------------------------------------------------------------
-    def _collect_tensor_infos(self) -> dict[str, TensorInfo]:
+    @cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """TensorInfo of every model input and live tensor, from the declared value_info
+        (a normalized model declares them all); the rest measured with ONNX Runtime."""
         infos = _value_infos(self.model)
         out: dict[str, TensorInfo] = {}
         unknown: list[str] = []
@@ -219,7 +241,9 @@ class ModelGraph:
             else:
                 out[name] = info
         if unknown:
-            out.update(_measure_shapes(self.model, self.inputs, unknown, out))
+            from ppipe_trt.engines.batch_dims import measure_shapes
+
+            out.update(measure_shapes(self.model, self.inputs, unknown))
         return out
 
     @cached_property
@@ -227,6 +251,13 @@ class ModelGraph:
         """Non-constant tensors that are consumed or returned, ordered by producer position."""
         names = [n for n in self.last_use]
         return tuple(sorted(names, key=lambda n: (self.producer[n], n)))
+
+    @cached_property
+    def nonbatched_tensors(self) -> frozenset[str]:
+        """Live tensors without a batch dimension.  In a normalized model these are the
+        batch-dependent ones (and batch-independent ones too large to fold): none may cross
+        a cut, since stages are batched and their I/O is split along dim 0."""
+        return frozenset(n for n in self.live_tensors if not self.tensors[n].has_batch_dim)
 
     # ---- cuts ---------------------------------------------------------------------------
     def cut_tensors(self, position: int) -> tuple[str, ...]:
@@ -243,16 +274,31 @@ class ModelGraph:
                      if self.producer[n] <= position < self.last_use[n])
 
     def cut_bytes_per_sample(self, fp16_floats: bool = False) -> np.ndarray:
-        """Bytes per sample crossing a cut after each node ``0 .. L-2`` (length ``L - 1``)."""
+        """Bytes per sample crossing a cut after each node ``0 .. L-2`` (length ``L - 1``).
+
+        Only batched tensors count: a non-batched one makes its positions forbidden
+        (:meth:`allowed_cuts`), whatever their size; pass both to the pre-partition."""
         n = len(self.nodes)
         delta = np.zeros(n + 1, dtype=np.int64)
         for name in self.live_tensors:
+            if name in self.nonbatched_tensors:
+                continue
             size = self.tensors[name].bytes_per_sample(fp16_floats)
             delta[max(self.producer[name], 0)] += size
             delta[self.last_use[name]] -= size
         # alive at position p iff producer <= p < last_use
         alive = np.cumsum(delta)
         return alive[: n - 1] if n > 1 else np.zeros(0, dtype=np.int64)
+
+    def allowed_cuts(self) -> np.ndarray:
+        """Whether a cut after each node ``0 .. L-2`` is allowed (bool, length ``L - 1``):
+        False where a non-batched tensor would cross it."""
+        n = len(self.nodes)
+        crossing = np.zeros(n + 1, dtype=np.int64)
+        for name in self.nonbatched_tensors:
+            crossing[max(self.producer[name], 0)] += 1
+            crossing[self.last_use[name]] -= 1
+        return (np.cumsum(crossing) == 0)[: n - 1] if n > 1 else np.zeros(0, dtype=bool)
 
     def specs(self, names: Iterable[str]) -> tuple[TensorSpec, ...]:
         return tuple(self.tensors[n].spec() for n in names)
@@ -320,39 +366,14 @@ def random_inputs(specs: Iterable[TensorSpec], batch: int, seed: int = 0) -> dic
     return out
 
 
-def _measure_shapes(model: onnx.ModelProto, inputs: tuple[str, ...], names: list[str],
-                    known: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
-    """Shapes shape inference could not give, measured by running the model with ONNX Runtime
-    at batch 1 and 2 (a dimension that follows the batch is the batch dimension)."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
-    in_specs = []
-    vis = _value_infos(model)
-    for name in inputs:
-        info = known.get(name) or _tensor_info(vis[name])
-        if info is None:
-            raise BadInputError(f"model input {name!r} has unknown shape or dtype; expected a "
-                                "static shape except the batch dimension")
-        in_specs.append(info.spec())
-    try:
-        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-        runs = [dict(zip(names, sess.run(names, random_inputs(in_specs, b)))) for b in (1, 2)]
-    except Exception as exc:
-        raise BadInputError(f"could not measure tensor shapes with ONNX Runtime: {exc}") from None
-    out = {}
-    for name in names:
-        a, b = runs[0][name], runs[1][name]
-        shape = list(a.shape)
-        if a.ndim and b.ndim == a.ndim and a.shape[0] == 1 and b.shape[0] == 2:
-            shape[0] = -1
-        out[name] = TensorInfo(name, a.dtype.name, tuple(shape))
-    return out
+def tensor_value_info(info: TensorInfo) -> onnx.ValueInfoProto:
+    """The ONNX declaration of ``info``: dim 0 of a batched tensor is the symbolic ``batch``,
+    a dimension that varies with the batch size is ``NONBATCH_DIM``, the rest static."""
+    dims: list[int | str] = [BATCH_DIM if (i == 0 and d == -1) else NONBATCH_DIM if d < 0 else d
+                             for i, d in enumerate(info.shape)]
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(info.dtype))
+    return helper.make_tensor_value_info(info.name, elem, dims)
 
 
 __all__ = ["ModelGraph", "TensorInfo", "load_onnx", "normalize_model", "random_inputs",
-           "MIN_OPSET", "BATCH_DIM"]
+           "tensor_value_info", "MIN_OPSET", "BATCH_DIM", "NONBATCH_DIM", "VARYING_DIM"]

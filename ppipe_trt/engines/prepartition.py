@@ -2,11 +2,14 @@
 
 The problem is one-dimensional.  Nodes ``0 .. L-1`` are in topological order; a cut after
 node ``j`` costs ``cut_bytes[j]`` bytes per sample (everything alive across that position,
-long skip connections included).  We choose ``N - 1`` cut positions minimising the total
-bytes crossing them, subject to a balance constraint on *every* profiled GPU class: each
-block's latency lies within ``[lower, upper] x (total / N)`` of that class.  This is the
-PPipe artifact's formulation (its MILP normalises each block by the class total and bounds it
-by ``lower / N .. upper / N``); here it is solved exactly by dynamic programming.
+long skip connections included); a position where ``allowed_cuts[j]`` is False (a tensor
+without a batch dimension would cross it) is never chosen, and when fewer positions are
+allowed than cuts requested, fewer blocks result.  We choose ``N - 1`` cut positions
+minimising the total bytes crossing them, subject to a balance constraint on *every*
+profiled GPU class: each block's latency lies within ``[lower, upper] x (total / N)`` of
+that class.  This is the PPipe artifact's formulation (its MILP normalises each block by the
+class total and bounds it by ``lower / N .. upper / N``); here it is solved exactly by
+dynamic programming.
 
 For a fixed block end, the feasible block starts form one interval per GPU class (prefix
 sums of non-negative latencies are monotone), and the intersection of intervals is an
@@ -124,19 +127,34 @@ def is_balanced(latency_us: Mapping[str, Sequence[float]], block_ranges: Sequenc
                for s in shares)
 
 
-def partition_bounded(latency_us: Mapping[str, Sequence[float]], cut_bytes: Sequence[float],
-                      num_blocks: int, lower: float, upper: float) -> Partition | None:
-    """Exact minimum-bytes partition under fixed bounds, or ``None`` if infeasible.
-
-    ``latency_us[gpu_class][j]`` is node ``j``'s latency on that class (us);
-    ``cut_bytes[j]`` the bytes per sample crossing a cut after node ``j`` (``L - 1`` values).
-    """
-    names, matrix = _as_latency_matrix(latency_us)
-    num_nodes = matrix.shape[1]
+def _cut_costs(cut_bytes: Sequence[float], allowed_cuts: Sequence[bool] | None,
+               num_nodes: int) -> np.ndarray:
+    """Cut sizes as floats, ``inf`` where a cut is not allowed (the DP never takes those)."""
     cuts = np.asarray(cut_bytes, dtype=np.float64)
     if cuts.shape != (max(num_nodes - 1, 0),):
         raise BadInputError(f"{cuts.size} cut sizes for {num_nodes} nodes; expected "
                             f"{num_nodes - 1} (one per position between nodes)")
+    if allowed_cuts is not None:
+        allowed = np.asarray(allowed_cuts, dtype=bool)
+        if allowed.shape != cuts.shape:
+            raise BadInputError(f"{allowed.size} allowed-cut flags for {num_nodes} nodes; "
+                                f"expected {num_nodes - 1} (one per position between nodes)")
+        cuts = np.where(allowed, cuts, math.inf)
+    return cuts
+
+
+def partition_bounded(latency_us: Mapping[str, Sequence[float]], cut_bytes: Sequence[float],
+                      num_blocks: int, lower: float, upper: float,
+                      allowed_cuts: Sequence[bool] | None = None) -> Partition | None:
+    """Exact minimum-bytes partition under fixed bounds, or ``None`` if infeasible.
+
+    ``latency_us[gpu_class][j]`` is node ``j``'s latency on that class (us);
+    ``cut_bytes[j]`` the bytes per sample crossing a cut after node ``j`` (``L - 1`` values);
+    ``allowed_cuts[j]`` whether that cut may be taken (default: all).
+    """
+    names, matrix = _as_latency_matrix(latency_us)
+    num_nodes = matrix.shape[1]
+    cuts = _cut_costs(cut_bytes, allowed_cuts, num_nodes)
     if not 1 <= num_blocks <= num_nodes:
         raise BadInputError(f"num_blocks={num_blocks}; expected 1..{num_nodes} (number of nodes)")
     # prefix[g][j] = latency of nodes 0..j-1 on class g
@@ -172,7 +190,7 @@ def partition_bounded(latency_us: Mapping[str, Sequence[float]], cut_bytes: Sequ
         for e in range(1, num_nodes + 1):
             s_lo, s_hi = start_lo_l[e], start_hi_l[e]
             while pushed <= s_hi:
-                if best[pushed] < inf:
+                if best[pushed] < inf and cut_cost[pushed] < inf:
                     value = best[pushed] + cut_cost[pushed]
                     while window and best[window[-1]] + cut_cost[window[-1]] > value:
                         window.pop()
@@ -205,15 +223,17 @@ def partition_bounded(latency_us: Mapping[str, Sequence[float]], cut_bytes: Sequ
 
 
 def min_max_upper(latency_us: Mapping[str, Sequence[float]], cut_bytes: Sequence[float],
-                  num_blocks: int, iterations: int = 40) -> float:
+                  num_blocks: int, iterations: int = 40,
+                  allowed_cuts: Sequence[bool] | None = None) -> float:
     """Smallest ``upper`` (lower = 0) for which a partition exists: the most balanced one
     possible, found by bisection on the bound (each probe is one DP)."""
     lo, hi = 1.0, float(num_blocks)
-    if partition_bounded(latency_us, cut_bytes, num_blocks, 0.0, lo) is not None:
+    if partition_bounded(latency_us, cut_bytes, num_blocks, 0.0, lo, allowed_cuts) is not None:
         return lo
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        if partition_bounded(latency_us, cut_bytes, num_blocks, 0.0, mid) is not None:
+        if partition_bounded(latency_us, cut_bytes, num_blocks, 0.0, mid,
+                             allowed_cuts) is not None:
             hi = mid
         else:
             lo = mid
@@ -221,15 +241,17 @@ def min_max_upper(latency_us: Mapping[str, Sequence[float]], cut_bytes: Sequence
 
 
 def max_min_lower(latency_us: Mapping[str, Sequence[float]], cut_bytes: Sequence[float],
-                  num_blocks: int, upper: float, iterations: int = 30) -> float:
+                  num_blocks: int, upper: float, iterations: int = 30,
+                  allowed_cuts: Sequence[bool] | None = None) -> float:
     """Largest ``lower`` for which a partition within ``[lower, upper]`` exists (0 if only
     ``lower = 0`` works), by bisection."""
     lo, hi = 0.0, 1.0
-    if partition_bounded(latency_us, cut_bytes, num_blocks, 0.0, upper) is None:
+    if partition_bounded(latency_us, cut_bytes, num_blocks, 0.0, upper, allowed_cuts) is None:
         return 0.0
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        if partition_bounded(latency_us, cut_bytes, num_blocks, mid, upper) is not None:
+        if partition_bounded(latency_us, cut_bytes, num_blocks, mid, upper,
+                             allowed_cuts) is not None:
             lo = mid
         else:
             hi = mid
@@ -239,34 +261,43 @@ def max_min_lower(latency_us: Mapping[str, Sequence[float]], cut_bytes: Sequence
 def prepartition(latency_us: Mapping[str, Sequence[float]], cut_bytes: Sequence[float],
                  num_blocks: int = 10,
                  relaxation: Sequence[tuple[float, float]] = DEFAULT_RELAXATION,
-                 fallback_slack: float | None = 1.1) -> Partition:
+                 fallback_slack: float | None = 1.1,
+                 allowed_cuts: Sequence[bool] | None = None) -> Partition:
     """Minimum-bytes balanced partition, relaxing the bounds along ``relaxation`` as needed.
+
+    Cuts are taken only where ``allowed_cuts`` (one flag per position, default all) is True;
+    with ``k`` allowed positions at most ``k + 1`` blocks result (compare
+    ``Partition.num_blocks`` with the request).
 
     If even the loosest bounds are infeasible (a few nodes dominate, e.g. big convolutions
     profiled on a CPU) and ``fallback_slack`` is set, the bounds become
     ``[l* / fallback_slack, fallback_slack x u*]`` where ``u*`` is the most balanced
     achievable upper bound and ``l*`` the largest lower bound achievable under it; the bounds
-    used are reported in the result either way.  ``num_blocks`` larger than the number of nodes is clamped to it.
+    used are reported in the result either way.  ``num_blocks`` larger than the number of
+    nodes is clamped to it.
     Raises :class:`InfeasiblePlanError` naming the loosest bounds tried if none is feasible.
     """
     names, matrix = _as_latency_matrix(latency_us)
-    num_blocks = min(num_blocks, matrix.shape[1])
+    cuts = _cut_costs(cut_bytes, allowed_cuts, matrix.shape[1])
+    num_blocks = min(num_blocks, matrix.shape[1], 1 + int(np.isfinite(cuts).sum()))
     if num_blocks < 1:
         raise BadInputError(f"num_blocks={num_blocks}; expected >= 1")
     for lower, upper in relaxation:
-        result = partition_bounded(latency_us, cut_bytes, num_blocks, lower, upper)
+        result = partition_bounded(latency_us, cut_bytes, num_blocks, lower, upper, allowed_cuts)
         if result is not None:
             return result
     if fallback_slack is not None:
-        upper = round(min(float(num_blocks),
-                          min_max_upper(latency_us, cut_bytes, num_blocks) * fallback_slack), 6)
-        lower = round(max_min_lower(latency_us, cut_bytes, num_blocks, upper) / fallback_slack, 6)
-        result = partition_bounded(latency_us, cut_bytes, num_blocks, lower, upper)
+        upper = round(min(float(num_blocks), fallback_slack * min_max_upper(
+            latency_us, cut_bytes, num_blocks, allowed_cuts=allowed_cuts)), 6)
+        lower = round(max_min_lower(latency_us, cut_bytes, num_blocks, upper,
+                                    allowed_cuts=allowed_cuts) / fallback_slack, 6)
+        result = partition_bounded(latency_us, cut_bytes, num_blocks, lower, upper, allowed_cuts)
         if result is not None:
             return result
         # Last resort (a few nodes dominate on several classes at once, e.g. noisy CPU
         # timings): any block may hold up to the whole model, only the cut bytes count.
-        result = partition_bounded(latency_us, cut_bytes, num_blocks, 0.0, float(num_blocks))
+        result = partition_bounded(latency_us, cut_bytes, num_blocks, 0.0, float(num_blocks),
+                                   allowed_cuts)
         if result is not None:
             return result
     loosest = relaxation[-1] if relaxation else None

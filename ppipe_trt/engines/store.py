@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from ppipe_trt.engines.backends.base import Backend, TensorSpec
-from ppipe_trt.errors import BadInputError, EngineBuildError, ProfileFormatError
+from ppipe_trt.errors import (BadInputError, EngineBuildError, EngineMismatchError,
+                              ProfileFormatError)
+
+log = logging.getLogger("ppipe.engines")
 
 MANIFEST_FORMAT = "ppipe-trt-engines"
 MANIFEST_VERSION = 1
@@ -35,6 +39,30 @@ def sha256_file(path: Path | str) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def model_sha256(path: Path | str) -> str:
+    """Hash of an ONNX model *with* its external data files (weights saved beside the graph,
+    as PyTorch's dynamo exporter does), so that new weights make a new build.  A model
+    without external data hashes as its file alone."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    path = Path(path)
+    own = sha256_file(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not readable as ONNX: the build will say so; hash the bytes
+        return own
+    locations = sorted({e.value for t in model.graph.initializer if uses_external_data(t)
+                        for e in t.external_data if e.key == "location"})
+    if not locations:
+        return own
+    h = hashlib.sha256(own.encode())
+    for loc in locations:
+        h.update(loc.encode())
+        h.update(sha256_file(path.parent / loc).encode())
     return h.hexdigest()
 
 
@@ -138,15 +166,20 @@ class BuiltModel:
         pass-through tensors included.  Dim 0 is the dynamic batch."""
         first_node, last_node = self._check_range(first_block, last_block)
         path = self.stage_path(first_block, last_block)
-        if path.exists():
-            return path
-        from ppipe_trt.engines.subgraph import extract_stage, save_model
-
+        checksum = path.with_name(path.name + ".sha256")
         with _STAGE_LOCK:
-            if not path.exists():
-                model = extract_stage(self.graph, first_node, last_node,
-                                      name=f"blocks_{first_block}_{last_block}")
-                save_model(model, path)
+            if path.exists() and checksum.exists() and \
+                    checksum.read_text().strip() == sha256_file(path):
+                return path
+            if path.exists():  # a cache: rebuilt from model.onnx rather than trusted
+                log.warning("%s does not match its checksum (corrupt or from an interrupted "
+                            "build); extracting it again", path)
+            from ppipe_trt.engines.subgraph import extract_stage, save_model
+
+            model = extract_stage(self.graph, first_node, last_node,
+                                  name=f"blocks_{first_block}_{last_block}")
+            save_model(model, path)
+            checksum.write_text(sha256_file(path) + "\n")
         return path
 
     def stage_io(self, first_block: int, last_block: int
@@ -209,7 +242,53 @@ def open_built_model(model_name: str, gpu_class: str, store_root: Path | str = "
             + (f" (built for: {', '.join(have)})" if have else "")
             + f"; run: ppipe engines build {model_name} --gpu-class {gpu_class}")
     build_dir = mdir / current.read_text().strip()
-    built = BuiltModel.from_manifest(build_dir)
-    if not built.full_onnx.exists():
-        raise EngineBuildError(f"{built.full_onnx} is missing; rebuild {model_name}")
+    try:
+        built = BuiltModel.from_manifest(build_dir)
+    except ProfileFormatError as exc:
+        raise EngineBuildError(f"{exc}; rebuild it: ppipe engines build MODEL --gpu-class "
+                               f"{gpu_class}") from None
+    problem = build_problem(built)
+    if problem is not None:
+        raise EngineMismatchError(f"{model_name} for {gpu_class} in {store_root}: {problem}; "
+                                  f"rebuild it: {rebuild_command(built)}")
     return built
+
+
+def rebuild_command(built: BuiltModel) -> str:
+    """The command that rebuilds ``built`` (recorded at build time)."""
+    return built.manifest.get("rebuild_command") or (
+        f"ppipe engines build {built.manifest.get('source', built.model_name)} "
+        f"--gpu-class {built.gpu_class}")
+
+
+def build_problem(built: BuiltModel, check_source: bool = True) -> str | None:
+    """Why ``built`` cannot be used as it is (stale or corrupt), or None when it is sound.
+
+    Checks: the normalized model exists and matches its recorded checksum; it was built by
+    the current build algorithm; its source model (when still on disk and ``check_source``)
+    has not changed since; its profile is readable.  Block sub-graphs are caches that
+    :meth:`BuiltModel.stage_onnx` re-extracts when they do not match their checksums.
+    """
+    from ppipe_trt.engines.build import BUILD_ALGORITHM_VERSION
+
+    m = built.manifest
+    if not m.get("complete"):
+        return f"the build in {built.build_dir} did not finish"
+    if not built.full_onnx.exists():
+        return f"{built.full_onnx} is missing"
+    if m.get("model_sha256") and sha256_file(built.full_onnx) != m["model_sha256"]:
+        return f"{built.full_onnx} is corrupt (its checksum differs from the manifest's)"
+    if m.get("algorithm") != BUILD_ALGORITHM_VERSION:
+        return (f"stale: built by build algorithm v{m.get('algorithm')}, this ppipe-trt "
+                f"builds v{BUILD_ALGORITHM_VERSION}")
+    source = Path(m.get("source", ""))
+    if check_source and source.is_file() and model_sha256(source) != m["source_sha256"]:
+        return f"stale: its source {source} changed since the build"
+    if built.profile_path.exists():
+        from ppipe_trt.profiles import read_profile
+
+        try:
+            read_profile(built.profile_path)
+        except ProfileFormatError as exc:
+            return f"its profile is unreadable ({exc})"
+    return None

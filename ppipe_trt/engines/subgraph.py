@@ -6,7 +6,9 @@ outputs after the last node).  A tensor that only passes through (produced befor
 needed after it) is both an input and an output of the stage, so chaining stages by tensor
 name always carries everything downstream stages need.  Constant sub-expressions and
 initializers the range reads are copied in.  Every input and output keeps dim 0 as the
-symbolic ``batch`` dimension.
+symbolic ``batch`` dimension: a tensor without one never crosses a cut (the pre-partition
+only uses :meth:`ModelGraph.allowed_cuts`), and :func:`stage_io_names` refuses a range that
+would need one to.
 """
 
 from __future__ import annotations
@@ -17,23 +19,29 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from ppipe_trt.engines.graph import BATCH_DIM, ModelGraph, TensorInfo, _node_inputs
+from ppipe_trt.engines.graph import ModelGraph, _node_inputs, tensor_value_info
 from ppipe_trt.errors import BadInputError, EngineBuildError
 
 
 def stage_io_names(graph: ModelGraph, first_node: int, last_node: int
                    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(input names, output names) of the stage covering nodes ``first_node..last_node``."""
+    """(input names, output names) of the stage covering nodes ``first_node..last_node``.
+
+    Raises :class:`EngineBuildError` if a tensor without a batch dimension would cross a
+    cut between stages (model inputs and outputs may be non-batched)."""
     if not 0 <= first_node <= last_node < len(graph.nodes):
         raise BadInputError(f"node range {first_node}..{last_node}; expected within "
                             f"0..{len(graph.nodes) - 1}")
-    return graph.cut_tensors(first_node - 1), graph.cut_tensors(last_node)
-
-
-def _value_info(info: TensorInfo) -> onnx.ValueInfoProto:
-    elem = helper.np_dtype_to_tensor_dtype(__import__("numpy").dtype(info.dtype))
-    dims: list[int | str] = [BATCH_DIM if (i == 0 and d == -1) else d for i, d in enumerate(info.shape)]
-    return helper.make_tensor_value_info(info.name, elem, dims)
+    inputs, outputs = graph.cut_tensors(first_node - 1), graph.cut_tensors(last_node)
+    crossing = (inputs if first_node > 0 else ()) + (
+        outputs if last_node < len(graph.nodes) - 1 else ())
+    unbatched = [t for t in crossing if t in graph.nonbatched_tensors]
+    if unbatched:
+        raise EngineBuildError(
+            f"stage of nodes {first_node}..{last_node}: tensors {unbatched[:5]} have no batch "
+            "dimension but would cross a cut; expected cuts only where "
+            "ModelGraph.allowed_cuts() is True")
+    return inputs, outputs
 
 
 def extract_stage(graph: ModelGraph, first_node: int, last_node: int, name: str = "stage",
@@ -66,8 +74,8 @@ def extract_stage(graph: ModelGraph, first_node: int, last_node: int, name: str 
     new_graph = helper.make_graph(
         nodes=const_body + body,
         name=f"{graph.model.graph.name or 'model'}_{name}",
-        inputs=[_value_info(graph.tensors[t]) for t in inputs],
-        outputs=[_value_info(graph.tensors[t]) for t in outputs],
+        inputs=[tensor_value_info(graph.tensors[t]) for t in inputs],
+        outputs=[tensor_value_info(graph.tensors[t]) for t in outputs],
         initializer=initializers,
         value_info=value_info,
     )

@@ -32,13 +32,20 @@ from typing import Sequence
 
 @dataclass(slots=True)
 class Request:
-    """One inference request (one frame).  ``payload`` is opaque to the scheduler."""
+    """One inference request (one frame).  ``payload`` is opaque to the scheduler.
+
+    ``deadline_us`` is what the scheduler plans against.  ``grace_us`` (live server: the
+    deadline margin it keeps for costs the scheduler does not see) is how far past it a batch
+    may still finish when the plan can no longer be kept, e.g. after a late wake-up on a busy
+    host: such a request is dispatched at once rather than dropped.  0 in the simulator.
+    """
 
     request_id: int
     model: str
     arrival_us: float
     deadline_us: float
     payload: object = None
+    grace_us: float = 0.0
 
 
 class DropReason(str, enum.Enum):

@@ -329,6 +329,15 @@ class ReservationScheduler(Scheduler):
                     if chosen is not None:
                         best_p = p
                         break
+            if chosen is None and q[0].grace_us > 0.0:
+                # Late (a stalled wake-up): dispatch what still makes the real deadline.
+                head = q[0]
+                late = self._fit(best_p, None, deadline + head.grace_us, now, head.request_id)
+                if late is not None:
+                    n = min(late[0], len(q))
+                    picks = late[2] if n == late[0] else probe(best_p, n, now)[2]
+                    self._dispatch(best_p, n, picks, dec)
+                    continue
             if chosen is None:
                 self._drop_unreachable(now, dec)
                 continue

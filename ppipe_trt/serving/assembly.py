@@ -25,8 +25,8 @@ from ppipe_trt.plan import Plan
 from ppipe_trt.profiles.types import ProfileSet
 from ppipe_trt.serving.emulation import EmulatedTiming
 from ppipe_trt.serving.executors import BackendExecutor
-from ppipe_trt.serving.runtime import (ImageSpec, ServedModel, ServingRuntime,
-                                       measure_hop_overhead_us)
+from ppipe_trt.repository.types import ModelEntry, Postprocess
+from ppipe_trt.serving.runtime import ServedModel, ServingRuntime, measure_hop_overhead_us
 from ppipe_trt.serving.transport import InProcessTransport
 from ppipe_trt.serving.worker import StageWorker, WorkerInfo
 
@@ -72,25 +72,32 @@ class RuntimeOptions:
     scheduler_kwargs: Mapping[str, Any] | None = None
 
 
-def _image_spec(model: str, inputs: tuple[TensorSpec, ...]) -> ImageSpec | None:
-    from ppipe_trt.models import BUILTIN_MODELS, model_info
+def model_entry_for(built) -> ModelEntry | None:
+    """The repository configuration of a built model: the copy kept with its builds, else
+    (a built-in demo model built by name) the example repository's entry, else None (a model
+    built from a bare ONNX file: raw tensors only)."""
+    from ppipe_trt.models import BUILTIN_MODELS
+    from ppipe_trt.repository import EXAMPLE_REPOSITORY, load_model_entry
+    from ppipe_trt.repository.engines import stored_entry
 
-    if model not in BUILTIN_MODELS:
-        return None
-    info = model_info(model)
-    if not any(s.name == info.input_name for s in inputs):
-        return None
-    return ImageSpec(info.input_name, info.height, info.width, tuple(info.mean),
-                     tuple(info.std),
-                     info.num_classes if info.task == "classification" else 0)
+    entry = stored_entry(built.build_dir.parent.parent.parent, built.gpu_class,
+                         built.model_name)
+    if entry is None and built.model_name in BUILTIN_MODELS and \
+            (EXAMPLE_REPOSITORY / built.model_name).is_dir():
+        entry = load_model_entry(EXAMPLE_REPOSITORY / built.model_name)
+    return entry
 
 
 def served_models(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, Any],
-                  mode_suffix: str = "") -> dict[str, ServedModel]:
+                  mode_suffix: str = "",
+                  entries: Mapping[str, ModelEntry] | None = None) -> dict[str, ServedModel]:
     """What the front end serves for each model of ``plan``: real engines when built here
     (possibly emulating other GPU classes), else timing-only from ``profiles``.
-    ``mode_suffix`` is appended to each model's mode label (e.g. ", ray actors")."""
+    ``mode_suffix`` is appended to each model's mode label (e.g. ", ray actors").
+    ``entries``: repository configurations by model (frames preprocessing, postprocessing,
+    served outputs); a built model without one uses :func:`model_entry_for`."""
     models: dict[str, ServedModel] = {}
+    entries = dict(entries or {})
     for mp in plan.models:
         max_batch = max(p.batch_size for p in mp.pipelines)
         classes = {s.gpu_class for p in mp.pipelines for s in p.stages}
@@ -100,23 +107,31 @@ def served_models(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, A
             engine = "tensorrt" if built.backend == "tensorrt" else "onnxruntime"
             mode = (f"{engine} {built.gpu_class}" + (", emulated GPU classes" if emulated else "")
                     + mode_suffix)
+            entry = entries.get(mp.model) or model_entry_for(built)
+            outputs = tuple(built.outputs)
+            if entry is not None and entry.outputs:
+                declared = {t.name for t in entry.outputs}
+                outputs = tuple(s for s in built.outputs if s.name in declared)
             models[mp.model] = ServedModel(
-                mp.model, tuple(built.inputs), tuple(built.outputs), mp.slo_ms * 1000.0,
+                mp.model, tuple(built.inputs), outputs, mp.slo_ms * 1000.0,
                 max_batch, mode, emulated=emulated, timing_only=False,
-                image=_image_spec(mp.model, tuple(built.inputs)))
+                image=entry.image if entry is not None else None,
+                postprocess=entry.postprocess if entry is not None else Postprocess())
         else:
             if mp.model not in profiles:
                 raise ConfigError(f"model {mp.model!r} has neither built engines nor profiles; "
                                   "build it (ppipe engines build) or pass --profiles")
             models[mp.model] = ServedModel(
                 mp.model, TIMING_ONLY_INPUTS, TIMING_ONLY_OUTPUTS, mp.slo_ms * 1000.0,
-                max_batch, "timing-only, emulated" + mode_suffix, emulated=True, timing_only=True)
+                max_batch, "timing-only, emulated (profiles only, no engines)" + mode_suffix,
+                emulated=True, timing_only=True)
     return models
 
 
 def build_runtime(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, Any] | None = None,
                   options: RuntimeOptions | None = None,
-                  info: Mapping[str, Any] | None = None) -> ServingRuntime:
+                  info: Mapping[str, Any] | None = None,
+                  entries: Mapping[str, ModelEntry] | None = None) -> ServingRuntime:
     """A runtime (not started) serving every model of ``plan``.
 
     ``built_models`` maps model names to :class:`~ppipe_trt.engines.BuiltModel` for models
@@ -137,7 +152,7 @@ def build_runtime(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, A
                                   hop_overhead_us=hop, **kwargs)
     cut_dtype = options.cut_dtype or plan.params.get("cut_dtype") or None
 
-    models = served_models(plan, profiles, built_models)
+    models = served_models(plan, profiles, built_models, entries=entries)
 
     transport = InProcessTransport(emulate_links=options.emulate_links)
     margin = options.deadline_margin_us

@@ -29,8 +29,10 @@ def default_slo_ms(profiles: ProfileSet, model: str, gpu_class: str | None = Non
 
 def local_plan(profiles: ProfileSet, models: Sequence[str], gpu_class: str, slots: int = 1,
                slo_ms: Mapping[str, float] | None = None, min_slo_ms: float = 50.0,
-               max_batch: int = 8, time_limit_s: float = 30.0) -> Plan:
-    """Plan ``models`` on ``slots`` workers of this machine's class ``gpu_class``."""
+               max_batch: int = 8, time_limit_s: float = 30.0,
+               weights: Mapping[str, float] | None = None) -> Plan:
+    """Plan ``models`` on ``slots`` workers of this machine's class ``gpu_class``;
+    ``slo_ms``/``weights`` by model (missing: the default SLO, weight 1)."""
     from planner import PlannerOptions, plan_cluster
 
     if slots < len(models):
@@ -39,8 +41,10 @@ def local_plan(profiles: ProfileSet, models: Sequence[str], gpu_class: str, slot
     cluster = ClusterSpec((GpuPool(gpu_class, slots, gpus_per_server=slots, max_mps=1,
                                    link_bandwidth_gbps=100.0),), f"local-{gpu_class}")
     slo_ms = dict(slo_ms or {})
+    weights = dict(weights or {})
     workloads = [Workload(m, slo_ms.get(m) or default_slo_ms(profiles, m, gpu_class,
-                                                             min_slo_ms=min_slo_ms))
+                                                             min_slo_ms=min_slo_ms),
+                          weights.get(m, 1.0))
                  for m in models]
     options = PlannerOptions(max_batch=max_batch, time_limit_s=time_limit_s)
     return plan_cluster(profiles, cluster, workloads, "ppipe", options)
@@ -48,12 +52,14 @@ def local_plan(profiles: ProfileSet, models: Sequence[str], gpu_class: str, slot
 
 def emulated_plan(profiles: ProfileSet, cluster: ClusterSpec, models: Sequence[str],
                   slo_ms: Mapping[str, float] | None = None, policy: str = "ppipe",
-                  time_limit_s: float = 60.0) -> Plan:
-    """Plan ``models`` (equal weights) on an emulated ``cluster`` from ``profiles``."""
+                  time_limit_s: float = 60.0, weights: Mapping[str, float] | None = None) -> Plan:
+    """Plan ``models`` on an emulated ``cluster`` from ``profiles`` (weights by model,
+    default 1)."""
     from planner import PlannerOptions, plan_cluster
 
-    slo_ms = dict(slo_ms or {})
-    workloads = [Workload(m, slo_ms.get(m) or default_slo_ms(profiles, m)) for m in models]
+    slo_ms, weights = dict(slo_ms or {}), dict(weights or {})
+    workloads = [Workload(m, slo_ms.get(m) or default_slo_ms(profiles, m), weights.get(m, 1.0))
+                 for m in models]
     return plan_cluster(profiles, cluster, workloads, policy,
                         PlannerOptions(time_limit_s=time_limit_s))
 

@@ -32,6 +32,7 @@ from ppipe_trt.engines.backends.base import TensorSpec
 from ppipe_trt.errors import (ModelNotFoundError, PPipeError, RequestRejectedError,
                               SchedulerError)
 from ppipe_trt.plan import Plan, plan_to_dict
+from ppipe_trt.repository.types import ImageSpec, Postprocess
 from ppipe_trt.scheduler.interface import Decisions, Dispatch, DropReason, Request, Scheduler
 from ppipe_trt.serving.stats import RuntimeStats
 from ppipe_trt.serving.transport import StageJob, Transport
@@ -49,25 +50,13 @@ class StageFailedError(PPipeError):
 
 
 @dataclass(frozen=True, slots=True)
-class ImageSpec:
-    """How a frame is turned into the model's input: RGB, resized to ``height`` x ``width``,
-    scaled to 0..1, then ``(x - mean) / std`` per channel, NCHW float32."""
-
-    input_name: str
-    height: int
-    width: int
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    num_classes: int = 0  # > 0 for classifiers: the frames endpoint adds top-k
-
-
-@dataclass(frozen=True, slots=True)
 class ServedModel:
     """What the front end needs to know about a model it serves.
 
     ``inputs``/``outputs``: tensor specs with ``-1`` as the batch dimension.  ``mode`` says
     how it runs (e.g. ``"onnxruntime cpu"``, ``"timing-only, emulated"``); ``emulated`` marks
-    figures that come from emulated GPU classes.
+    figures that come from emulated GPU classes.  ``image`` (frames preprocessing) and
+    ``postprocess`` come from the model's repository configuration.
     """
 
     name: str
@@ -79,6 +68,7 @@ class ServedModel:
     emulated: bool = False
     timing_only: bool = False
     image: ImageSpec | None = None
+    postprocess: Postprocess = Postprocess()
 
     def input(self, name: str) -> TensorSpec | None:
         return next((s for s in self.inputs if s.name == name), None)
@@ -267,9 +257,9 @@ class ServingRuntime:
         pending.deadline_us = now + budget
         # The scheduler plans against a deadline that leaves room for the hand-offs it does
         # not see (dispatch, answer); the result is judged against the real one.
-        self._inbox.put(("arrive", Request(next(self._ids), model, now,
-                                           now + max(0.0, budget - self.deadline_margin_us),
-                                           pending)))
+        planned = max(0.0, budget - self.deadline_margin_us)
+        self._inbox.put(("arrive", Request(next(self._ids), model, now, now + planned,
+                                           pending, grace_us=budget - planned)))
 
     def _release_pending(self, _fut: Future) -> None:
         with self._pending_lock:
@@ -482,6 +472,8 @@ class ServingRuntime:
             **self.info,
             "models": {m.name: {"slo_ms": m.slo_us / 1000.0, "max_batch": m.max_batch,
                                 "mode": m.mode, "emulated": m.emulated,
+                                "frames": m.image is not None,
+                                "postprocess": m.postprocess.kind,
                                 "timing_only": m.timing_only}
                        for m in self.models.values()},
             "workers": [{"worker_id": w.worker_id, "model": w.info.model,

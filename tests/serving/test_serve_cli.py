@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,10 +29,10 @@ def test_serve_without_arguments_serves_the_demo_model(cpu_builds):
     from PIL import Image
 
     cpu_builds["demo_resnet"]  # engines already built: the command reuses them
-    port = _free_port()
+    port, grpc_port = _free_port(), _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "ppipe_trt.cli", "serve", "--engines", str(cpu_builds.root),
-         "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+         "--port", str(port), "--grpc-port", str(grpc_port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         url = f"http://127.0.0.1:{port}"
@@ -53,12 +54,22 @@ def test_serve_without_arguments_serves_the_demo_model(cpu_builds):
         assert len(r.json()["top_k"]) == 5
         status = httpx.get(f"{url}/v2/status").json()
         assert status["plan"]["cluster"]["pools"][0]["gpu_class"] == "cpu"
+        assert status["models"]["demo_resnet"]["timing_only"] is False
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert client.is_server_ready()
+        x = grpcclient.InferInput("image", [1, 3, 224, 224], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 3, 224, 224), np.float32))
+        assert client.infer("demo_resnet", [x]).as_numpy("logits").shape == (1, 1000)
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert f"serving on http://127.0.0.1:{port}" in out
     assert "/v2/models/demo_resnet/frames" in out  # the example request
+    assert f"gRPC (KServe v2 / Triton) on 127.0.0.1:{grpc_port}" in out
+    assert "demo_resnet: real engines (onnxruntime cpu" in out
 
 
 def test_emulate_plans_the_cluster_file_for_a_profiled_model(tmp_path, profiles_dir):

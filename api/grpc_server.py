@@ -1,0 +1,508 @@
+"""KServe v2 / Triton ``GRPCInferenceService`` on ``grpc.aio``: the REST routes' twin.
+
+Messages and stubs are the ones ``tritonclient`` ships (``service_pb2``, ``model_config_pb2``);
+nothing here is hand-written protobuf.  The service answers what the REST front end answers
+(:mod:`api.v2`) from the same runtime, with the same figures and the same error messages:
+
+* ``ServerLive``, ``ServerReady``, ``ServerMetadata``, ``RepositoryIndex``;
+* ``ModelReady``, ``ModelMetadata``, ``ModelConfig`` (a real ``model_config_pb2.ModelConfig``),
+  ``ModelStatistics`` (the REST statistics, field for field);
+* ``ModelInfer`` and ``ModelStreamInfer``: inputs in ``raw_input_contents`` (little-endian,
+  row-major, one entry per input) or in the typed ``contents`` fields; outputs always in
+  ``raw_output_contents``; request parameters ``timeout`` (us) / ``timeout_ms`` and output
+  parameter ``classification`` as over REST.  A request of N samples becomes N scheduler
+  requests, exactly as over REST.
+* Model control, shared memory, trace and log settings answer ``UNIMPLEMENTED``.
+
+Errors: :func:`grpc_status` is the one place that turns an exception into a status code.  It
+derives the code from the HTTP status REST gives (:func:`api.errors.status_for`), so both
+front ends always agree, and it keeps REST's message text.  Messages over
+``ApiSettings.max_body_bytes`` are refused by gRPC itself with ``RESOURCE_EXHAUSTED``.
+
+Entry points: :class:`GrpcFrontEnd` (``await start(...)`` / ``await stop(...)`` on the
+caller's event loop) and :class:`GrpcServerThread` (a context manager hosting one on its own
+event loop in a thread, for tests and scripts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from api.app import ApiSettings
+from api.binary import V2_TO_NUMPY, encode_bytes_tensor, v2_datatype
+from api.codec import (ParsedInfer, check_input, classification_strings, request_batch,
+                       requested_outputs, timeout_us_of)
+from api.errors import status_for
+from api.v2 import EXTENSIONS, SERVER_NAME, SERVER_VERSION, await_results, statistics_of
+from ppipe_trt.errors import (BadInputError, ModelNotFoundError, PPipeError,
+                              RequestRejectedError)
+from ppipe_trt.serving.runtime import InferenceResult, ServedModel, ServingRuntime
+
+log = logging.getLogger("ppipe.api.grpc")
+
+RuntimeGetter = Callable[[], "ServingRuntime | None"]
+
+#: Decode typed ``contents`` above this many bytes in a worker thread, not on the event loop
+#: (raw contents are never copied, so they are decoded in place).
+_OFFLOAD_BYTES = 256 * 1024
+
+#: Trailing metadata key carrying a rejection's reason (REST's ``"reason"`` field).
+REJECT_REASON_KEY = "ppipe-reject-reason"
+
+
+class ServerNotReadyError(RequestRejectedError):
+    """No runtime is serving yet (or any more): the request cannot be answered now."""
+
+    def __init__(self, message: str = "server is not ready: the serving runtime is not "
+                                      "running"):
+        super().__init__("not_ready", message)
+
+
+# ---- errors -> status codes (the one place) --------------------------------------------------
+_CODE_OF_HTTP_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message answering ``exc``: the code of the HTTP status REST gives
+    the same error, and REST's message; anything not raised on purpose is ``INTERNAL``."""
+    code = _CODE_OF_HTTP_STATUS.get(status_for(exc), grpc.StatusCode.INTERNAL)
+    if isinstance(exc, PPipeError):
+        return code, str(exc) or type(exc).__name__
+    return code, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _answers_errors(method):
+    """Wrap a unary RPC so that every exception becomes a status (never an unhandled one)."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every caller gets a status, see grpc_status
+            code, message = grpc_status(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method.__name__)
+            trailing = ((REJECT_REASON_KEY, exc.reason),) \
+                if isinstance(exc, RequestRejectedError) else ()
+            await context.abort(code, message, trailing_metadata=trailing)
+
+    return wrapper
+
+
+# ---- requests in ----------------------------------------------------------------------------
+#: KServe v2 datatype -> the typed field of ``InferTensorContents`` holding it (FP16 has none).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+    "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+    "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+
+
+def _parameter_values(params) -> dict[str, Any]:
+    """A protobuf ``map<string, InferParameter>`` as plain values (``None`` when unset)."""
+    out = {}
+    for key, p in params.items():
+        which = p.WhichOneof("parameter_choice")
+        out[key] = getattr(p, which) if which else None
+    return out
+
+
+def _from_raw(data: bytes, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    dtype = V2_TO_NUMPY[datatype]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        raise BadInputError(f"{where}: raw_input_contents has {len(data)} bytes but shape "
+                            f"{list(shape)} of {datatype} needs {expected} bytes")
+    return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
+
+
+def _from_contents(contents, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    field = _CONTENTS_FIELD.get(datatype)
+    if field is None or datatype == "BYTES":
+        raise BadInputError(f"{where}: {datatype} inputs cannot be sent in typed contents "
+                            "here; send them in raw_input_contents")
+    values = getattr(contents, field)
+    expected = int(np.prod(shape, dtype=np.int64))
+    if len(values) != expected:
+        raise BadInputError(f"{where}: contents.{field} has {len(values)} elements but shape "
+                            f"{list(shape)} needs {expected}")
+    try:
+        return np.fromiter(values, dtype=V2_TO_NUMPY[datatype], count=expected).reshape(shape)
+    except (OverflowError, ValueError) as exc:
+        raise BadInputError(f"{where}: contents.{field} holds a value out of range for "
+                            f"{datatype} ({exc})") from None
+
+
+def parse_model_infer(request: service_pb2.ModelInferRequest, model: ServedModel) -> ParsedInfer:
+    """Validate a ``ModelInferRequest`` against ``model``; the returned arrays have shape
+    ``(batch, ...)`` and the model's dtypes.  Arrays decoded from ``raw_input_contents`` are
+    read-only views of the request's bytes (no copy).  Raises ``BadInputError`` with REST's
+    wording wherever the check is the same."""
+    items, raw = request.inputs, request.raw_input_contents
+    if raw and len(raw) != len(items):
+        raise BadInputError(f"request has {len(raw)} raw_input_contents for {len(items)} "
+                            "inputs; give raw contents for every input or for none")
+    arrays: dict[str, np.ndarray] = {}
+    for i, item in enumerate(items):
+        name, datatype = item.name, item.datatype
+        where = f"input {name!r}"
+        shape = check_input(model, name, datatype, list(item.shape), arrays)
+        if raw:
+            if item.HasField("contents"):
+                raise BadInputError(f"{where}: has both raw_input_contents and contents; "
+                                    "give one")
+            arrays[name] = _from_raw(raw[i], datatype, shape, where)
+        elif item.HasField("contents"):
+            arrays[name] = _from_contents(item.contents, datatype, shape, where)
+        else:
+            raise BadInputError(f"{where}: has neither raw_input_contents nor contents")
+    batch = request_batch(model, arrays)
+    params = _parameter_values(request.parameters)
+    wanted = [{"name": o.name, "parameters": _parameter_values(o.parameters)}
+              for o in request.outputs]
+    return ParsedInfer(request.id or None, batch, arrays,
+                       requested_outputs(wanted or None, params, model),
+                       timeout_us=timeout_us_of(params), parameters=params)
+
+
+# ---- responses out ----------------------------------------------------------------------------
+def build_model_infer_response(model: ServedModel, parsed: ParsedInfer,
+                               results: list[InferenceResult]) -> service_pb2.ModelInferResponse:
+    """The requested outputs (batch-major, the samples in request order) as
+    ``raw_output_contents``; parameters ``ppipe_latency_ms`` and ``ppipe_batch_size`` are the
+    worst sample's, as REST's ``X-PPipe-*`` headers."""
+    tensors, raws = [], []
+    for want in parsed.outputs:
+        parts = [r.outputs[want.name] for r in results]
+        array = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if want.classification:
+            array = classification_strings(array, want.classification)
+            datatype, raw = "BYTES", encode_bytes_tensor(list(array.ravel()))
+        else:
+            datatype = v2_datatype(array.dtype)
+            raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        tensors.append(service_pb2.ModelInferResponse.InferOutputTensor(
+            name=want.name, datatype=datatype, shape=array.shape))
+        raws.append(raw)
+    worst = max(results, key=lambda r: r.latency_us)
+    return service_pb2.ModelInferResponse(
+        model_name=model.name, model_version="1", id=parsed.request_id or "",
+        outputs=tensors, raw_output_contents=raws,
+        parameters={"ppipe_latency_ms": service_pb2.InferParameter(
+                        double_param=round(worst.latency_us / 1000.0, 3)),
+                    "ppipe_batch_size": service_pb2.InferParameter(
+                        int64_param=worst.batch_size)})
+
+
+def model_config(model: ServedModel) -> model_config_pb2.ModelConfig:
+    """Triton's model configuration of ``model`` (REST's ``/config`` document, typed)."""
+    mc = model_config_pb2
+
+    def data_type(dtype: str) -> int:
+        return mc.DataType.Value("TYPE_" + v2_datatype(dtype))
+
+    return mc.ModelConfig(
+        name=model.name, platform=SERVER_NAME, backend=SERVER_NAME,
+        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+        max_batch_size=model.max_batch,
+        input=[mc.ModelInput(name=s.name, data_type=data_type(s.dtype),
+                             format=mc.ModelInput.FORMAT_NONE, dims=s.shape[1:])
+               for s in model.inputs],
+        output=[mc.ModelOutput(name=s.name, data_type=data_type(s.dtype), dims=s.shape[1:])
+                for s in model.outputs],
+        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=0),
+        parameters={"slo_ms": mc.ModelParameter(string_value=f"{model.slo_us / 1000.0:g}"),
+                    "emulated": mc.ModelParameter(string_value=str(model.emulated).lower())})
+
+
+# ---- the service ----------------------------------------------------------------------------
+def _unimplemented(rpc: str, why: str):
+    async def method(self, request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            f"{rpc} is not supported by {SERVER_NAME}: {why}")
+
+    method.__name__ = rpc
+    return method
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The RPCs over the runtime ``runtime_getter()`` returns (``None`` while none runs).
+    Called on the server's event loop; waits for answers without blocking it."""
+
+    def __init__(self, runtime_getter: RuntimeGetter, settings: ApiSettings):
+        self._runtime_getter = runtime_getter
+        self._settings = settings
+
+    def _runtime(self) -> ServingRuntime:
+        rt = self._runtime_getter()
+        if rt is None:
+            raise ServerNotReadyError()
+        return rt
+
+    def _model(self, name: str, version: str = "") -> ServedModel:
+        model = self._runtime().model(name)
+        if version not in ("", "1"):
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r}; "
+                                     "versions: ['1']")
+        return model
+
+    # ---- server ----
+    @_answers_errors
+    async def ServerLive(self, request, context):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    @_answers_errors
+    async def ServerReady(self, request, context):
+        rt = self._runtime_getter()
+        return service_pb2.ServerReadyResponse(ready=rt is not None and rt.ready)
+
+    @_answers_errors
+    async def ServerMetadata(self, request, context):
+        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
+                                                  extensions=EXTENSIONS)
+
+    @_answers_errors
+    async def RepositoryIndex(self, request, context):
+        rt = self._runtime()
+        state = "READY" if rt.ready else "UNAVAILABLE"
+        if request.ready and not rt.ready:
+            return service_pb2.RepositoryIndexResponse()
+        return service_pb2.RepositoryIndexResponse(models=[
+            service_pb2.RepositoryIndexResponse.ModelIndex(name=m, version="1", state=state)
+            for m in sorted(rt.models)])
+
+    # ---- models ----
+    @_answers_errors
+    async def ModelReady(self, request, context):
+        self._model(request.name, request.version)
+        return service_pb2.ModelReadyResponse(ready=self._runtime().ready)
+
+    @_answers_errors
+    async def ModelMetadata(self, request, context):
+        model = self._model(request.name, request.version)
+        meta = service_pb2.ModelMetadataResponse.TensorMetadata
+        return service_pb2.ModelMetadataResponse(
+            name=model.name, versions=["1"], platform=SERVER_NAME,
+            inputs=[meta(name=s.name, datatype=v2_datatype(s.dtype), shape=s.shape)
+                    for s in model.inputs],
+            outputs=[meta(name=s.name, datatype=v2_datatype(s.dtype), shape=s.shape)
+                     for s in model.outputs])
+
+    @_answers_errors
+    async def ModelConfig(self, request, context):
+        return service_pb2.ModelConfigResponse(
+            config=model_config(self._model(request.name, request.version)))
+
+    @_answers_errors
+    async def ModelStatistics(self, request, context):
+        rt = self._runtime()
+        if request.name:
+            self._model(request.name, request.version)
+            names = [request.name]
+        else:
+            names = sorted(rt.models)
+        stats = [json_format.ParseDict(statistics_of(rt, n), service_pb2.ModelStatistics())
+                 for n in names]
+        return service_pb2.ModelStatisticsResponse(model_stats=stats)
+
+    # ---- inference ----
+    async def _infer(self, request: service_pb2.ModelInferRequest
+                     ) -> service_pb2.ModelInferResponse:
+        rt = self._runtime()
+        model = self._model(request.model_name, request.model_version)
+        if not request.raw_input_contents and request.ByteSize() > _OFFLOAD_BYTES:
+            parsed = await asyncio.to_thread(parse_model_infer, request, model)
+        else:
+            parsed = parse_model_infer(request, model)
+        futures = [rt.submit(model.name, {k: v[i:i + 1] for k, v in parsed.inputs.items()},
+                             parsed.timeout_us) for i in range(parsed.batch_size)]
+        results = await await_results(rt, model, futures, parsed.timeout_us,
+                                      self._settings.answer_grace_s)
+        return build_model_infer_response(model, parsed, results)
+
+    @_answers_errors
+    async def ModelInfer(self, request, context):
+        return await self._infer(request)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Answers each request of the stream as soon as it is done (not in order; match
+        them by ``id``); a failed request is answered with ``error_message`` and the stream
+        goes on."""
+        answers: asyncio.Queue = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+
+        async def answer(request) -> None:
+            try:
+                answers.put_nowait(service_pb2.ModelStreamInferResponse(
+                    infer_response=await self._infer(request)))
+            except Exception as exc:  # noqa: BLE001 - answered on the stream, see grpc_status
+                code, message = grpc_status(exc)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.exception("ModelStreamInfer failed")
+                answers.put_nowait(service_pb2.ModelStreamInferResponse(
+                    error_message=message, infer_response=service_pb2.ModelInferResponse(
+                        model_name=request.model_name, id=request.id)))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.wait(list(running))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await answers.get()) is not None:
+                yield item
+            await reader  # surfaces a broken request stream
+        finally:
+            for task in [reader, *running]:
+                task.cancel()
+
+    # ---- not offered ----
+    RepositoryModelLoad = _unimplemented(
+        "RepositoryModelLoad", "models are loaded from the plan at start-up")
+    RepositoryModelUnload = _unimplemented(
+        "RepositoryModelUnload", "models are loaded from the plan at start-up")
+    SystemSharedMemoryStatus = _unimplemented(
+        "SystemSharedMemoryStatus", "send tensors in the request")
+    SystemSharedMemoryRegister = _unimplemented(
+        "SystemSharedMemoryRegister", "send tensors in the request")
+    SystemSharedMemoryUnregister = _unimplemented(
+        "SystemSharedMemoryUnregister", "send tensors in the request")
+    CudaSharedMemoryStatus = _unimplemented(
+        "CudaSharedMemoryStatus", "send tensors in the request")
+    CudaSharedMemoryRegister = _unimplemented(
+        "CudaSharedMemoryRegister", "send tensors in the request")
+    CudaSharedMemoryUnregister = _unimplemented(
+        "CudaSharedMemoryUnregister", "send tensors in the request")
+    TraceSetting = _unimplemented("TraceSetting", "tracing is not offered")
+    LogSettings = _unimplemented("LogSettings", "log settings are fixed at start-up")
+
+
+# ---- hosting ------------------------------------------------------------------------------------
+def server_options(settings: ApiSettings) -> list[tuple[str, int]]:
+    """Channel options: REST's body limit as the largest message received (gRPC refuses a
+    larger one with RESOURCE_EXHAUSTED), and no port sharing, so that a port already in use
+    is an error rather than a second server silently taking half the connections."""
+    return [("grpc.max_receive_message_length", settings.max_body_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0)]
+
+
+class GrpcFrontEnd:
+    """The gRPC front end on the caller's event loop.  ``start`` once, ``stop`` once."""
+
+    def __init__(self) -> None:
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    async def start(self, runtime_getter: RuntimeGetter, host: str = "127.0.0.1",
+                    port: int = 8001, settings: ApiSettings | None = None) -> int:
+        """Listen on ``host:port`` (``port`` 0: any free port) and serve the runtime that
+        ``runtime_getter()`` returns at each call (``None``: not ready yet / any more).
+        Returns the bound port; raises ``PPipeError`` when the address cannot be bound."""
+        if self._server is not None:
+            raise PPipeError("the gRPC front end is already started")
+        settings = settings or ApiSettings()
+        server = grpc.aio.server(options=server_options(settings))
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(runtime_getter, settings), server)
+        address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") \
+            else f"{host}:{port}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise PPipeError(f"cannot listen for gRPC on {address}: {exc}") from None
+        if not bound:
+            raise PPipeError(f"cannot listen for gRPC on {address} (address in use?)")
+        await server.start()
+        self._server, self.port = server, bound
+        return bound
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Refuse new RPCs, give those in flight ``grace_s`` seconds, then cancel them."""
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.stop(grace_s)
+
+
+class GrpcServerThread:
+    """A :class:`GrpcFrontEnd` on its own event loop in a daemon thread.
+
+    ``with GrpcServerThread(runtime_getter) as srv:`` serves on ``srv.url``
+    (``host:port``) until the block ends; the runtime stays the caller's to start and stop.
+    """
+
+    def __init__(self, runtime_getter: RuntimeGetter, host: str = "127.0.0.1", port: int = 0,
+                 settings: ApiSettings | None = None, grace_s: float = 1.0,
+                 start_timeout_s: float = 30.0):
+        self._args = (runtime_getter, host, port, settings)
+        self._grace_s = grace_s
+        self._start_timeout_s = start_timeout_s
+        self._front = GrpcFrontEnd()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="ppipe-grpc")
+        self.host = host
+        self.port = 0
+
+    def _serve(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            try:
+                self.port = loop.run_until_complete(self._front.start(*self._args))
+            except BaseException as exc:  # handed to the thread that waits in __enter__
+                self._error = exc
+                return
+            finally:
+                self._started.set()
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    def __enter__(self) -> "GrpcServerThread":
+        self._thread.start()
+        if not self._started.wait(self._start_timeout_s):
+            raise PPipeError(f"the gRPC server did not start within {self._start_timeout_s} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc) -> None:
+        loop = self._loop
+        if loop is None or not self._thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self._front.stop(self._grace_s), loop).result(
+            self._grace_s + 30.0)
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(30.0)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
