@@ -3,7 +3,9 @@
 ``create_app(runtime_factory)`` takes a callable that builds a (not yet started)
 :class:`~ppipe_trt.serving.runtime.ServingRuntime`; the lifespan calls it in a worker
 thread (loading engines can take seconds), starts it, and stops it on shutdown so that every
-outstanding request is answered.
+outstanding request is answered.  The REST routes and the gRPC front end (when
+``ApiSettings.grpc_port`` is set) answer from one :class:`~api.service.InferenceService`
+over that runtime.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from fastapi.responses import Response
 
 from api.errors import install_error_handlers
 from api.metrics import AppMetrics
-from api.v2 import SERVER_VERSION, router
+from api.service import DEFAULT_ANSWER_GRACE_S, SERVER_VERSION, InferenceService
+from api.v2 import router
 from ppipe_trt.serving.runtime import ServingRuntime
 
 
@@ -31,7 +34,7 @@ class ApiSettings:
     same runtime (started and stopped with the app)."""
 
     max_body_bytes: int = 32 * 1024 * 1024
-    answer_grace_s: float = 2.0
+    answer_grace_s: float = DEFAULT_ANSWER_GRACE_S
     grpc_host: str = "127.0.0.1"
     grpc_port: int | None = None  # the KServe v2 / Triton gRPC service beside HTTP; None: off
 
@@ -74,7 +77,7 @@ def create_app(runtime_factory: Callable[[], ServingRuntime],
             from api.grpc_server import GrpcFrontEnd
 
             grpc_front = GrpcFrontEnd()  # answers UNAVAILABLE until the runtime runs
-            app.state.grpc_port = await grpc_front.start(lambda: app.state.runtime,
+            app.state.grpc_port = await grpc_front.start(app.state.service,
                                                          settings.grpc_host,
                                                          settings.grpc_port, settings)
         try:
@@ -93,6 +96,8 @@ def create_app(runtime_factory: Callable[[], ServingRuntime],
                   description="Pipelined CNN serving (KServe v2 / Triton-compatible REST)")
     app.state.settings = settings
     app.state.runtime = None
+    # What the REST routes and the gRPC front end answer from.
+    app.state.service = InferenceService(lambda: app.state.runtime, settings.answer_grace_s)
     metrics = AppMetrics(lambda: app.state.runtime)
     app.state.metrics = metrics
     install_error_handlers(app)

@@ -220,6 +220,22 @@ def classification_strings(scores: np.ndarray, k: int) -> np.ndarray:
                     dtype=object)
 
 
+def output_as_requested(want: RequestedOutput, array: np.ndarray) -> tuple[np.ndarray, str]:
+    """An output as it is sent (any protocol) and its KServe v2 datatype: the top-k strings
+    (``BYTES``) when ``want`` asks for classification, else the array itself."""
+    if want.classification:
+        return classification_strings(array, want.classification), "BYTES"
+    return array, v2_datatype(array.dtype)
+
+
+def tensor_bytes(array: np.ndarray, datatype: str) -> bytes:
+    """A tensor's binary form (any protocol): row-major, little-endian; ``BYTES`` elements
+    each with a 4-byte length prefix."""
+    if datatype == "BYTES":
+        return encode_bytes_tensor(list(array.ravel()))
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
 def build_infer_response(model: ServedModel, parsed: ParsedInfer,
                          outputs: dict[str, np.ndarray],
                          extra_parameters: dict[str, Any] | None = None
@@ -231,17 +247,11 @@ def build_infer_response(model: ServedModel, parsed: ParsedInfer,
     """
     entries, chunks = [], []
     for want in parsed.outputs:
-        array = outputs[want.name]
-        if want.classification:
-            array = classification_strings(array, want.classification)
-            datatype = "BYTES"
-        else:
-            datatype = v2_datatype(array.dtype)
+        array, datatype = output_as_requested(want, outputs[want.name])
         entry: dict[str, Any] = {"name": want.name, "datatype": datatype,
                                  "shape": list(array.shape)}
         if want.binary:
-            raw = (encode_bytes_tensor(list(array.ravel())) if datatype == "BYTES"
-                   else np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
+            raw = tensor_bytes(array, datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:

@@ -1,4 +1,4 @@
-"""Domain errors -> HTTP status codes, in one place.
+"""Domain errors -> HTTP status codes, in one place (the gRPC codes derive from these).
 
 Bodies follow the KServe v2 error shape ``{"error": "<message>"}``; rejections add
 ``"reason"`` (the scheduler's drop reason, e.g. ``deadline_unreachable``).
@@ -11,8 +11,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.service import AnswerTimeoutError
 from ppipe_trt.errors import (BadInputError, ModelNotFoundError, PPipeError,
                               RequestRejectedError)
+
+__all__ = ["AnswerTimeoutError", "BodyTooLargeError", "UnsupportedMediaError", "status_for",
+           "error_response", "install_error_handlers"]
 
 
 class BodyTooLargeError(BadInputError):
@@ -21,10 +25,6 @@ class BodyTooLargeError(BadInputError):
 
 class UnsupportedMediaError(BadInputError):
     """The body's content type (or encoding) is not one the endpoint takes."""
-
-
-class AnswerTimeoutError(PPipeError):
-    """No answer came within the request's deadline plus the grace period."""
 
 
 #: Drop reasons answered 503 (retry later) vs 504 (the deadline itself was the problem).

@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 
+from api.binary import v2_datatype
 from ppipe_trt.errors import BadInputError
 from ppipe_trt.repository.types import ImageSpec, Postprocess
 
@@ -144,3 +145,24 @@ def segmentation_mask(scores: np.ndarray, post: Postprocess, mask_format: str | 
         Image.fromarray(mask.astype(np.uint16)).save(buf, format="PNG")
     return {**doc, "format": "png", "encoding": "base64",
             "data": base64.b64encode(buf.getvalue()).decode("ascii")}
+
+
+def frame_answer(outputs: dict[str, np.ndarray], post: Postprocess, default_output: str,
+                 top: int | None = None, mask_format: str | None = None,
+                 raw: bool | None = None) -> dict:
+    """The frames answer's outputs part for one sample's ``outputs``: the raw tensors when
+    ``raw`` (default: yes, except for a segmenter), ``top_k`` (``top``, default the config's)
+    for a classifier, ``mask`` for a segmenter.  The scored output is the config's or else
+    ``default_output``.  Segmentation encodes a PNG: call it off the event loop."""
+    doc: dict = {}
+    if raw if raw is not None else post.kind != "segmentation":
+        doc["outputs"] = {name: {"shape": list(a.shape), "datatype": v2_datatype(a.dtype),
+                                 "data": a.ravel().tolist()}
+                          for name, a in outputs.items()}
+    if post.kind == "classification":
+        doc["top_k"] = classification(outputs[post.output or default_output], post,
+                                      top or post.top_k)
+    elif post.kind == "segmentation":
+        doc["mask"] = segmentation_mask(outputs[post.output or default_output], post,
+                                        mask_format)
+    return doc

@@ -1,8 +1,9 @@
 """KServe v2 / Triton ``GRPCInferenceService`` on ``grpc.aio``: the REST routes' twin.
 
 Messages and stubs are the ones ``tritonclient`` ships (``service_pb2``, ``model_config_pb2``);
-nothing here is hand-written protobuf.  The service answers what the REST front end answers
-(:mod:`api.v2`) from the same runtime, with the same figures and the same error messages:
+nothing here is hand-written protobuf.  A thin adapter, as the REST routes (:mod:`api.v2`): each
+RPC parses its request, calls the :class:`~api.service.InferenceService` both front ends share,
+and renders the answer, so both give the same figures and the same error messages:
 
 * ``ServerLive``, ``ServerReady``, ``ServerMetadata``, ``RepositoryIndex``;
 * ``ModelReady``, ``ModelMetadata``, ``ModelConfig`` (a real ``model_config_pb2.ModelConfig``),
@@ -19,9 +20,9 @@ derives the code from the HTTP status REST gives (:func:`api.errors.status_for`)
 front ends always agree, and it keeps REST's message text.  Messages over
 ``ApiSettings.max_body_bytes`` are refused by gRPC itself with ``RESOURCE_EXHAUSTED``.
 
-Entry points: :class:`GrpcFrontEnd` (``await start(...)`` / ``await stop(...)`` on the
-caller's event loop) and :class:`GrpcServerThread` (a context manager hosting one on its own
-event loop in a thread, for tests and scripts).
+Entry points: :class:`GrpcFrontEnd` (``await start(service, ...)`` / ``await stop(...)`` on
+the caller's event loop) and :class:`GrpcServerThread` (a context manager hosting one on its
+own event loop in a thread, for tests and scripts).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import asyncio
 import functools
 import logging
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -38,18 +39,15 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from api.app import ApiSettings
-from api.binary import V2_TO_NUMPY, encode_bytes_tensor, v2_datatype
-from api.codec import (ParsedInfer, check_input, classification_strings, request_batch,
-                       requested_outputs, timeout_us_of)
+from api.binary import V2_TO_NUMPY
+from api.codec import (ParsedInfer, check_input, output_as_requested, request_batch,
+                       requested_outputs, tensor_bytes, timeout_us_of)
 from api.errors import status_for
-from api.v2 import EXTENSIONS, SERVER_NAME, SERVER_VERSION, await_results, statistics_of
-from ppipe_trt.errors import (BadInputError, ModelNotFoundError, PPipeError,
-                              RequestRejectedError)
-from ppipe_trt.serving.runtime import InferenceResult, ServedModel, ServingRuntime
+from api.service import SERVER_NAME, InferenceService, InferOutcome
+from ppipe_trt.errors import BadInputError, PPipeError, RequestRejectedError
+from ppipe_trt.serving.runtime import ServedModel
 
 log = logging.getLogger("ppipe.api.grpc")
-
-RuntimeGetter = Callable[[], "ServingRuntime | None"]
 
 #: Decode typed ``contents`` above this many bytes in a worker thread, not on the event loop
 #: (raw contents are never copied, so they are decoded in place).
@@ -57,14 +55,6 @@ _OFFLOAD_BYTES = 256 * 1024
 
 #: Trailing metadata key carrying a rejection's reason (REST's ``"reason"`` field).
 REJECT_REASON_KEY = "ppipe-reject-reason"
-
-
-class ServerNotReadyError(RequestRejectedError):
-    """No runtime is serving yet (or any more): the request cannot be answered now."""
-
-    def __init__(self, message: str = "server is not ready: the serving runtime is not "
-                                      "running"):
-        super().__init__("not_ready", message)
 
 
 # ---- errors -> status codes (the one place) --------------------------------------------------
@@ -184,55 +174,26 @@ def parse_model_infer(request: service_pb2.ModelInferRequest, model: ServedModel
 
 # ---- responses out ----------------------------------------------------------------------------
 def build_model_infer_response(model: ServedModel, parsed: ParsedInfer,
-                               results: list[InferenceResult]) -> service_pb2.ModelInferResponse:
+                               outcome: InferOutcome) -> service_pb2.ModelInferResponse:
     """The requested outputs (batch-major, the samples in request order) as
     ``raw_output_contents``; parameters ``ppipe_latency_ms`` and ``ppipe_batch_size`` are the
     worst sample's, as REST's ``X-PPipe-*`` headers."""
     tensors, raws = [], []
     for want in parsed.outputs:
-        parts = [r.outputs[want.name] for r in results]
-        array = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        if want.classification:
-            array = classification_strings(array, want.classification)
-            datatype, raw = "BYTES", encode_bytes_tensor(list(array.ravel()))
-        else:
-            datatype = v2_datatype(array.dtype)
-            raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        array, datatype = output_as_requested(want, outcome.outputs[want.name])
         tensors.append(service_pb2.ModelInferResponse.InferOutputTensor(
             name=want.name, datatype=datatype, shape=array.shape))
-        raws.append(raw)
-    worst = max(results, key=lambda r: r.latency_us)
+        raws.append(tensor_bytes(array, datatype))
     return service_pb2.ModelInferResponse(
         model_name=model.name, model_version="1", id=parsed.request_id or "",
         outputs=tensors, raw_output_contents=raws,
         parameters={"ppipe_latency_ms": service_pb2.InferParameter(
-                        double_param=round(worst.latency_us / 1000.0, 3)),
+                        double_param=outcome.worst_latency_ms),
                     "ppipe_batch_size": service_pb2.InferParameter(
-                        int64_param=worst.batch_size)})
+                        int64_param=outcome.worst_batch_size)})
 
 
-def model_config(model: ServedModel) -> model_config_pb2.ModelConfig:
-    """Triton's model configuration of ``model`` (REST's ``/config`` document, typed)."""
-    mc = model_config_pb2
-
-    def data_type(dtype: str) -> int:
-        return mc.DataType.Value("TYPE_" + v2_datatype(dtype))
-
-    return mc.ModelConfig(
-        name=model.name, platform=SERVER_NAME, backend=SERVER_NAME,
-        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
-        max_batch_size=model.max_batch,
-        input=[mc.ModelInput(name=s.name, data_type=data_type(s.dtype),
-                             format=mc.ModelInput.FORMAT_NONE, dims=s.shape[1:])
-               for s in model.inputs],
-        output=[mc.ModelOutput(name=s.name, data_type=data_type(s.dtype), dims=s.shape[1:])
-                for s in model.outputs],
-        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=0),
-        parameters={"slo_ms": mc.ModelParameter(string_value=f"{model.slo_us / 1000.0:g}"),
-                    "emulated": mc.ModelParameter(string_value=str(model.emulated).lower())})
-
-
-# ---- the service ----------------------------------------------------------------------------
+# ---- the servicer --------------------------------------------------------------------------
 def _unimplemented(rpc: str, why: str):
     async def method(self, request, context: grpc.aio.ServicerContext):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED,
@@ -243,25 +204,11 @@ def _unimplemented(rpc: str, why: str):
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """The RPCs over the runtime ``runtime_getter()`` returns (``None`` while none runs).
-    Called on the server's event loop; waits for answers without blocking it."""
+    """The RPCs over ``service``.  Called on the server's event loop; waits for answers
+    without blocking it."""
 
-    def __init__(self, runtime_getter: RuntimeGetter, settings: ApiSettings):
-        self._runtime_getter = runtime_getter
-        self._settings = settings
-
-    def _runtime(self) -> ServingRuntime:
-        rt = self._runtime_getter()
-        if rt is None:
-            raise ServerNotReadyError()
-        return rt
-
-    def _model(self, name: str, version: str = "") -> ServedModel:
-        model = self._runtime().model(name)
-        if version not in ("", "1"):
-            raise ModelNotFoundError(f"model {name!r} has no version {version!r}; "
-                                     "versions: ['1']")
-        return model
+    def __init__(self, service: InferenceService):
+        self._service = service
 
     # ---- server ----
     @_answers_errors
@@ -270,72 +217,60 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_answers_errors
     async def ServerReady(self, request, context):
-        rt = self._runtime_getter()
-        return service_pb2.ServerReadyResponse(ready=rt is not None and rt.ready)
+        return service_pb2.ServerReadyResponse(ready=self._service.ready)
 
     @_answers_errors
     async def ServerMetadata(self, request, context):
-        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
-                                                  extensions=EXTENSIONS)
+        meta = self._service.server_metadata()
+        return service_pb2.ServerMetadataResponse(name=meta.name, version=meta.version,
+                                                  extensions=meta.extensions)
 
     @_answers_errors
     async def RepositoryIndex(self, request, context):
-        rt = self._runtime()
-        state = "READY" if rt.ready else "UNAVAILABLE"
-        if request.ready and not rt.ready:
-            return service_pb2.RepositoryIndexResponse()
+        index = service_pb2.RepositoryIndexResponse.ModelIndex
         return service_pb2.RepositoryIndexResponse(models=[
-            service_pb2.RepositoryIndexResponse.ModelIndex(name=m, version="1", state=state)
-            for m in sorted(rt.models)])
+            index(name=e.name, version=e.version, state=e.state)
+            for e in self._service.repository_index(ready_only=request.ready)])
 
     # ---- models ----
     @_answers_errors
     async def ModelReady(self, request, context):
-        self._model(request.name, request.version)
-        return service_pb2.ModelReadyResponse(ready=self._runtime().ready)
+        return service_pb2.ModelReadyResponse(
+            ready=self._service.model_ready(request.name, request.version))
 
     @_answers_errors
     async def ModelMetadata(self, request, context):
-        model = self._model(request.name, request.version)
-        meta = service_pb2.ModelMetadataResponse.TensorMetadata
+        meta = self._service.model_metadata(request.name, request.version)
+        tensor = service_pb2.ModelMetadataResponse.TensorMetadata
         return service_pb2.ModelMetadataResponse(
-            name=model.name, versions=["1"], platform=SERVER_NAME,
-            inputs=[meta(name=s.name, datatype=v2_datatype(s.dtype), shape=s.shape)
-                    for s in model.inputs],
-            outputs=[meta(name=s.name, datatype=v2_datatype(s.dtype), shape=s.shape)
-                     for s in model.outputs])
+            name=meta.name, versions=meta.versions, platform=meta.platform,
+            inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape)
+                    for t in meta.inputs],
+            outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape)
+                     for t in meta.outputs])
 
     @_answers_errors
     async def ModelConfig(self, request, context):
+        config = self._service.model_config(request.name, request.version)
         return service_pb2.ModelConfigResponse(
-            config=model_config(self._model(request.name, request.version)))
+            config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
 
     @_answers_errors
     async def ModelStatistics(self, request, context):
-        rt = self._runtime()
-        if request.name:
-            self._model(request.name, request.version)
-            names = [request.name]
-        else:
-            names = sorted(rt.models)
-        stats = [json_format.ParseDict(statistics_of(rt, n), service_pb2.ModelStatistics())
-                 for n in names]
-        return service_pb2.ModelStatisticsResponse(model_stats=stats)
+        stats = self._service.statistics(request.name, request.version)
+        return service_pb2.ModelStatisticsResponse(
+            model_stats=[json_format.ParseDict(s, service_pb2.ModelStatistics()) for s in stats])
 
     # ---- inference ----
     async def _infer(self, request: service_pb2.ModelInferRequest
                      ) -> service_pb2.ModelInferResponse:
-        rt = self._runtime()
-        model = self._model(request.model_name, request.model_version)
+        model = self._service.model(request.model_name, request.model_version)
         if not request.raw_input_contents and request.ByteSize() > _OFFLOAD_BYTES:
             parsed = await asyncio.to_thread(parse_model_infer, request, model)
         else:
             parsed = parse_model_infer(request, model)
-        futures = [rt.submit(model.name, {k: v[i:i + 1] for k, v in parsed.inputs.items()},
-                             parsed.timeout_us) for i in range(parsed.batch_size)]
-        results = await await_results(rt, model, futures, parsed.timeout_us,
-                                      self._settings.answer_grace_s)
-        return build_model_infer_response(model, parsed, results)
+        outcome = await self._service.infer(model, parsed)
+        return build_model_infer_response(model, parsed, outcome)
 
     @_answers_errors
     async def ModelInfer(self, request, context):
@@ -418,17 +353,17 @@ class GrpcFrontEnd:
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
 
-    async def start(self, runtime_getter: RuntimeGetter, host: str = "127.0.0.1",
+    async def start(self, service: InferenceService, host: str = "127.0.0.1",
                     port: int = 8001, settings: ApiSettings | None = None) -> int:
-        """Listen on ``host:port`` (``port`` 0: any free port) and serve the runtime that
-        ``runtime_getter()`` returns at each call (``None``: not ready yet / any more).
+        """Listen on ``host:port`` (``port`` 0: any free port) and answer from ``service``
+        (UNAVAILABLE while it has no runtime).  ``settings``: the message size limit.
         Returns the bound port; raises ``PPipeError`` when the address cannot be bound."""
         if self._server is not None:
             raise PPipeError("the gRPC front end is already started")
         settings = settings or ApiSettings()
         server = grpc.aio.server(options=server_options(settings))
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(runtime_getter, settings), server)
+            InferenceServicer(service), server)
         address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") \
             else f"{host}:{port}"
         try:
@@ -451,14 +386,14 @@ class GrpcFrontEnd:
 class GrpcServerThread:
     """A :class:`GrpcFrontEnd` on its own event loop in a daemon thread.
 
-    ``with GrpcServerThread(runtime_getter) as srv:`` serves on ``srv.url``
-    (``host:port``) until the block ends; the runtime stays the caller's to start and stop.
+    ``with GrpcServerThread(service) as srv:`` serves on ``srv.url`` (``host:port``) until
+    the block ends; the service's runtime stays the caller's to start and stop.
     """
 
-    def __init__(self, runtime_getter: RuntimeGetter, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, service: InferenceService, host: str = "127.0.0.1", port: int = 0,
                  settings: ApiSettings | None = None, grace_s: float = 1.0,
                  start_timeout_s: float = 30.0):
-        self._args = (runtime_getter, host, port, settings)
+        self._args = (service, host, port, settings)
         self._grace_s = grace_s
         self._start_timeout_s = start_timeout_s
         self._front = GrpcFrontEnd()

@@ -1,8 +1,10 @@
 """The ``ppipe`` command line.
 
-Each sub-command lives next to the code it drives and exposes ``register(subparsers)``; this
-module only assembles them.  Sub-command modules must import their heavy dependencies inside
-the handler, so ``ppipe --help`` is fast and works without a GPU.
+Each sub-command lives next to the code it drives (``serve``, which wires several layers
+together, in the composition root :mod:`ppipe_trt.server` above them) and exposes
+``register(subparsers)``; this module only assembles them.  Sub-command modules must import
+their heavy dependencies inside the handler, so ``ppipe --help`` is fast and works without a
+GPU.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ SUBCOMMAND_MODULES = (
     "ppipe_trt.engines.cli",      # ppipe engines build|list
     "planner.cli",                # ppipe plan
     "ppipe_trt.simulator.cli",    # ppipe simulate
-    "ppipe_trt.serving.cli",      # ppipe serve
+    "ppipe_trt.server.cli",       # ppipe serve
 )
 
 

@@ -100,7 +100,7 @@ def ppipe_main(cluster: str, port: int, model: str, engines: str, slo_ms: float,
 
     from api.app import ApiSettings, create_app
     from ppipe_trt.serving.assembly import RuntimeOptions, build_runtime
-    from ppipe_trt.serving.cli import prepare
+    from ppipe_trt.server.prepare import prepare
 
     sys.setswitchinterval(0.0005)  # as ppipe serve
     cli_args = SimpleNamespace(models=[model], plan=None, profiles=None, emulate=None,

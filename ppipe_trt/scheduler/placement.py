@@ -29,11 +29,14 @@ from ppipe_trt.plan import Plan
 
 @dataclass(frozen=True, slots=True)
 class WorkerSlot:
-    """One worker: a whole GPU (``mps_share == 1``) or one of ``mps_share`` MPS shares of it.
+    """Where one worker sits: in the plan (model, pipeline, stage, inclusive block range
+    ``first_block..last_block``) and in the cluster (a whole GPU when ``mps_share == 1``, else
+    one of ``mps_share`` MPS shares of it).
 
     ``gpu_index`` is the GPU's index within its class (0-based); ``share_index`` which share
     of that GPU the worker holds; ``server_id`` the global server number (see
-    :class:`ServerSlot`).  ``first_block``/``last_block`` are the stage's inclusive block range.
+    :class:`ServerSlot`).  The scheduler places and reserves by it; the serving workers carry
+    it as their identity (``ppipe_trt.serving.worker.WorkerInfo`` is this type).
     """
 
     worker_id: int
@@ -41,9 +44,9 @@ class WorkerSlot:
     pipeline: int
     stage: int
     gpu_class: str
-    mps_share: int
-    gpu_index: int
-    server_id: int
+    mps_share: int = 1
+    gpu_index: int = 0
+    server_id: int = 0
     share_index: int = 0
     first_block: int = 0
     last_block: int = 0

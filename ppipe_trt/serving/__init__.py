@@ -5,6 +5,8 @@ Public API::
     build_runtime(plan, profiles, built_models=None, options=RuntimeOptions(), info=None)
         -> ServingRuntime                      (not started; .start() / .stop() or ``with``)
     ServingRuntime.submit(model, inputs, timeout_us=None) -> Future[InferenceResult]
+    worker_specs(plan, profiles, built_models, options, placement) -> tuple[WorkerSpec, ...]
+    build_worker(spec, transport, sink) -> StageWorker   (a WorkerHandle; ppipe_trt.serving.specs)
     local_plan / emulated_plan / pipeline_plan  (ppipe_trt.serving.local)
     Transport, InProcessTransport, StageJob     (ppipe_trt.serving.transport)
 
@@ -15,12 +17,17 @@ from __future__ import annotations
 
 _LAZY = {
     "build_runtime": "ppipe_trt.serving.assembly",
-    "RuntimeOptions": "ppipe_trt.serving.assembly",
+    "RuntimeOptions": "ppipe_trt.serving.options",
     "ServingRuntime": "ppipe_trt.serving.runtime",
-    "ServedModel": "ppipe_trt.serving.runtime",
-    "InferenceResult": "ppipe_trt.serving.runtime",
-    "ImageSpec": "ppipe_trt.serving.runtime",
-    "StageFailedError": "ppipe_trt.serving.runtime",
+    "ServedModel": "ppipe_trt.serving.types",
+    "InferenceResult": "ppipe_trt.serving.types",
+    "ImageSpec": "ppipe_trt.serving.types",
+    "StageFailedError": "ppipe_trt.serving.types",
+    "WorkerHandle": "ppipe_trt.serving.handle",
+    "WorkerStats": "ppipe_trt.serving.handle",
+    "WorkerSpec": "ppipe_trt.serving.specs",
+    "worker_specs": "ppipe_trt.serving.specs",
+    "build_worker": "ppipe_trt.serving.specs",
     "StageWorker": "ppipe_trt.serving.worker",
     "WorkerInfo": "ppipe_trt.serving.worker",
     "Transport": "ppipe_trt.serving.transport",

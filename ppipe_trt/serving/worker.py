@@ -16,23 +16,30 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
 
 from ppipe_trt.errors import PPipeError
+from ppipe_trt.scheduler.placement import WorkerSlot
+from ppipe_trt.serving.clock import monotonic_us
 from ppipe_trt.serving.emulation import EmulatedTiming, Overrun
 from ppipe_trt.serving.executors import StageExecutor
+from ppipe_trt.serving.handle import WorkerStats
 from ppipe_trt.serving.transport import StageJob, Transport
 
+__all__ = ["MIN_SLEEP_US", "StageWorker", "WorkerInfo", "WorkerSink", "WorkerStats",
+           "monotonic_us"]
 
 log = logging.getLogger("ppipe.serving")
 
+#: Where a worker sits in the plan and the cluster: the scheduler's placement slot (one type;
+#: the old name stays for callers).
+WorkerInfo = WorkerSlot
 
-def monotonic_us() -> float:
-    """The serving clock: monotonic time in microseconds (only the runtime side reads it)."""
-    return time.monotonic_ns() / 1000.0
+#: An emulated hold shorter than this (microseconds) is not slept: a sleep that short
+#: oversleeps by more than it holds.
+MIN_SLEEP_US = 20.0
 
 
 class WorkerSink(Protocol):
@@ -46,42 +53,6 @@ class WorkerSink(Protocol):
     def batch_failed(self, job: StageJob, error: BaseException, now_us: float) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerInfo:
-    """Where a worker sits in the plan (mirrors the scheduler's ``WorkerSlot``)."""
-
-    worker_id: int
-    model: str
-    pipeline: int
-    stage: int
-    first_block: int
-    last_block: int
-    gpu_class: str
-    mps_share: int = 1
-    server_id: int = 0
-    gpu_index: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerStats:
-    """A snapshot of one worker's counters (times in microseconds on the runtime clock)."""
-
-    worker_id: int
-    model: str
-    stage: int
-    gpu_class: str
-    mode: str
-    batches: int
-    samples: int
-    busy_us: float
-    queue_length: int
-    overruns: int
-    failures: int
-    started_us: float
-    start_lag_us_total: float = 0.0   # sum over batches of (actual start - eligible time)
-    start_lag_us_max: float = 0.0
-
-
 def _eligible_us(job: StageJob) -> float:
     """A job never starts before its reserved start (an earlier start could delay a batch
     reserved before it on this worker whose input has not arrived yet), nor before its
@@ -91,14 +62,16 @@ def _eligible_us(job: StageJob) -> float:
 
 
 class StageWorker:
-    """A thread that runs one stage's batches.
+    """A thread that runs one stage's batches (a :class:`~ppipe_trt.serving.handle.
+    WorkerHandle`; built from a :class:`~ppipe_trt.serving.specs.WorkerSpec` by
+    :func:`~ppipe_trt.serving.specs.build_worker`).
 
     ``executor``: the engine for the block range, or ``None`` for timing-only emulation
     (then ``emulation`` is required).  ``cut_dtype``: cast float outputs to this dtype before
     forwarding them to the next stage (e.g. ``"float16"`` when the plan halves cut traffic).
     """
 
-    def __init__(self, info: WorkerInfo, executor: StageExecutor | None,
+    def __init__(self, info: WorkerSlot, executor: StageExecutor | None,
                  emulation: EmulatedTiming | None, transport: Transport, sink: WorkerSink,
                  clock: Callable[[], float] = monotonic_us, cut_dtype: str | None = None):
         if executor is None and emulation is None:
@@ -125,6 +98,11 @@ class StageWorker:
     @property
     def worker_id(self) -> int:
         return self.info.worker_id
+
+    @property
+    def alive(self) -> bool:
+        """In its pool: true until :meth:`stop`."""
+        return not self._stopping
 
     @property
     def mode(self) -> str:
@@ -209,7 +187,7 @@ class StageWorker:
                 computed = self._clock()
                 if computed > release:
                     self._record_overrun(job, release - start, computed - start)
-                elif release - computed > 20.0:
+                elif release - computed > MIN_SLEEP_US:
                     time.sleep((release - computed) / 1e6)
             if self._cut_dtype is not None and not job.is_last_stage:
                 outputs = {k: (v.astype(self._cut_dtype) if v.dtype.kind == "f" else v)

@@ -9,7 +9,6 @@ import time
 import pytest
 
 
-
 class _LazyBuilds(dict):
     """Built models by name, each built (idempotently) on first use."""
 
@@ -97,3 +96,34 @@ def app_for():
 def http_server():
     """``with http_server(app) as srv:`` a real uvicorn server; ``srv.url`` is host:port."""
     return UvicornThread
+
+
+@pytest.fixture(scope="module")
+def detector_runtime(engine_store, cpu_profiles):
+    """A started runtime serving ``demo_detector`` (one image input, six outputs) in two
+    stages with a planned batch of 4: a 4-sample request runs as one batch; a 1-sample request
+    waits for company until its latest start, so the SLO is kept short (500 ms)."""
+    from ppipe_trt.serving.assembly import RuntimeOptions, build_runtime
+    from ppipe_trt.serving.local import pipeline_plan
+
+    profiles = cpu_profiles("demo_detector")
+    plan = pipeline_plan(profiles, "demo_detector", cuts=[2], gpu_class="cpu", batch_size=4,
+                         slo_ms=500.0)
+    rt = build_runtime(plan, profiles, {"demo_detector": engine_store[1]["demo_detector"]},
+                       RuntimeOptions(hop_overhead_us=50.0)).start()
+    yield rt
+    rt.stop()
+
+
+@pytest.fixture(scope="module")
+def detector_reference(engine_store):
+    """``(x, {output: array})``: 4 random images through the unsplit ``demo_detector``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    built = engine_store[1]["demo_detector"]
+    sess = ort.InferenceSession(str(built.full_onnx), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    x = np.random.default_rng(11).standard_normal((4, 3, 256, 256)).astype(np.float32)
+    return x, dict(zip(names, sess.run(names, {"image": x})))
+

@@ -19,6 +19,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from api.app import ApiSettings  # noqa: E402
 from api.grpc_server import GrpcServerThread  # noqa: E402
+from api.service import InferenceService  # noqa: E402
 
 MODEL = "demo_detector"  # one image input, six outputs
 MAX_BATCH = 4
@@ -27,24 +28,18 @@ LIMIT = 4_000_000  # a batch of MAX_BATCH fits, six samples do not
 
 
 @pytest.fixture(scope="module")
-def runtime(engine_store, cpu_profiles):
-    from ppipe_trt.serving.assembly import RuntimeOptions, build_runtime
-    from ppipe_trt.serving.local import pipeline_plan
-
-    profiles = cpu_profiles(MODEL)
-    # A planned batch of 4: a 4-sample request runs as one batch; a 1-sample request waits
-    # for company until its latest start, so the SLO is kept short.
-    plan = pipeline_plan(profiles, MODEL, cuts=[2], gpu_class="cpu", batch_size=MAX_BATCH,
-                         slo_ms=500.0)
-    rt = build_runtime(plan, profiles, {MODEL: engine_store[1][MODEL]},
-                       RuntimeOptions(hop_overhead_us=50.0)).start()
-    yield rt
-    rt.stop()
+def runtime(detector_runtime):
+    return detector_runtime
 
 
 @pytest.fixture(scope="module")
-def server(runtime):
-    with GrpcServerThread(lambda: runtime, settings=ApiSettings(max_body_bytes=LIMIT)) as srv:
+def service(runtime):
+    return InferenceService(lambda: runtime)
+
+
+@pytest.fixture(scope="module")
+def server(service):
+    with GrpcServerThread(service, settings=ApiSettings(max_body_bytes=LIMIT)) as srv:
         yield srv
 
 
@@ -63,15 +58,8 @@ def stub(server):
 
 
 @pytest.fixture(scope="module")
-def reference(engine_store):
-    """``(x, {output: array})``: MAX_BATCH random images through the unsplit model."""
-    import onnxruntime as ort
-
-    built = engine_store[1][MODEL]
-    sess = ort.InferenceSession(str(built.full_onnx), providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    x = np.random.default_rng(11).standard_normal((MAX_BATCH, 3, 256, 256)).astype(np.float32)
-    return x, dict(zip(names, sess.run(names, {"image": x})))
+def reference(detector_reference):
+    return detector_reference
 
 
 def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -121,13 +109,13 @@ def test_server_and_model_metadata(client, runtime):
     assert index["models"] == [{"name": MODEL, "version": "1", "state": "READY"}]
 
 
-def test_statistics_match_rest(client, runtime, reference):
-    from api.v2 import statistics_of
-
+def test_statistics_match_rest(client, service, reference):
     _assert_serves(client, reference)
     stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"]
     assert len(stats) == 1 and stats[0]["name"] == MODEL
-    rest = statistics_of(runtime, MODEL)  # nothing else runs meanwhile: the same figures
+    # What REST renders; nothing else runs meanwhile: the same figures.
+    (rest,) = service.statistics(MODEL)
+    assert int(stats[0]["last_inference"]) == rest["last_inference"] > 0
     assert int(stats[0]["inference_count"]) == rest["inference_count"] >= MAX_BATCH
     assert int(stats[0]["execution_count"]) == rest["execution_count"] >= 1
     assert int(stats[0]["inference_stats"]["success"]["ns"]) \
@@ -213,7 +201,8 @@ def test_error_codes_follow_rest_statuses():
     """The one mapping: each domain error gets the code of its REST status and REST's text;
     anything unexpected is INTERNAL and still says what happened."""
     from api.errors import AnswerTimeoutError, BodyTooLargeError, UnsupportedMediaError
-    from api.grpc_server import ServerNotReadyError, grpc_status
+    from api.grpc_server import grpc_status
+    from api.service import ServerNotReadyError
     from ppipe_trt.errors import BadInputError, ModelNotFoundError, RequestRejectedError
     from ppipe_trt.serving.runtime import StageFailedError
 
@@ -341,7 +330,7 @@ def test_unimplemented_rpcs_say_so(client, reference):
 
 def test_no_runtime_yet_is_unavailable():
     """Before the runtime runs: live, not ready, and requests answered UNAVAILABLE."""
-    with GrpcServerThread(lambda: None) as srv:
+    with GrpcServerThread(InferenceService(lambda: None)) as srv:
         c = tritonclient_grpc.InferenceServerClient(srv.url)
         assert c.is_server_live() and not c.is_server_ready()
         e = _rpc_error(c.infer, MODEL, [_input(np.zeros((1, 3, 256, 256), np.float32))])
@@ -354,7 +343,7 @@ def test_port_in_use_is_an_error(server):
     from ppipe_trt.errors import PPipeError
 
     with pytest.raises(PPipeError, match="cannot listen for gRPC on 127.0.0.1"):
-        with GrpcServerThread(lambda: None, port=server.port):
+        with GrpcServerThread(InferenceService(lambda: None), port=server.port):
             pass
 
 

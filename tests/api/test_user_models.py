@@ -138,7 +138,8 @@ def test_frames_of_a_segmenter_give_a_png_mask(zoo_builds, zoo_repository, app_f
 def test_serve_from_repository_runs_real_engines(zoo_repository, tmp_path):
     """``ppipe serve --model-repository``'s preparation: engines built here, never timing-only."""
     from ppipe_trt.serving.assembly import served_models
-    from ppipe_trt.serving.cli import describe, prepare
+    from ppipe_trt.server.cli import describe
+    from ppipe_trt.server.prepare import prepare
 
     args = argparse.Namespace(plan=None, models=["inception", "fpn_detector"], profiles=None,
                               emulate=None, engines=tmp_path / "engines", slots=None,
@@ -164,7 +165,7 @@ def test_serve_from_repository_runs_real_engines(zoo_repository, tmp_path):
 
 def test_serve_refuses_what_it_cannot_serve_for_real(zoo_repository, tmp_path):
     from ppipe_trt.errors import BadInputError
-    from ppipe_trt.serving.cli import prepare
+    from ppipe_trt.server.prepare import prepare
 
     base = dict(plan=None, profiles=None, emulate=None, engines=tmp_path / "engines",
                 slots=None, slo_ms=None)

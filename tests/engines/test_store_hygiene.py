@@ -86,7 +86,7 @@ def test_a_corrupt_stage_file_is_extracted_again(repo_build):
 def test_serving_a_corrupt_build_by_name_names_the_rebuild_command(repo_build):
     import argparse
 
-    from ppipe_trt.serving.cli import prepare
+    from ppipe_trt.server.prepare import prepare
 
     _, store, built = repo_build
     (built.build_dir / "model.onnx").unlink()

@@ -26,7 +26,7 @@ def test_bad_cluster_value_is_refused_with_the_expected_forms(bad):
 
 
 def test_serving_and_api_import_without_ray():
-    code = ("import sys; import ppipe_trt.serving.ray_backend, ppipe_trt.serving.cli, "
+    code = ("import sys; import ppipe_trt.serving.ray_backend, ppipe_trt.server.cli, "
             "ppipe_trt.serving.assembly, api.app; "
             "from ppipe_trt.serving.ray_backend import loadgen, cli; "
             "assert 'ray' not in sys.modules, 'ray imported eagerly'")

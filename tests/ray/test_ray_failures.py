@@ -65,7 +65,7 @@ def test_killed_worker_mid_load_every_request_answered_once(served):
 
     srv, rt = served
     victim = next(w for w in rt.workers if w.info.stage == 1)
-    sched = rt._schedulers[MODEL]
+    sched = rt.scheduler(MODEL)
     before = _counters(rt)
     killed = {}
 

@@ -73,7 +73,8 @@ def test_serve_without_arguments_serves_the_demo_model(cpu_builds):
 
 
 def test_emulate_plans_the_cluster_file_for_a_profiled_model(tmp_path, profiles_dir):
-    from ppipe_trt.serving.cli import describe, prepare
+    from ppipe_trt.server.cli import describe
+    from ppipe_trt.server.prepare import prepare
 
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text("name: testbed\npools:\n"
@@ -91,7 +92,7 @@ def test_emulate_plans_the_cluster_file_for_a_profiled_model(tmp_path, profiles_
 
 def test_emulate_refuses_an_unknown_model(tmp_path, profiles_dir):
     from ppipe_trt.errors import BadInputError
-    from ppipe_trt.serving.cli import prepare
+    from ppipe_trt.server.prepare import prepare
 
     args = argparse.Namespace(plan=None, models=["no-such-net"], profiles=profiles_dir,
                               emulate=None, engines=tmp_path, slots=1, slo_ms=None)

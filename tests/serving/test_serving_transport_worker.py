@@ -7,9 +7,10 @@ import threading
 import pytest
 
 from ppipe_trt.scheduler.interface import Dispatch, Request, StageReservation
+from ppipe_trt.scheduler.placement import WorkerSlot
 from ppipe_trt.serving.emulation import EmulatedTiming
 from ppipe_trt.serving.transport import InProcessTransport, StageJob, TransportError
-from ppipe_trt.serving.worker import StageWorker, WorkerInfo, monotonic_us
+from ppipe_trt.serving.worker import StageWorker, monotonic_us
 
 
 def _dispatch(batch_id: int, starts: list[float], xfer_us: float = 0.0) -> Dispatch:
@@ -57,7 +58,7 @@ def test_worker_runs_ready_jobs_by_reserved_start_and_never_early():
     timing = EmulatedTiming("m", "T4", 1, 0, 0, (2_000.0,))
     transport = InProcessTransport()
     sink = _Sink()
-    worker = StageWorker(WorkerInfo(0, "m", 0, 0, 0, 0, "T4"), None, timing, transport, sink)
+    worker = StageWorker(WorkerSlot(0, "m", 0, 0, "T4"), None, timing, transport, sink)
     worker.start()
     try:
         now = monotonic_us()

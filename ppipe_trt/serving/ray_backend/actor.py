@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from ppipe_trt.serving.emulation import EmulatedTiming
+from ppipe_trt.serving.clock import monotonic_us
+from ppipe_trt.serving.handle import WorkerStats
+from ppipe_trt.serving.specs import WorkerSpec, build_worker
 from ppipe_trt.serving.transport import StageJob, Transport
-from ppipe_trt.serving.worker import StageWorker, WorkerInfo, WorkerStats, monotonic_us
 
 log = logging.getLogger("ppipe.serving.ray")
 
@@ -53,26 +54,6 @@ class StageReport:
     next_ref: Any = None
     outputs: dict[str, np.ndarray] | None = None
     error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StageActorSpec:
-    """Everything an actor needs to start one worker (sent to the actor's process).
-
-    ``stage_onnx``: the block range's ONNX bytes (written to the actor's own temporary
-    folder, so no shared file system is needed), or ``None`` for timing-only workers.
-    ``build_dir``: a built model's store folder, used only for TensorRT on the worker's own
-    GPU class (the store must then be reachable from the node).
-    """
-
-    info: WorkerInfo
-    stage_onnx: bytes | None
-    emulation: EmulatedTiming | None
-    max_batch: int
-    cut_dtype: str | None = None
-    intra_op_threads: int | None = 1
-    emulate_links: bool = True
-    tensorrt_build_dir: str | None = None
 
 
 @dataclass(slots=True)
@@ -167,45 +148,23 @@ class PeerTransport(Transport):
 
 
 class StageActor:
-    """One stage worker in a Ray actor.  Methods are called through the actor handle."""
+    """One stage worker in a Ray actor, built from its :class:`~ppipe_trt.serving.specs.
+    WorkerSpec` exactly as the local assembly builds it (:func:`~ppipe_trt.serving.specs.
+    build_worker`); only its transport and sink are the actor's.  Methods are called through
+    the actor handle."""
 
-    def __init__(self, spec: StageActorSpec):
+    def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self._offset_us = 0.0
         self._crash_armed = False
         self._hang_s = 0.0
         self._sink = _ReportSink()
         self._transport = PeerTransport(self._sink, spec.emulate_links)
-        self._tmp = tempfile.TemporaryDirectory(prefix=f"ppipe-w{spec.info.worker_id}-")
-        executor = self._open_executor(spec)
-        self._worker = StageWorker(spec.info, executor, spec.emulation, self._transport,
-                                   self._sink, clock=self._now, cut_dtype=spec.cut_dtype)
+        # the stage's ONNX bytes (when sent) are written here: no shared file system needed
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"ppipe-w{spec.worker_id}-")
+        self._worker = build_worker(spec, self._transport, self._sink, clock=self._now,
+                                    scratch_dir=Path(self._tmp.name))
         self._worker.start()
-
-    def _open_executor(self, spec: StageActorSpec):
-        from ppipe_trt.serving.executors import BackendExecutor
-
-        info = spec.info
-        if spec.tensorrt_build_dir is not None:
-            from ppipe_trt.engines.store import BuiltModel
-
-            built = BuiltModel.from_manifest(Path(spec.tensorrt_build_dir))
-            device = f"cuda:{info.gpu_index}"
-            backend = built.open_backend(info.first_block, info.last_block, "tensorrt", device)
-        elif spec.stage_onnx is not None:
-            from ppipe_trt.engines.backends.onnxruntime_backend import OnnxRuntimeBackend
-
-            path = Path(self._tmp.name) / f"blocks_{info.first_block}_{info.last_block}.onnx"
-            path.write_bytes(spec.stage_onnx)
-            device = "cpu"
-            backend = OnnxRuntimeBackend(path, device, max_batch=spec.max_batch,
-                                         intra_op_threads=spec.intra_op_threads)
-        else:
-            return None
-        executor = BackendExecutor(backend, label=f"{backend.name} {device} blocks "
-                                                  f"{info.first_block}..{info.last_block}")
-        executor.warm_up(spec.max_batch)
-        return executor
 
     def _now(self) -> float:
         return monotonic_us() - self._offset_us
@@ -242,7 +201,7 @@ class StageActor:
             import time
 
             time.sleep(self._hang_s)
-        waiter = self._sink.expect(job, self.spec.info.worker_id)
+        waiter = self._sink.expect(job, self.spec.worker_id)
         try:
             self._worker.submit(job)
         except Exception as exc:  # the worker is stopping
@@ -283,7 +242,7 @@ class StageActor:
 
     def stop(self) -> None:
         self._worker.stop()
-        self._sink.fail_all(f"worker {self.spec.info.worker_id} stopped")
+        self._sink.fail_all(f"worker {self.spec.worker_id} stopped")
 
 
 def stage_actor_class(max_concurrency: int = 256):

@@ -1,9 +1,11 @@
 """Assemble a :class:`RayServingRuntime` from a plan: one Ray actor per placement slot.
 
-The plan, the placement, the schedulers and the served-model descriptions are exactly those
-of :func:`ppipe_trt.serving.assembly.build_runtime`; only the workers differ.  Each worker
-is a :class:`~ppipe_trt.serving.ray_backend.actor.StageActor` placed by Ray on a node that
-has the worker's GPU class:
+The plan, the placement, the schedulers, the served models and the workers' specs
+(:func:`~ppipe_trt.serving.specs.worker_specs`) are exactly those of
+:func:`ppipe_trt.serving.assembly.build_runtime`; only where the workers run differs.  Each
+worker is a :class:`~ppipe_trt.serving.ray_backend.actor.StageActor`, which builds its
+worker from its spec as the local assembly does, placed by Ray (:func:`actor_options`) on a
+node that has the worker's GPU class:
 
 * a worker whose engines are TensorRT engines built for its own class asks for
   ``num_gpus = 1 / mps_share`` (the MPS share as a fractional GPU) and
@@ -24,18 +26,22 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from ppipe_trt.errors import BackendUnavailableError, ConfigError
 from ppipe_trt.plan import Plan
 from ppipe_trt.profiles.types import ProfileSet
-from ppipe_trt.serving.assembly import RuntimeOptions, _emulation, served_models
-from ppipe_trt.serving.ray_backend.actor import StageActorSpec, stage_actor_class
+from ppipe_trt.scheduler.placement import WorkerSlot
+from ppipe_trt.serving.assembly import deadline_margin_us, plan_schedulers
+from ppipe_trt.serving.clock import monotonic_us
+from ppipe_trt.serving.options import RuntimeOptions
+from ppipe_trt.serving.ray_backend.actor import stage_actor_class
 from ppipe_trt.serving.ray_backend.health import HealthOptions
 from ppipe_trt.serving.ray_backend.runtime import RayServingRuntime, RayWorkerProxy
 from ppipe_trt.serving.ray_backend.transport import RayTransport
-from ppipe_trt.serving.worker import WorkerInfo, monotonic_us
+from ppipe_trt.serving.served import served_models
+from ppipe_trt.serving.specs import WorkerSpec, worker_specs
 
 log = logging.getLogger("ppipe.serving.ray")
 
@@ -107,8 +113,24 @@ def _check_resources(needed: Mapping[str, float]) -> None:
             "'{\"gpu_class:T4\": 4}'")
 
 
+def actor_options(spec: WorkerSpec) -> dict[str, Any]:
+    """Where Ray may place the actor of ``spec`` (see the module docstring): ``1 / mps_share``
+    of a GPU of the worker's class for TensorRT on its own class, else that share of the
+    custom resource ``gpu_class:<class>``; never a CPU reservation."""
+    slot = spec.slot
+    share = 1.0 / slot.mps_share
+    if spec.executor is not None and spec.executor.backend == "tensorrt":
+        return {"num_gpus": share, "accelerator_type": slot.gpu_class, "num_cpus": 0}
+    return {"resources": {RESOURCE_PREFIX + slot.gpu_class: share}, "num_cpus": 0}
+
+
 class ActorLauncher:
-    """Starts the actor of a placement slot (at start-up, and again to re-add a worker)."""
+    """Starts the actor of a placement slot (at start-up, and again to re-add a worker).
+
+    The workers' specs are :func:`~ppipe_trt.serving.specs.worker_specs`, exactly the local
+    assembly's; an ONNX Runtime worker's spec travels with its sub-graph's bytes (the actor's
+    node need not reach the engine store).
+    """
 
     def __init__(self, plan: Plan, profiles: ProfileSet, built_models: Mapping[str, Any],
                  options: RuntimeOptions, ray_options: RayOptions):
@@ -116,62 +138,36 @@ class ActorLauncher:
 
         self.plan = plan
         self.placement = place_workers(plan)
-        self._profiles = profiles
+        self.specs = worker_specs(plan, profiles, built_models, options, self.placement)
         self._built = dict(built_models)
-        self._options = options
         self._actor_cls = stage_actor_class(ray_options.actor_max_concurrency)
-        self._cut_dtype = options.cut_dtype or plan.params.get("cut_dtype") or None
         self._onnx: dict[tuple[str, int, int], bytes] = {}
 
-    def spec(self, worker_id: int) -> tuple[StageActorSpec, dict[str, Any]]:
-        """The actor's spec and its Ray placement options."""
-        slot = self.placement.worker(worker_id)
-        mp = self.plan.model(slot.model)
-        stage = mp.pipelines[slot.pipeline].stages[slot.stage]
-        info = WorkerInfo(slot.worker_id, slot.model, slot.pipeline, slot.stage,
-                          stage.first_block, stage.last_block, slot.gpu_class, slot.mps_share,
-                          slot.server_id, slot.gpu_index)
-        built = self._built.get(slot.model)
-        max_batch = max(p.batch_size for p in mp.pipelines)
-        onnx = trt_dir = emulation = None
-        share = 1.0 / slot.mps_share
-        if built is not None and built.backend == "tensorrt" and slot.gpu_class == built.gpu_class:
-            trt_dir = str(built.build_dir)
-            placement = {"num_gpus": share, "accelerator_type": slot.gpu_class, "num_cpus": 0}
-        else:
-            placement = {"resources": {RESOURCE_PREFIX + slot.gpu_class: share}, "num_cpus": 0}
-            if built is not None:
-                key = (slot.model, stage.first_block, stage.last_block)
-                if key not in self._onnx:
-                    self._onnx[key] = built.stage_onnx(*key[1:]).read_bytes()
-                onnx = self._onnx[key]
-                if slot.gpu_class != built.gpu_class:
-                    emulation = _emulation(self._profiles, slot, stage)
-            else:
-                emulation = _emulation(self._profiles, slot, stage)
-        cut_dtype = self._cut_dtype
-        if cut_dtype is None and built is not None and \
-                built.manifest.get("partition", {}).get("fp16_cuts"):
-            cut_dtype = "float16"  # as the local assembly: its profile counts fp16 cuts
-        spec = StageActorSpec(info, onnx, emulation, max_batch, cut_dtype,
-                              self._options.intra_op_threads, self._options.emulate_links,
-                              trt_dir)
-        return spec, placement
+    def spec(self, worker_id: int) -> WorkerSpec:
+        """The spec sent to ``worker_id``'s actor."""
+        spec = self.specs[worker_id]
+        e = spec.executor
+        if e is None or e.backend != "onnxruntime":
+            return spec
+        key = (spec.slot.model, spec.slot.first_block, spec.slot.last_block)
+        if key not in self._onnx:
+            self._onnx[key] = self._built[key[0]].stage_onnx(*key[1:]).read_bytes()
+        return replace(spec, executor=replace(e, stage_onnx=self._onnx[key]))
 
     def needed_resources(self) -> dict[str, float]:
         need: dict[str, float] = {}
-        for w in self.placement.workers:
-            _, placement = self.spec(w.worker_id)
-            for k, v in placement.get("resources", {}).items():
+        for spec in self.specs:
+            for k, v in actor_options(spec).get("resources", {}).items():
                 need[k] = need.get(k, 0.0) + v
         return need
 
-    def create(self, worker_id: int):
-        spec, placement = self.spec(worker_id)
+    def create(self, worker_id: int) -> tuple[Any, WorkerSlot]:
+        """Ask Ray for ``worker_id``'s actor (returns at once: its handle and slot)."""
+        spec = self.spec(worker_id)
         return self._actor_cls.options(
-            name=None, max_restarts=0, **placement).remote(spec), spec.info
+            name=None, max_restarts=0, **actor_options(spec)).remote(spec), spec.slot
 
-    def finish(self, handle, info: WorkerInfo, timeout_s: float = 120.0) -> RayWorkerProxy:
+    def finish(self, handle, info: WorkerSlot, timeout_s: float = 120.0) -> RayWorkerProxy:
         """Wait until a created actor is up; align its clock with this process's."""
         import ray
 
@@ -251,8 +247,6 @@ def build_ray_runtime(plan: Plan, profiles: ProfileSet,
     ``connection``: what :func:`connect_ray` returned when the caller connected already (the
     runtime then owns that instance as if it had started it).
     """
-    from ppipe_trt.scheduler import build_schedulers
-
     options = options or RuntimeOptions()
     ray_options = ray_options or RayOptions()
     built_models = dict(built_models or {})
@@ -274,16 +268,9 @@ def build_ray_runtime(plan: Plan, profiles: ProfileSet,
                 shutil.rmtree(own_temp, ignore_errors=True)
         raise
     hop = options.hop_overhead_us if options.hop_overhead_us is not None else hop_us
-    kwargs = dict(options.scheduler_kwargs or {})
-    if options.policy == "reservation":
-        kwargs.setdefault("wake_lead_us", options.wake_lead_us)
-    schedulers = build_schedulers(plan, profiles, launcher.placement, policy=options.policy,
-                                  hop_overhead_us=hop, **kwargs)
+    schedulers = plan_schedulers(plan, profiles, launcher.placement, options, hop)
     # The scheduler does not see the dispatch to stage 0 and the answer's way back.
-    margin = options.deadline_margin_us + 2.0 * direct_us
-    real = [m.slo_us for m in models.values() if not m.timing_only]
-    if real:
-        margin += options.deadline_margin_fraction * min(real)
+    margin = deadline_margin_us(options, models, unseen_us=2.0 * direct_us)
     tight = min(models.values(), key=lambda m: m.slo_us)
     if margin >= 0.5 * tight.slo_us:
         log.warning("Ray calls are slow on this cluster (measured: %.1f ms a hop between "
@@ -296,7 +283,7 @@ def build_ray_runtime(plan: Plan, profiles: ProfileSet,
         transport.set_handle(wid, p.handle)
     runtime = RayServingRuntime(
         plan, models, schedulers, transport, hop_overhead_us=hop, deadline_margin_us=margin,
-        max_pending=options.max_pending, switch_interval_s=options.switch_interval_s,
+        options=options,
         info={"policy": options.policy, "transport": "ray actors",
               "cluster": "ray" + (f"://{ray_options.address}" if ray_options.address else
                                   " (local instance)"),

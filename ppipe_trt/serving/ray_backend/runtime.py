@@ -1,15 +1,19 @@
 """The runtime with Ray actors as stage workers: worker health, removal, re-dispatch, re-adding.
 
 :class:`RayServingRuntime` *is* the single-host :class:`ServingRuntime` (same loop, same
-schedulers, same front end); it adds cluster events to the loop's inbox:
+schedulers, same front end, workers driven through the same
+:class:`~ppipe_trt.serving.handle.WorkerHandle` protocol); it implements the runtime's hooks:
 
-* ``down`` (a worker died or stopped answering: from the :class:`HealthMonitor` or from a
-  batch whose report was lost): the worker is removed from its scheduler
+* :meth:`~RayServingRuntime.on_cluster_event` handles three events of its own:
+  :class:`WorkerDown` (a worker died or stopped answering: from the :class:`HealthMonitor`
+  or from a batch whose report was lost): the worker is removed from its scheduler
   (``remove_worker``), which stops reserving on it and drops the batches reserved on it with
-  ``WORKER_FAILED``;
-* ``lost`` (a batch's stage report can never come): its reservations are released;
-* ``up`` (:meth:`RayServingRuntime.readd_worker` started a new actor for the slot): the
-  worker is put back in its pool (``add_worker``).
+  ``WORKER_FAILED``; :class:`BatchLost` (a batch's stage report can never come): its
+  reservations are released; :class:`WorkerUp` (:meth:`RayServingRuntime.readd_worker`
+  started a new actor for the slot): the worker is put back in its pool (``add_worker``);
+* :meth:`~RayServingRuntime.on_drops` takes the ``WORKER_FAILED`` drops out of a decision
+  pass to re-dispatch them; :meth:`~RayServingRuntime.before_answer_drop` tells a request
+  that was re-dispatched and still missed its deadline that a worker failed.
 
 The scheduler answers a worker failure only with drops; this runtime turns a ``WORKER_FAILED``
 drop (and a lost batch) into a **re-dispatch**: the request arrives again at its scheduler
@@ -21,26 +25,29 @@ once; a late result of a killed actor cannot come, since actors declared down ar
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ppipe_trt.errors import PPipeError
-from ppipe_trt.scheduler.interface import Decisions, Dispatch, DropReason, Request
-from ppipe_trt.serving.runtime import ServingRuntime
+from ppipe_trt.scheduler.interface import Dispatch, Drop, DropReason, Request
+from ppipe_trt.scheduler.placement import WorkerSlot
+from ppipe_trt.serving.events import LoopEvent
+from ppipe_trt.serving.handle import WorkerStats
 from ppipe_trt.serving.ray_backend.health import HealthMonitor, HealthOptions
-from ppipe_trt.serving.worker import WorkerInfo, WorkerStats
+from ppipe_trt.serving.runtime import ServingRuntime
 
 log = logging.getLogger("ppipe.serving.ray")
 
 
 class RayWorkerProxy:
-    """The API process's view of one stage actor (duck-types ``StageWorker`` for the
-    runtime: ``worker_id``, ``info``, ``mode``, ``start``, ``stop``, ``stats``).  Its counters
-    are those of the latest health ping."""
+    """The API process's view of one stage actor (a :class:`~ppipe_trt.serving.handle.
+    WorkerHandle`).  ``alive`` is set by the runtime when the worker is declared down.  Its
+    counters are those of the latest health ping."""
 
-    def __init__(self, info: WorkerInfo, handle: Any, mode: str, node_id: str, pid: int,
+    def __init__(self, info: WorkerSlot, handle: Any, mode: str, node_id: str, pid: int,
                  started_us: float):
         self.info = info
         self.handle = handle
@@ -76,10 +83,35 @@ class RayWorkerProxy:
         self._stats = stats
 
     def stats(self) -> WorkerStats:
-        s = self._stats
-        return WorkerStats(s.worker_id, s.model, s.stage, s.gpu_class, self.mode, s.batches,
-                           s.samples, s.busy_us, s.queue_length, s.overruns, s.failures,
-                           s.started_us)
+        return dataclasses.replace(self._stats, mode=self.mode)
+
+
+@dataclass(slots=True)
+class WorkerDown(LoopEvent):
+    """Worker ``worker_id`` died or stopped answering (seen at ``detected_us``, runtime
+    clock): the loop removes it from its pool."""
+
+    worker_id: int
+    reason: str
+    detected_us: float
+
+
+@dataclass(slots=True)
+class WorkerUp(LoopEvent):
+    """A new actor serves ``worker_id``'s slot: the loop puts it back in its pool."""
+
+    worker_id: int
+
+
+@dataclass(slots=True)
+class BatchLost(LoopEvent):
+    """The report of route position ``stage`` of ``dispatch`` can never come (``why``: the
+    error's name; ``lost_us``: when that was known)."""
+
+    dispatch: Dispatch
+    stage: int
+    why: str
+    lost_us: float
 
 
 @dataclass(slots=True)
@@ -127,25 +159,17 @@ class RayServingRuntime(ServingRuntime):
         self._cluster_lock = threading.Lock()
         self._down: dict[int, WorkerDownRecord] = {}
         self._attempts: dict[int, int] = {}   # request id -> re-dispatches so far
-        self._transport.attach(self)
+        self.transport.attach(self)
         self.monitor = HealthMonitor(self._live_handles, self.worker_down, self._on_stats,
                                      health)
 
     # ---- life cycle ---------------------------------------------------------------------------
     def start(self) -> "RayServingRuntime":
-        import gc
-
-        # Ray's driver makes the API process's heap large: a full collection then takes
-        # ~100 ms (measured: 70-113 ms gen-2 pauses under load), and stalls the loop and
-        # every answer.  Objects alive at start-up (modules, Ray, engines' metadata) are moved
-        # out of the collector's sight; later garbage is collected as usual.
-        gc.collect()
-        gc.freeze()
         super().start()
         self.monitor.start()
         return self
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float | None = None) -> None:
         self.monitor.stop()
         super().stop(timeout_s)
         if self.owns_ray:
@@ -163,127 +187,68 @@ class RayServingRuntime(ServingRuntime):
         return {w.worker_id: w.handle for w in self.workers if w.alive}
 
     def _on_stats(self, worker_id: int, stats: WorkerStats) -> None:
-        w = self._workers.get(worker_id)
+        w = self.worker(worker_id)
         if w is not None and w.alive:
             w.update_stats(stats)
 
     def worker_down(self, worker_id: int, reason: str) -> None:
         """Declare ``worker_id`` down (thread-safe); the loop removes it from its pool."""
-        w = self._workers.get(worker_id)
+        w = self.worker(worker_id)
         if w is not None and w.alive:
-            self._inbox.put(("down", worker_id, reason, self._clock()))
+            self.post_event(WorkerDown(worker_id, reason, self.now_us()))
 
     def batch_lost(self, d: Dispatch, stage: int, suspect: int | None, error: BaseException,
                    now_us: float) -> None:
         """A stage report of batch ``d`` will never come (called by the transport)."""
         if suspect is not None:
             self.worker_down(suspect, f"a call to it failed: {type(error).__name__}")
-        self._inbox.put(("lost", d, stage, f"{type(error).__name__}", now_us))
+        self.post_event(BatchLost(d, stage, type(error).__name__, now_us))
 
     def readd_worker(self, worker_id: int) -> RayWorkerProxy:
         """Start a new actor for ``worker_id``'s slot and put it back in its pool.  Blocks
         until the actor is up (seconds).  Call from any thread but the runtime loop."""
-        old = self._workers.get(worker_id)
+        old = self.worker(worker_id)
         if old is None:
-            raise PPipeError(f"no worker {worker_id}; workers are {sorted(self._workers)}")
+            raise PPipeError(f"no worker {worker_id}; workers are "
+                             f"{[w.worker_id for w in self.workers]}")
         if old.alive:
             raise PPipeError(f"worker {worker_id} is alive; only a worker that is down can be "
                              "re-added")
         proxy = self._relaunch(worker_id)
-        self._transport.set_handle(worker_id, proxy.handle)
-        self._workers[worker_id] = proxy
+        self.transport.set_handle(worker_id, proxy.handle)
+        self.replace_worker(proxy)
         self._set_peers({w.worker_id: w for w in self.workers if w.alive})
-        self._inbox.put(("up", worker_id))
+        self.post_event(WorkerUp(worker_id))
         return proxy
 
-    # ---- the loop ---------------------------------------------------------------------------
-    def _process(self, events: list[tuple]) -> bool:
-        plain: list[tuple] = []
-        for ev in events:
-            if ev[0] in ("down", "lost", "up"):
-                if plain and not super()._process(plain):
-                    return False
-                plain = []
-                try:
-                    self._cluster_event(ev, self._clock())
-                except Exception:
-                    log.exception("runtime loop: cluster event %s failed", ev[0])
-            else:
-                plain.append(ev)
-        return super()._process(plain)
+    # ---- hooks of ServingRuntime (loop thread) ---------------------------------------------
+    def on_cluster_event(self, event: LoopEvent, now_us: float) -> None:
+        kind = type(event)
+        if kind is WorkerDown:
+            self._remove_worker(event, now_us)
+        elif kind is WorkerUp:
+            self._readd(event.worker_id, now_us)
+        elif kind is BatchLost:
+            self._lost(event, now_us)
+        else:
+            super().on_cluster_event(event, now_us)
 
-    def _cluster_event(self, ev: tuple, now: float) -> None:
-        kind = ev[0]
-        if kind == "down":
-            _, wid, reason, detected = ev
-            w = self._workers[wid]
-            if not w.alive:
-                return
-            w.alive, w.down_reason = False, reason
-            rec = WorkerDownRecord(wid, reason, detected, now)
-            with self._cluster_lock:
-                self._down[wid] = rec
-                self.cluster.workers_removed += 1
-                self.cluster.history.append(rec)
-            log.warning("worker %d (%s stage %d) down: %s", wid, w.info.model, w.info.stage,
-                        reason)
-            w.stop()  # a hung actor must not answer later
-            self._apply(w.info.model, self._schedulers[w.info.model].remove_worker(wid, now),
-                        now)
-        elif kind == "up":
-            wid = ev[1]
-            w = self._workers[wid]
-            with self._cluster_lock:
-                rec = self._down.pop(wid, None)
-                if rec is not None:
-                    rec.readded_us = now
-                self.cluster.workers_readded += 1
-            self._apply(w.info.model, self._schedulers[w.info.model].add_worker(wid, now), now)
-        elif kind == "lost":
-            _, d, stage, why, _lost_us = ev
-            with self._inflight_lock:
-                live = self._inflight.pop((d.model, d.batch_id), None) is not None
-            if not live:  # already settled (dropped by remove_worker, answered, failed)
-                return
-            with self._cluster_lock:
-                self.cluster.batches_lost += 1
-            for s in range(stage, len(d.route)):  # release what it still holds
-                self._inbox.put(("finished", d.model, d.batch_id, s, now))
-            failed = d.route[stage].worker_id
-            self._retry_or_fail(d.model, d.requests, f"batch {d.batch_id} lost in stage "
-                                f"{stage} on worker {failed} ({why})", now)
+    def on_drops(self, model: str, drops: list[Drop], now_us: float) -> list[Drop]:
+        """``WORKER_FAILED`` drops are re-dispatched (or answered) here; the rest are
+        answered by the runtime."""
+        failed = [dr for dr in drops if dr.reason == DropReason.WORKER_FAILED]
+        if not failed:
+            return drops
+        # their batches are settled here, not by a late report
+        self.settle_requests(model, {dr.request.request_id for dr in failed})
+        self._retry_or_fail(model, [dr.request for dr in failed],
+                            failed[0].detail or "worker failed", now_us)
+        return [dr for dr in drops if dr.reason != DropReason.WORKER_FAILED]
 
-    def _apply(self, model: str, decisions: Decisions, now: float) -> None:
-        failed = [dr for dr in decisions.drops if dr.reason == DropReason.WORKER_FAILED]
-        if failed:
-            decisions.drops = [dr for dr in decisions.drops
-                               if dr.reason != DropReason.WORKER_FAILED]
-            ids = {dr.request.request_id for dr in failed}
-            with self._inflight_lock:  # their batches are settled here, not by a late report
-                for key in [k for k, d in self._inflight.items()
-                            if d.model == model and any(r.request_id in ids for r in d.requests)]:
-                    del self._inflight[key]
-        super()._apply(model, decisions, now)
-        if failed:
-            self._retry_or_fail(model, [dr.request for dr in failed],
-                                failed[0].detail or "worker failed", now)
-
-    def _retry_or_fail(self, model: str, requests, why: str, now: float) -> None:
-        sched = self._schedulers[model]
-        for r in requests:
-            if r.payload.future.done():
-                continue
-            tries = self._attempts.get(r.request_id, 0)
-            if tries < self.max_redispatch and now < r.deadline_us:
-                self._attempts[r.request_id] = tries + 1
-                with self._cluster_lock:
-                    self.cluster.requests_redispatched += 1
-                self._apply(model, sched.on_arrival(r, now), now)
-            else:
-                self._answer_drop(model, r, DropReason.WORKER_FAILED,
-                                  why + ("; already re-dispatched" if tries else ""))
-
-    def _answer_drop(self, model: str, request: Request, reason, detail: str) -> None:
+    def before_answer_drop(self, model: str, request: Request, reason: DropReason,
+                           detail: str) -> tuple[DropReason, str]:
+        """A re-dispatched request that is dropped again (but for shutdown) is told that a
+        worker failed; ``worker_failed`` answers are counted."""
         if request.request_id in self._attempts:
             self._attempts.pop(request.request_id, None)
             if reason != DropReason.SHUTDOWN:  # a re-dispatch that cannot make it any more
@@ -293,7 +258,60 @@ class RayServingRuntime(ServingRuntime):
         if reason == DropReason.WORKER_FAILED:
             with self._cluster_lock:
                 self.cluster.requests_failed += 1
-        super()._answer_drop(model, request, reason, detail)
+        return reason, detail
+
+    # ---- cluster events (loop thread) -------------------------------------------------------
+    def _remove_worker(self, ev: WorkerDown, now: float) -> None:
+        w = self.worker(ev.worker_id)
+        if w is None or not w.alive:
+            return
+        w.alive, w.down_reason = False, ev.reason
+        rec = WorkerDownRecord(ev.worker_id, ev.reason, ev.detected_us, now)
+        with self._cluster_lock:
+            self._down[ev.worker_id] = rec
+            self.cluster.workers_removed += 1
+            self.cluster.history.append(rec)
+        log.warning("worker %d (%s stage %d) down: %s", ev.worker_id, w.info.model,
+                    w.info.stage, ev.reason)
+        w.stop()  # a hung actor must not answer later
+        model = w.info.model
+        self.apply_decisions(model, self.scheduler(model).remove_worker(ev.worker_id, now), now)
+
+    def _readd(self, worker_id: int, now: float) -> None:
+        model = self.worker(worker_id).info.model
+        with self._cluster_lock:
+            rec = self._down.pop(worker_id, None)
+            if rec is not None:
+                rec.readded_us = now
+            self.cluster.workers_readded += 1
+        self.apply_decisions(model, self.scheduler(model).add_worker(worker_id, now), now)
+
+    def _lost(self, ev: BatchLost, now: float) -> None:
+        d = ev.dispatch
+        if self.settle(d.model, d.batch_id) is None:
+            return  # already settled (dropped by remove_worker, answered, failed)
+        with self._cluster_lock:
+            self.cluster.batches_lost += 1
+        self.release_reservations(d, ev.stage, now)
+        failed = d.route[ev.stage].worker_id
+        self._retry_or_fail(d.model, d.requests, f"batch {d.batch_id} lost in stage "
+                            f"{ev.stage} on worker {failed} ({ev.why})", now)
+
+    def _retry_or_fail(self, model: str, requests: Iterable[Request], why: str,
+                       now: float) -> None:
+        sched = self.scheduler(model)
+        for r in requests:
+            if r.payload.future.done():
+                continue
+            tries = self._attempts.get(r.request_id, 0)
+            if tries < self.max_redispatch and now < r.deadline_us:
+                self._attempts[r.request_id] = tries + 1
+                with self._cluster_lock:
+                    self.cluster.requests_redispatched += 1
+                self.apply_decisions(model, sched.on_arrival(r, now), now)
+            else:
+                self.answer_drop(model, r, DropReason.WORKER_FAILED,
+                                 why + ("; already re-dispatched" if tries else ""))
 
     # ---- introspection ----------------------------------------------------------------------
     def cluster_health(self) -> dict[str, Any]:

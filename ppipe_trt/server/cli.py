@@ -20,7 +20,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "demo_resnet"
+from ppipe_trt.server.prepare import DEFAULT_MODEL, prepare
 
 
 def register(subparsers) -> None:
@@ -65,121 +65,6 @@ def register(subparsers) -> None:
                         "on a local Ray instance, emulated GPU classes as custom resources), "
                         "'ray://HOST:PORT' or 'ray:auto' (a running Ray cluster); see docs/ray.md")
     p.set_defaults(handler=serve_command)
-
-
-def _repository_entries(args) -> dict:
-    from ppipe_trt.repository import EXAMPLE_REPOSITORY, load_repository
-
-    if args.model_repository is not None:
-        return load_repository(args.model_repository)
-    if not (args.models or args.plan or args.emulate) and EXAMPLE_REPOSITORY.is_dir():
-        from ppipe_trt.repository import load_model_entry
-
-        return {DEFAULT_MODEL: load_model_entry(EXAMPLE_REPOSITORY / DEFAULT_MODEL)}
-    return {}
-
-
-def prepare(args) -> tuple:
-    """(plan, profiles, built models, description) for the arguments; builds engines.
-
-    Where each model comes from, in order: the repository (built or reused for this
-    machine's class), the engine store (a build for this class), a built-in demo model (the
-    example repository's entry), and only with ``--emulate``: timing-only from the profiles.
-    Anything else is an error naming what to do.
-    """
-    from ppipe_trt.cluster import load_cluster
-    from ppipe_trt.engines.gpu import detect_gpu_class
-    from ppipe_trt.errors import BadInputError
-    from ppipe_trt.models import BUILTIN_MODELS
-    from ppipe_trt.plan import load_plan
-    from ppipe_trt.profiles import load_profiles
-    from ppipe_trt.profiles.types import ProfileSet
-    from ppipe_trt.serving.local import emulated_plan, local_plan
-
-    model_repository = getattr(args, "model_repository", None)
-    args.model_repository = model_repository
-    plan = load_plan(args.plan) if args.plan else None
-    if args.emulate is True and plan is None:
-        raise BadInputError("--emulate without a cluster file needs --plan plan.json (its "
-                            "cluster is emulated); otherwise give --emulate CLUSTER.yaml")
-    entries = _repository_entries(args)
-    models = list(args.models or (plan.model_names if plan else []) or entries)
-    if not models:
-        if args.emulate:
-            raise BadInputError("--emulate needs --model NAME (a model of --profiles or of "
-                                "--model-repository)")
-        models = [DEFAULT_MODEL]
-    if model_repository is not None:
-        unknown = [m for m in models if m not in entries]
-        if unknown and not args.emulate:
-            raise BadInputError(f"models {unknown} are not in {model_repository} (it holds "
-                                f"{sorted(entries)})")
-    shared = load_profiles(args.profiles) if args.profiles else ProfileSet({}, "")
-    local_class = detect_gpu_class()
-    built, used_entries = {}, {}
-    for m in models:
-        entry = entries.get(m)
-        if entry is None and m in BUILTIN_MODELS and model_repository is None:
-            entry = _example_entry(m)
-        if entry is not None:
-            from ppipe_trt.repository.engines import build_entry
-
-            print(f"engines: building or reusing {m} ({entry.onnx_path}) for {local_class} in "
-                  f"{args.engines}", file=sys.stderr)
-            built[m] = build_entry(entry, local_class, args.engines)
-            used_entries[m] = entry
-            continue
-        stored = _stored_build(m, local_class, args.engines)
-        if stored is not None:
-            built[m] = stored
-    missing = [m for m in models if m not in built]
-    timing_only = [m for m in missing if args.emulate and m in shared]
-    unserved = [m for m in missing if m not in timing_only]
-    if unserved:
-        hint = ("" if args.emulate else
-                "; a model known only from --profiles runs timing-only with --emulate")
-        raise BadInputError(
-            f"models {unserved} have no engines for {local_class} in {args.engines} and are "
-            f"not in a model repository; build them (ppipe engines build --model-repository "
-            f"DIR, or ppipe engines build MODEL.onnx) or serve --model-repository DIR{hint}")
-    profiles = shared
-    if built:
-        own = load_profiles(args.engines, list(built))
-        profiles = own if not len(shared) else shared.merged(own)
-    slo = {m: e.slo_ms for m, e in used_entries.items() if e.slo_ms}
-    slo.update({m: args.slo_ms for m in models} if args.slo_ms else {})
-    weights = {m: e.weight for m, e in used_entries.items()}
-    if plan is not None:
-        what = f"plan {args.plan}" + (" (emulated)" if args.emulate else "")
-    elif args.emulate:
-        cluster = load_cluster(args.emulate)
-        plan = emulated_plan(profiles, cluster, models, slo, weights=weights)
-        what = f"emulated cluster {cluster.label} ({args.emulate})"
-    else:
-        slots = args.slots or len(models)
-        plan = local_plan(profiles, models, local_class, slots, slo, weights=weights)
-        what = f"local {local_class} x{slots}"
-    if timing_only:
-        what += f"; TIMING-ONLY (no engines, profiles only): {', '.join(timing_only)}"
-    return plan, profiles, built, what
-
-
-def _example_entry(model: str):
-    from ppipe_trt.repository import EXAMPLE_REPOSITORY, load_model_entry
-
-    if not (EXAMPLE_REPOSITORY / model).is_dir():
-        return None
-    return load_model_entry(EXAMPLE_REPOSITORY / model)
-
-
-def _stored_build(model: str, gpu_class: str, store):
-    """The store's build of ``model`` for ``gpu_class``, or None when there is none (a stale
-    or corrupt one is an error naming the rebuild command)."""
-    from ppipe_trt.engines.store import model_dir, open_built_model
-
-    if not (model_dir(store, gpu_class, model) / "CURRENT").exists():
-        return None
-    return open_built_model(model, gpu_class, store)
 
 
 def serve_command(args) -> int:

@@ -1,0 +1,73 @@
+"""Knobs of the live runtime, its loop and its workers (one record for both assemblies)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    """Knobs of the live runtime.
+
+    Scheduling:
+
+    * ``policy``: the scheduler policy; ``scheduler_kwargs``: its options.
+    * ``hop_overhead_us``: per-hop hand-off cost given to the scheduler (``None``: measured at
+      start-up).
+    * ``deadline_margin_us`` (+ ``deadline_margin_fraction`` of the SLO when a model runs real
+      compute, whose latency varies around its profile): the scheduler plans each request
+      against its deadline minus this (dispatch and answer costs it does not see).  The 30 %
+      default was measured on a 2-core host that also runs the load generator
+      (docs/benchmarks/vs_rayserve.md): at 10 % stalls of a few ms already made answers late.
+    * ``wake_lead_us``: wake the scheduler this much before the last moment (the loop may
+      oversleep on a busy host).
+
+    Workers:
+
+    * ``emulate_links``: delay hand-offs between servers by the reserved link time.
+    * ``intra_op_threads``: ONNX Runtime threads per CPU worker (1: idle ONNX Runtime pool
+      threads spin, which starves the front end on a small host; ``None`` for ONNX Runtime's
+      default).
+    * ``cut_dtype``: e.g. ``"float16"`` to halve activations at cuts (default: the plan's
+      ``params["cut_dtype"]``, else ``float16`` for models whose engines were built with
+      ``fp16_cuts``).
+
+    The process and the loop:
+
+    * ``max_pending``: requests waiting or running at once, beyond which new ones are rejected
+      at once with reason ``queue_full``.
+    * ``switch_interval_s``: Python's thread switch interval while the runtime runs
+      (process-wide; ``None`` leaves Python's 5 ms).  A thread that a reservation waits for (a
+      worker whose batch starts now, the loop at its wake-up) waits for the GIL up to this
+      long behind a thread running Python; measured on a 2-core host under a 3x overload
+      burst, 0.5 ms cut the median lag of a reserved start from ~2-4 ms to ~0.6-2 ms
+      (docs/serving.md).
+    * ``freeze_gc``: at start, collect once and freeze what is alive (:func:`gc.freeze`).  A
+      full collection over the objects loaded by then (models, FastAPI, numpy; with Ray's
+      driver: 70-113 ms gen-2 pauses measured under load) pauses every thread for tens of
+      milliseconds, which a reservation made to the millisecond cannot absorb; frozen objects
+      keep later collections small.
+    * ``loop_yield_s`` / ``loop_yield_min_drops``: when one decision pass dispatches and drops
+      more than ``loop_yield_min_drops`` requests (an overload burst), the loop sleeps
+      ``loop_yield_s`` between the two, so that the workers just dispatched to take the GIL
+      and start before it spends milliseconds answering the drops.
+    * ``stop_timeout_s``: how long :meth:`~ppipe_trt.serving.runtime.ServingRuntime.stop`
+      waits for the loop to drain and end.
+    """
+
+    policy: str = "reservation"
+    hop_overhead_us: float | None = None
+    deadline_margin_us: float = 1000.0
+    deadline_margin_fraction: float = 0.3
+    wake_lead_us: float = 1000.0
+    emulate_links: bool = True
+    intra_op_threads: int | None = 1
+    cut_dtype: str | None = None
+    max_pending: int = 10_000
+    switch_interval_s: float | None = 0.0005
+    scheduler_kwargs: Mapping[str, Any] | None = None
+    freeze_gc: bool = True
+    loop_yield_s: float = 50e-6
+    loop_yield_min_drops: int = 8
+    stop_timeout_s: float = 10.0

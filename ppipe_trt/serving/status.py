@@ -1,0 +1,43 @@
+"""The runtime's status report: the plan in force, the models, the workers and how they run
+(JSON-ready; what ``/v2/status`` returns)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ppipe_trt.plan import plan_to_dict
+
+if TYPE_CHECKING:
+    from ppipe_trt.serving.handle import WorkerHandle
+    from ppipe_trt.serving.runtime import ServingRuntime
+    from ppipe_trt.serving.types import ServedModel
+
+
+def model_status(m: "ServedModel") -> dict[str, Any]:
+    return {"slo_ms": m.slo_us / 1000.0, "max_batch": m.max_batch, "mode": m.mode,
+            "emulated": m.emulated, "frames": m.image is not None,
+            "postprocess": m.postprocess.kind, "timing_only": m.timing_only}
+
+
+def worker_status(w: "WorkerHandle") -> dict[str, Any]:
+    s = w.info
+    return {"worker_id": w.worker_id, "model": s.model, "pipeline": s.pipeline,
+            "stage": s.stage, "blocks": [s.first_block, s.last_block],
+            "gpu_class": s.gpu_class, "mps_share": s.mps_share, "server_id": s.server_id,
+            "mode": w.mode}
+
+
+def runtime_status(rt: "ServingRuntime") -> dict[str, Any]:
+    """``rt``'s status; times: ``uptime_s`` in seconds, the rest in microseconds."""
+    now = rt.now_us()
+    return {
+        "ready": rt.ready,
+        "uptime_s": (now - rt.started_us) / 1e6 if rt.started_us else 0.0,
+        "hop_overhead_us": rt.hop_overhead_us,
+        "deadline_margin_us": rt.deadline_margin_us,
+        "emulated": any(m.emulated for m in rt.models.values()),
+        **rt.info,
+        "models": {m.name: model_status(m) for m in rt.models.values()},
+        "workers": [worker_status(w) for w in rt.workers],
+        "plan": plan_to_dict(rt.plan),
+    }

@@ -1,0 +1,83 @@
+"""What the data plane hands the front end: served models, results, the stage-failure error,
+and what the runtime keeps of a request while it is in the system."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from ppipe_trt.engines.backends.base import TensorSpec
+from ppipe_trt.errors import PPipeError
+from ppipe_trt.repository.types import ImageSpec, Postprocess
+
+__all__ = ["ImageSpec", "InferenceResult", "PendingRequest", "ServedModel", "StageFailedError"]
+
+
+class StageFailedError(PPipeError):
+    """A stage's engine (or the hand-off to the next stage) failed under a batch; every
+    request of the batch gets this error."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """What the front end needs to know about a model it serves.
+
+    ``inputs``/``outputs``: tensor specs with ``-1`` as the batch dimension.  ``mode`` says
+    how it runs (e.g. ``"onnxruntime cpu"``, ``"timing-only, emulated"``); ``emulated`` marks
+    figures that come from emulated GPU classes.  ``image`` (frames preprocessing) and
+    ``postprocess`` come from the model's repository configuration.
+    """
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    slo_us: float
+    max_batch: int
+    mode: str
+    emulated: bool = False
+    timing_only: bool = False
+    image: ImageSpec | None = None
+    postprocess: Postprocess = Postprocess()
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((s for s in self.inputs if s.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResult:
+    """One request's answer.  ``outputs`` arrays have a leading batch dimension of 1 and are
+    owned by the caller.  Times are microseconds on the runtime clock."""
+
+    request_id: int
+    model: str
+    outputs: dict[str, np.ndarray]
+    arrival_us: float
+    finish_us: float
+    deadline_us: float
+    batch_size: int
+
+    @property
+    def latency_us(self) -> float:
+        return self.finish_us - self.arrival_us
+
+    @property
+    def met_deadline(self) -> bool:
+        return self.finish_us <= self.deadline_us
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    """The runtime's side of a request (the scheduler's ``Request.payload``; it never leaves
+    the API process).  ``inputs``: batch-1 arrays by input name (``None`` for timing-only
+    models); ``future``: answered exactly once; ``deadline_us``: the real deadline the answer
+    is judged against (the scheduler plans against an earlier one)."""
+
+    inputs: Mapping[str, np.ndarray] | None
+    future: Future = field(default_factory=Future)
+    deadline_us: float = 0.0
+    # The request's activations between two dispatches of a policy that schedules stage by
+    # stage (reactive): the outputs of the stage it last finished, keyed by tensor name.
+    carried: dict[str, np.ndarray] | None = None

@@ -1,0 +1,1160 @@
+#!/usr/bin/env python
+"""CPU the live data plane spends per request, against the floor of the protocol library.
+
+Plans a paper configuration (``ppipe plan --paper-group G --paper-cluster C``; default group 5
+on L4-P4: 25 L4 + 75 P4 = 100 GPUs, ~2,600 req/s planned), serves it with ``ppipe serve --plan
+P --profiles DIR --emulate`` (timing-only emulated workers: every figure is EMULATED) and, for
+each protocol (HTTP, gRPC) and load factor, drives every model at once with one Triton
+``perf_analyzer`` per model (``--request-distribution poisson --request-rate-range R``, binary
+tensors, one FP32 element per sample).  Over a fixed window after a warm-up it measures:
+
+* offered and answered req/s and attainment (requests answered by their deadline, by the
+  runtime's latency as ``scripts/bench_serve.py`` counts it, over requests that arrived: the
+  server's ``/metrics`` counters, before/after the window);
+* server CPU us per request = (utime + stime of the server process tree, from /proc, over the
+  window) / requests answered in the window; the load generator's CPU the same way;
+* p50/p99 latency as perf_analyzer saw it (requests sent in the window);
+
+and the same for the **floor** of each protocol: a bare ``grpc.aio`` servicer built on
+tritonclient's ``service_pb2_grpc`` and a raw ASGI app under ``ppipe serve``'s uvicorn settings,
+both echoing a 4-byte output (``--echo-server grpc|http``, started as subprocesses of this
+script).  Then the largest load factor with >= 99 % attainment live, next to the simulator's
+on the same plan (``search_load_factor``, as ``ppipe simulate PLAN --search``).
+
+perf_analyzer stops at its first failed request, and the live server drops requests whose
+deadline it cannot meet (503): each model's perf_analyzer is restarted until the window ends,
+the restarts are counted, and the offered rate is the one the server saw.
+
+    .venv/bin/python scripts/bench_dataplane.py                      # defaults (~8 min)
+    .venv/bin/python scripts/bench_dataplane.py --load-factors 0.3 --window-s 5 \
+        --protocols http --out /tmp/dp.md --json /tmp/dp.json        # a quick check
+
+The machine's cores are shared by the server, the load generator and anything else running:
+the load generator's CPU share is reported beside every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DEFAULT_GROUP, DEFAULT_CLUSTER = 5, "L4-P4"
+DEFAULT_PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer" / "perf_analyzer"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+TARGET_ATTAINMENT = 0.99
+
+
+# ---- processes ---------------------------------------------------------------------------------
+
+class Children:
+    """Every subprocess this script starts, each in its own process group; ``stop_all`` ends
+    the groups (SIGTERM, then SIGKILL) and is called on every exit path."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen] = []
+        self._lock = threading.Lock()
+
+    def start(self, cmd: list[str], log_path: Path, cwd: Path = ROOT,
+              env: dict | None = None) -> subprocess.Popen:
+        log = open(log_path, "wb")
+        try:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                    start_new_session=True)
+        finally:
+            log.close()
+        with self._lock:
+            self._procs.append(proc)
+        return proc
+
+    @staticmethod
+    def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+        if proc.returncode is not None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+            except ChildProcessError:  # reaped by a load driver (os.wait4)
+                return
+
+    def stop_all(self) -> None:
+        with self._lock:
+            procs, self._procs = self._procs, []
+        for proc in reversed(procs):
+            self.stop(proc, grace_s=5.0)
+
+
+CHILDREN = Children()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as fh:
+        text = fh.read()
+    return text[text.rindex(")") + 2:].split()  # fields from 3 (state) on; comm may hold spaces
+
+
+def process_cpu_s(pid: int, with_reaped_children: bool = True) -> float:
+    """utime + stime of ``pid`` (all its threads), plus its reaped children's; seconds."""
+    f = _stat_fields(pid)
+    ticks = int(f[11]) + int(f[12]) + ((int(f[13]) + int(f[14])) if with_reaped_children else 0)
+    return ticks / CLK_TCK
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds of ``root`` and every live descendant (with their reaped children)."""
+    parent: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                parent[int(name)] = int(_stat_fields(int(name))[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    total = 0.0
+    for pid in tree:
+        try:
+            total += process_cpu_s(pid)
+        except (OSError, ValueError):
+            if pid == root:
+                raise
+    return total
+
+
+# ---- echo servers: the floor of each protocol ------------------------------------------------
+
+def _echo_metadata(model: str) -> dict:
+    return {"name": model, "versions": ["1"], "platform": "echo",
+            "inputs": [{"name": "INPUT__0", "datatype": "FP32", "shape": [-1, 1]}],
+            "outputs": [{"name": "OUTPUT__0", "datatype": "FP32", "shape": [-1, 1]}]}
+
+
+def _echo_statistics(model: str, count: int) -> dict:
+    zero = {"count": 0, "ns": 0}
+    done = {"count": count, "ns": 0}
+    return {"name": model, "version": "1", "last_inference": 0, "inference_count": count,
+            "execution_count": count,
+            "inference_stats": {"success": done, "fail": zero, "queue": done,
+                                "compute_input": done, "compute_infer": done,
+                                "compute_output": done, "cache_hit": zero, "cache_miss": zero},
+            "batch_stats": []}
+
+
+def echo_asgi_app(models: list[str]):
+    """A raw ASGI app answering what perf_analyzer asks over HTTP: metadata, config, stats,
+    readiness, and binary-tensor infer requests (the JSON header is parsed; the first 4 bytes
+    of the binary input are echoed as ``OUTPUT__0``)."""
+    counts = dict.fromkeys(models, 0)
+    metadata = {m: json.dumps(_echo_metadata(m)).encode() for m in models}
+    config = {m: json.dumps({"name": m, "platform": "echo", "backend": "echo",
+                             "max_batch_size": 1,
+                             "input": [{"name": "INPUT__0", "data_type": "TYPE_FP32",
+                                        "format": "FORMAT_NONE", "dims": [1]}],
+                             "output": [{"name": "OUTPUT__0", "data_type": "TYPE_FP32",
+                                         "dims": [1]}]}).encode() for m in models}
+    outputs = [{"name": "OUTPUT__0", "datatype": "FP32", "shape": [1, 1],
+                "parameters": {"binary_data_size": 4}}]
+    json_type = (b"content-type", b"application/json")
+
+    async def reply(send, status: int, body: bytes, headers=(json_type,)) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        parts = scope["path"].strip("/").split("/")
+        if len(parts) >= 5 and parts[3] == "versions":
+            del parts[3:5]
+        if parts[:2] == ["v2", "health"] or parts == ["v2"]:
+            return await reply(send, 200, b'{"ready": true}')
+        if parts == ["v2", "models", "stats"]:
+            return await reply(send, 200, json.dumps(
+                {"model_stats": [_echo_statistics(m, n) for m, n in counts.items()]}).encode())
+        if len(parts) < 3 or parts[1] != "models" or parts[2] not in counts:
+            return await reply(send, 404, b'{"error": "unknown model"}')
+        model, action = parts[2], (parts[3] if len(parts) > 3 else "")
+        if action == "infer":
+            headers = dict(scope["headers"])
+            n = int(headers.get(b"inference-header-content-length", len(body)))
+            request = json.loads(body[:n])
+            answer = {"model_name": model, "model_version": "1", "outputs": outputs}
+            if "id" in request:  # perf_analyzer matches answers to requests by id
+                answer["id"] = request["id"]
+            header = json.dumps(answer).encode()
+            counts[model] += 1
+            return await reply(send, 200, header + body[n:n + 4].ljust(4, b"\0"), (
+                (b"content-type", b"application/octet-stream"),
+                (b"inference-header-content-length", str(len(header)).encode())))
+        if action == "":
+            return await reply(send, 200, metadata[model])
+        if action == "config":
+            return await reply(send, 200, config[model])
+        if action == "ready":
+            return await reply(send, 200, b'{"ready": true}')
+        if action == "stats":
+            return await reply(send, 200, json.dumps(
+                {"model_stats": [_echo_statistics(model, counts[model])]}).encode())
+        return await reply(send, 404, b'{"error": "not found"}')
+
+    return app
+
+
+def serve_echo_http(port: int, models: list[str]) -> None:
+    import uvicorn
+
+    sys.setswitchinterval(0.0005)  # as ppipe serve
+    uvicorn.run(echo_asgi_app(models), host="127.0.0.1", port=port, log_level="warning")
+
+
+def serve_echo_grpc(port: int, models: list[str]) -> None:
+    import grpc
+    from tritonclient.grpc import model_config_pb2 as mc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc
+
+    counts = dict.fromkeys(models, 0)
+
+    class EchoServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+        """ModelInfer echoing 4 bytes, and the metadata calls perf_analyzer makes."""
+
+        async def ServerLive(self, request, context):
+            return pb.ServerLiveResponse(live=True)
+
+        async def ServerReady(self, request, context):
+            return pb.ServerReadyResponse(ready=True)
+
+        async def ModelReady(self, request, context):
+            return pb.ModelReadyResponse(ready=request.name in counts)
+
+        async def ServerMetadata(self, request, context):
+            return pb.ServerMetadataResponse(name="echo", version="1")
+
+        async def ModelMetadata(self, request, context):
+            if request.name not in counts:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.name!r}")
+            t = pb.ModelMetadataResponse.TensorMetadata
+            return pb.ModelMetadataResponse(
+                name=request.name, versions=["1"], platform="echo",
+                inputs=[t(name="INPUT__0", datatype="FP32", shape=[-1, 1])],
+                outputs=[t(name="OUTPUT__0", datatype="FP32", shape=[-1, 1])])
+
+        async def ModelConfig(self, request, context):
+            if request.name not in counts:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.name!r}")
+            return pb.ModelConfigResponse(config=mc.ModelConfig(
+                name=request.name, platform="echo", backend="echo", max_batch_size=1,
+                input=[mc.ModelInput(name="INPUT__0", data_type=mc.TYPE_FP32,
+                                     format=mc.ModelInput.FORMAT_NONE, dims=[1])],
+                output=[mc.ModelOutput(name="OUTPUT__0", data_type=mc.TYPE_FP32, dims=[1])]))
+
+        async def ModelStatistics(self, request, context):
+            from google.protobuf import json_format
+
+            names = [request.name] if request.name else list(counts)
+            return pb.ModelStatisticsResponse(model_stats=[
+                json_format.ParseDict(_echo_statistics(n, counts.get(n, 0)),
+                                      pb.ModelStatistics()) for n in names])
+
+        async def ModelInfer(self, request, context):
+            counts[request.model_name] += 1
+            raw = request.raw_input_contents[0][:4] if request.raw_input_contents else b""
+            return pb.ModelInferResponse(
+                model_name=request.model_name, model_version="1", id=request.id,
+                outputs=[pb.ModelInferResponse.InferOutputTensor(
+                    name="OUTPUT__0", datatype="FP32", shape=[1, 1])],
+                raw_output_contents=[raw.ljust(4, b"\0")])
+
+    async def main() -> None:
+        # the options api/grpc_server.py gives the live gRPC front end
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 << 20),
+                                          ("grpc.max_send_message_length", -1),
+                                          ("grpc.so_reuseport", 0)])
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(), server)
+        if not server.add_insecure_port(f"127.0.0.1:{port}"):
+            raise SystemExit(f"echo gRPC: cannot listen on 127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    sys.setswitchinterval(0.0005)  # as ppipe serve
+    try:  # ppipe serve runs its gRPC server on uvicorn's loop, uvloop where installed
+        import uvloop
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+
+
+# ---- talking to the servers --------------------------------------------------------------------
+
+def http_get(url: str, timeout_s: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+        return r.read()
+
+
+def wait_ready(proc: subprocess.Popen, check, what: str, log_path: Path,
+               timeout_s: float) -> None:
+    """Poll ``check()`` until it returns true; fail naming the log when the process exits or
+    the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with code {proc.returncode} before it was ready; "
+                             f"see {log_path}:\n{tail(log_path)}")
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"{what} was not ready within {timeout_s:.0f} s; see {log_path}")
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def grpc_ready(port: int) -> bool:
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        return stub.ServerReady(pb.ServerReadyRequest(), timeout=2.0).ready
+
+
+_METRIC = re.compile(r'^(\w+)\{([^}]*)\}\s+(\S+)$')
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+@dataclass(slots=True)
+class Counters:
+    """Per model: requests that arrived, answers with a result, results by the deadline,
+    dropped + failed (answered with an error), and the runtime-latency histogram
+    (cumulative counts by upper bound in seconds)."""
+
+    arrived: dict[str, float] = field(default_factory=dict)
+    completed: dict[str, float] = field(default_factory=dict)
+    within_deadline: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+    latency_buckets: dict[str, dict[float, float]] = field(default_factory=dict)
+
+
+def live_counters(http_port: int) -> Counters:
+    c = Counters()
+    text = http_get(f"http://127.0.0.1:{http_port}/metrics").decode()
+    for line in text.splitlines():
+        m = _METRIC.match(line)
+        if not m:
+            continue
+        name, labels, value = m.group(1), dict(_LABEL.findall(m.group(2))), float(m.group(3))
+        model = labels.get("model")
+        if model is None:
+            continue
+        target = {"ppipe_requests_total": c.arrived, "ppipe_completions_total": c.completed,
+                  "ppipe_completions_within_deadline_total": c.within_deadline}.get(name)
+        if target is not None:
+            target[model] = target.get(model, 0.0) + value
+        elif name in ("ppipe_drops_total", "ppipe_failures_total"):
+            c.errors[model] = c.errors.get(model, 0.0) + value
+        elif name == "ppipe_request_latency_seconds_bucket":
+            le = float("inf") if labels["le"] == "+Inf" else float(labels["le"])
+            b = c.latency_buckets.setdefault(model, {})
+            b[le] = b.get(le, 0.0) + value
+    return c
+
+
+def echo_counters(protocol: str, port: int, models: list[str]) -> Counters:
+    """The echo servers' answer counts, from the statistics call of their own protocol."""
+    if protocol == "http":
+        doc = json.loads(http_get(f"http://127.0.0.1:{port}/v2/models/stats"))
+        counts = {s["name"]: float(s["inference_count"]) for s in doc["model_stats"]}
+    else:
+        import grpc
+        from tritonclient.grpc import service_pb2 as pb
+        from tritonclient.grpc import service_pb2_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+                pb.ModelStatisticsRequest(), timeout=5.0)
+        counts = {s.name: float(s.inference_count) for s in reply.model_stats}
+    counts = {m: counts.get(m, 0.0) for m in models}
+    return Counters(arrived=dict(counts), completed=dict(counts), within_deadline={},
+                    errors=dict.fromkeys(models, 0.0))
+
+
+def histogram_quantile(buckets: dict[float, float], q: float) -> float | None:
+    """Quantile ``q`` (0..1) of a cumulative histogram, interpolated within its bucket."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0.0
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for b in bounds:
+        if buckets[b] >= rank:
+            if math.isinf(b):
+                return lower
+            inside = buckets[b] - below
+            return lower + (b - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = b, buckets[b]
+    return lower
+
+
+# ---- the load generator ---------------------------------------------------------------------
+
+@dataclass(slots=True)
+class LoadRun:
+    """One perf_analyzer process.  ``cpu_end_s``: its CPU seconds when it was reaped."""
+
+    proc: subprocess.Popen
+    started: float
+    log_path: Path
+    export_path: Path
+    cpu_end_s: float | None = None
+    returncode: int | None = None
+    ended: float | None = None           # monotonic, when it was reaped
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def cpu_s(self) -> float:
+        """CPU seconds so far (final once reaped)."""
+        for _ in range(200):
+            with self.lock:
+                if self.cpu_end_s is not None:
+                    return self.cpu_end_s
+                try:
+                    return process_cpu_s(self.proc.pid, with_reaped_children=False)
+                except (OSError, ValueError):
+                    pass  # just reaped: the driver is about to record its final figure
+            time.sleep(0.001)
+        return 0.0
+
+
+class ModelLoad(threading.Thread):
+    """Keeps one perf_analyzer driving ``model`` at ``rate_rps`` until ``stop_at``
+    (monotonic): each run is asked for the requests that fill the time left, and a run that
+    stops early (perf_analyzer gives up at the first dropped request) is replaced."""
+
+    def __init__(self, args, model: str, port: int, protocol: str, rate_rps: float,
+                 stop_at: float, workdir: Path, tag: str):
+        super().__init__(daemon=True, name=f"load-{model}")
+        self.args, self.model, self.port, self.protocol = args, model, port, protocol
+        self.rate_rps, self.stop_at, self.workdir, self.tag = rate_rps, stop_at, workdir, tag
+        self.runs: list[LoadRun] = []
+        self.runs_lock = threading.Lock()
+        self.closed = threading.Event()
+        self.error: str | None = None
+
+    def command(self, count: int, span_s: float, export: Path) -> list[str]:
+        cmd = [str(self.args.perf_analyzer), "-m", self.model, "-u", f"127.0.0.1:{self.port}",
+               "-i", self.protocol, "--async", "--request-distribution", "poisson",
+               "--request-rate-range", f"{self.rate_rps:.3f}", "--request-count", str(count),
+               # the Poisson schedule covers measurement-interval x max-trials, then repeats
+               "--measurement-interval", "1000", "--max-trials", str(int(span_s) + 5),
+               "--max-threads", str(self.args.max_threads), "--input-data", "zero",
+               "--profile-export-file", str(export)]
+        if self.protocol == "http":
+            cmd += ["--input-tensor-format", "binary", "--output-tensor-format", "binary"]
+        return cmd
+
+    def run(self) -> None:
+        quick_failures = 0
+        while not self.closed.is_set():
+            left_s = self.stop_at - time.monotonic()
+            if left_s < 0.5:
+                return
+            k = len(self.runs)
+            export = self.workdir / f"{self.tag}-{self.model}-{k}.json"
+            log_path = self.workdir / f"{self.tag}-{self.model}-{k}.log"
+            count = max(1, math.ceil(self.rate_rps * left_s))
+            with self.runs_lock:
+                if self.closed.is_set():
+                    return
+                proc = CHILDREN.start(self.command(count, left_s, export), log_path)
+                run = LoadRun(proc, time.monotonic(), log_path, export)
+                self.runs.append(run)
+            _, status, usage = os.wait4(proc.pid, 0)
+            with run.lock:
+                run.cpu_end_s = usage.ru_utime + usage.ru_stime
+                run.returncode = proc.returncode = os.waitstatus_to_exitcode(status)
+                run.ended = time.monotonic()
+            if run.returncode != 0 and time.monotonic() - run.started < 1.0:
+                quick_failures += 1
+                if quick_failures >= 5:
+                    self.error = (f"perf_analyzer for {self.model} failed 5 times within 1 s "
+                                  f"(exit {run.returncode}); see {log_path}:\n{tail(log_path)}")
+                    return
+            else:
+                quick_failures = 0
+
+    def stop(self) -> None:
+        """End the running perf_analyzer (after the window) and keep none from starting."""
+        with self.runs_lock:
+            self.closed.set()
+            live = [r.proc for r in self.runs if r.returncode is None]
+        for proc in live:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def cpu_s(self) -> dict[int, float]:
+        with self.runs_lock:
+            runs = list(self.runs)
+        return {id(r): r.cpu_s() for r in runs}
+
+
+def abort_reason(log_path: Path) -> str:
+    for line in tail(log_path, 40).splitlines():
+        if "had error" in line:
+            return line.split("had error:", 1)[1].strip().split(":")[0][:60]
+    return "exit"
+
+
+def export_latencies_ms(path: Path, t0_ns: int, t1_ns: int) -> list[float]:
+    """Client latencies (ms) of the requests a finished perf_analyzer run sent in [t0, t1)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    out = []
+    for exp in doc.get("experiments", []):
+        for r in exp.get("requests", []):
+            ts, answers = r.get("timestamp", 0), r.get("response_timestamps") or []
+            if t0_ns <= ts < t1_ns and answers:
+                out.append((answers[-1] - ts) / 1e6)
+    return out
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+# ---- one measurement ---------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Measurement:
+    """One server, one protocol, one load factor, over ``window_s``."""
+
+    target: str                      # "live" or "floor"
+    protocol: str
+    load_factor: float
+    window_s: float
+    target_rps: float                # asked of the load generator
+    offered_rps: float               # target x the fraction of the window it was running
+    arrived_rps: float               # requests that reached the runtime (floor: the echo)
+    answered_rps: float              # answers (results and errors)
+    attainment: float | None         # results by the deadline / offered (live only)
+    per_model_attainment: dict[str, float]
+    runtime_attainment: float | None  # results by the deadline / arrived (bench_serve's)
+    cpu_us_per_request: float
+    server_cpu_share: float          # of all the machine's cores
+    loadgen_cpu_share: float
+    loadgen_cpu_us_per_request: float
+    p50_ms: float | None             # perf_analyzer's, runs that finished
+    p99_ms: float | None
+    latency_samples: int
+    client_on_time: float | None     # of those samples: client latency <= the model's SLO
+    runtime_p50_ms: float | None     # the live runtime's histogram (arrival to last stage)
+    runtime_p99_ms: float | None
+    loadgen_runs: int
+    loadgen_aborts: dict[str, int]
+
+
+def measure(args, target: str, protocol: str, load_factor: float, rates: dict[str, float],
+            slo_ms: dict[str, float], server_pid: int, infer_port: int, counters,
+            workdir: Path) -> Measurement:
+    """Drive every model at ``rates`` (req/s) for warm-up + window; sample CPU and counters
+    at the window's edges."""
+    tag = f"{target}-{protocol}-{load_factor:g}"
+    start = time.monotonic()
+    stop_at = start + args.warmup_s + args.window_s + 1.0  # load runs past the window's end
+    loads = [ModelLoad(args, m, infer_port, protocol, r, stop_at, workdir, tag)
+             for m, r in rates.items()]
+    try:
+        for load in loads:
+            load.start()
+        time.sleep(args.warmup_s)
+        c0 = counters()
+        t0_ns, s0 = time.time_ns(), tree_cpu_s(server_pid)
+        g0 = {k: v for load in loads for k, v in load.cpu_s().items()}
+        t0 = time.monotonic()
+        time.sleep(max(0.0, t0 + args.window_s - time.monotonic()))
+        g1 = {k: v for load in loads for k, v in load.cpu_s().items()}
+        s1, t1_ns = tree_cpu_s(server_pid), time.time_ns()
+        elapsed_s = time.monotonic() - t0
+        c1 = counters()
+        for load in loads:  # each run is asked for requests up to stop_at; then it drains
+            load.join(max(0.0, stop_at - time.monotonic()) + args.drain_s)
+    finally:
+        for load in loads:
+            load.stop()
+        for load in loads:
+            load.join(15.0)
+    errors = [load.error for load in loads if load.error]
+    if errors:
+        raise SystemExit("\n".join(errors))
+
+    def delta(a: dict, b: dict) -> dict:
+        return {m: b.get(m, 0.0) - a.get(m, 0.0) for m in rates}
+
+    arrived, completed = delta(c0.arrived, c1.arrived), delta(c0.completed, c1.completed)
+    errs = delta(c0.errors, c1.errors)
+    answered = sum(completed.values()) + sum(errs.values())
+    # Offered: what each model's load generator was asked for while one of its processes was
+    # running (perf_analyzer restarts after an abort leave gaps that are not the server's).
+    t1 = t0 + elapsed_s
+    offered = {load.model: load.rate_rps * sum(
+        max(0.0, min(t1, r.ended or t1) - max(t0, r.started)) for r in load.runs)
+        for load in loads}
+    attainment = runtime_attainment = None
+    per_model = {}
+    if target == "live":
+        within = delta(c0.within_deadline, c1.within_deadline)
+        # a request in flight at an edge of the window is counted at one edge only: the
+        # largest of offered, arrived and answered keeps the ratio <= 1
+        per_model = {m: within[m] / max(1.0, offered[m], arrived[m], completed[m] + errs[m])
+                     for m in rates}
+        attainment = sum(within.values()) / max(
+            1.0, sum(max(offered[m], arrived[m], completed[m] + errs[m]) for m in rates))
+        runtime_attainment = sum(within.values()) / max(1.0, sum(arrived.values()), answered)
+    server_cpu = s1 - s0
+    loadgen_cpu = sum(g1.get(k, 0.0) - g0.get(k, 0.0) for k in g1)
+    latencies, aborts, runs, on_time = [], {}, 0, 0
+    for load in loads:
+        for run in load.runs:
+            runs += 1
+            if run.returncode == 0:
+                got = export_latencies_ms(run.export_path, t0_ns, t1_ns)
+                latencies += got
+                on_time += sum(1 for x in got if x <= slo_ms[load.model])
+            elif run.returncode not in (-9, None):  # -9: ended by us after the window
+                reason = abort_reason(run.log_path)
+                aborts[reason] = aborts.get(reason, 0) + 1
+    runtime_p50 = runtime_p99 = None
+    if target == "live":
+        hist: dict[float, float] = {}
+        for m in rates:
+            for le, n in c1.latency_buckets.get(m, {}).items():
+                hist[le] = hist.get(le, 0.0) + n - c0.latency_buckets.get(m, {}).get(le, 0.0)
+        p50, p99 = histogram_quantile(hist, 0.5), histogram_quantile(hist, 0.99)
+        runtime_p50 = None if p50 is None else p50 * 1000
+        runtime_p99 = None if p99 is None else p99 * 1000
+    cores = os.cpu_count() or 1
+    per_req = 1e6 / max(1.0, answered)
+    return Measurement(
+        target, protocol, load_factor, elapsed_s, sum(rates.values()),
+        sum(offered.values()) / elapsed_s, sum(arrived.values()) / elapsed_s,
+        answered / elapsed_s, attainment, per_model, runtime_attainment,
+        server_cpu * per_req, server_cpu / (elapsed_s * cores), loadgen_cpu / (elapsed_s * cores),
+        loadgen_cpu * per_req, quantile(latencies, 0.5), quantile(latencies, 0.99),
+        len(latencies), on_time / len(latencies) if latencies else None, runtime_p50,
+        runtime_p99, runs, aborts)
+
+
+# ---- plan, simulator, servers -------------------------------------------------------------------
+
+def ppipe(*words: str) -> list[str]:
+    """The ``ppipe`` command line run from ``--server-tree``."""
+    return [sys.executable, "-m", "ppipe_trt.cli", *words]
+
+
+def tree_env(args) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(args.server_tree), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_ppipe(args, *words: str, timeout_s: float = 600.0) -> str:
+    cmd = ppipe(*words)
+    try:
+        proc = subprocess.run(cmd, cwd=args.server_tree, env=tree_env(args), capture_output=True,
+                              text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"`{shlex.join(cmd)}` ran past {timeout_s:.0f} s") from None
+    if proc.returncode != 0:
+        raise SystemExit(f"`{shlex.join(cmd)}` failed (exit {proc.returncode}):\n"
+                         f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def describe_tree(tree: Path) -> str:
+    """Which code served: the tree, and its commit when it is a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--",
+                                "api", "ppipe_trt"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return f"`{tree}`"
+    if head.returncode != 0:
+        return f"`{tree}` (not a git checkout)"
+    return (f"`{tree}` at commit {head.stdout.strip()}"
+            + (" with uncommitted changes in api/ or ppipe_trt/" if dirty.stdout.strip() else ""))
+
+
+def make_plan(args, workdir: Path) -> Path:
+    if args.plan:
+        return args.plan.resolve()
+    path = (workdir / f"plan-g{args.group}-{args.cluster}.json").resolve()
+    run_ppipe(args, "plan", "--paper-group", str(args.group), "--paper-cluster", args.cluster,
+              "--profiles", str(args.profiles), "-o", str(path))
+    return path
+
+
+def simulator_figures(args, plan_path: Path, hop_us: float, workdir: Path) -> dict:
+    """The simulator on the same plan: ``ppipe simulate PLAN --search`` (from 1.0 down by
+    0.05) and ``ppipe simulate PLAN --load F`` at each measured load factor."""
+    common = ["--profiles", str(args.profiles), "--duration", f"{args.sim_duration_s:g}s",
+              "--warmup", "2s", "--hop-overhead-us", f"{hop_us:.1f}"]
+    out = workdir / "sim-search.json"
+    run_ppipe(args, "simulate", str(plan_path), "--search", "--target", str(TARGET_ATTAINMENT),
+              "--json", str(out), *common)
+    search = json.loads(out.read_text())
+    at = {}
+    for lf in args.load_factors:
+        out = workdir / f"sim-{lf:g}.json"
+        run_ppipe(args, "simulate", str(plan_path), "--load", f"{lf:g}", "--json", str(out),
+                  *common)
+        res = json.loads(out.read_text())
+        at[lf] = {"per_model": {m["model"]: m["attainment"] for m in res["models"]},
+                  "overall": sum(m["completed"] for m in res["models"])
+                  / max(1, sum(m["requests"] for m in res["models"]))}
+    return {"per_model_load_factor": search["per_model_load_factor"],
+            "load_factor": search["load_factor"], "attainment_at": at}
+
+
+def start_live(args, plan_path: Path, workdir: Path) -> tuple[subprocess.Popen, int, int, dict]:
+    http_port, grpc_port = free_port(), free_port()
+    log_path = workdir / "ppipe-serve.log"
+    cmd = ppipe("serve", "--plan", str(plan_path), "--profiles", str(args.profiles),
+                "--emulate", "--host", "127.0.0.1", "--port", str(http_port),
+                "--grpc-port", str(grpc_port))
+    proc = CHILDREN.start(cmd, log_path, cwd=args.server_tree, env=tree_env(args))
+    wait_ready(proc, lambda: json.loads(http_get(
+        f"http://127.0.0.1:{http_port}/v2/health/ready"))["ready"], "ppipe serve", log_path,
+        args.start_timeout_s)
+    wait_ready(proc, lambda: grpc_ready(grpc_port), "ppipe serve (gRPC)", log_path,
+               args.start_timeout_s)
+    status = json.loads(http_get(f"http://127.0.0.1:{http_port}/v2/status"))
+    return proc, http_port, grpc_port, status
+
+
+def check_models(http_port: int, models: list[str]) -> None:
+    """The echo floors answer what the timing-only models take: one FP32 element a sample."""
+    for m in models:
+        md = json.loads(http_get(f"http://127.0.0.1:{http_port}/v2/models/{m}"))
+        ins = [(i["name"], i["datatype"], i["shape"]) for i in md["inputs"]]
+        outs = [(o["name"], o["datatype"], o["shape"]) for o in md["outputs"]]
+        if ins != [("INPUT__0", "FP32", [-1, 1])] or outs != [("OUTPUT__0", "FP32", [-1, 1])]:
+            raise SystemExit(f"model {m}: inputs {ins}, outputs {outs}; this benchmark expects "
+                             "timing-only models (INPUT__0/OUTPUT__0, FP32, shape [-1, 1])")
+
+
+def start_echo(args, protocol: str, models: list[str], workdir: Path
+               ) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    log_path = workdir / f"echo-{protocol}.log"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--echo-server", protocol,
+           "--port", str(port), "--models", ",".join(models)]
+    proc = CHILDREN.start(cmd, log_path)
+    check = (lambda: grpc_ready(port)) if protocol == "grpc" else \
+        (lambda: json.loads(http_get(f"http://127.0.0.1:{port}/v2/health/ready"))["ready"])
+    wait_ready(proc, check, f"echo {protocol} server", log_path, args.start_timeout_s)
+    return proc, port
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+def fmt(v, spec: str = ".1f", none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def live_factor(per_lf: dict[float, dict[str, float]], models: list[str]) -> dict[str, float]:
+    """Per model: the largest load factor whose attainment is >= 99 % (0 if none)."""
+    return {m: max([lf for lf, att in per_lf.items() if att.get(m, 0.0) >= TARGET_ATTAINMENT],
+                   default=0.0) for m in models}
+
+
+def build_rows(measured: list[Measurement], sim: dict | None, models: list[str]
+               ) -> tuple[list[dict], dict]:
+    rows, summary = [], {}
+    protocols = list(dict.fromkeys(m.protocol for m in measured))
+    for protocol in protocols:
+        lives = {m.load_factor: m for m in measured if m.protocol == protocol
+                 and m.target == "live"}
+        floors = {m.load_factor: m for m in measured if m.protocol == protocol
+                  and m.target == "floor"}
+        per_model = live_factor({lf: m.per_model_attainment for lf, m in lives.items()}, models)
+        live_lf = sum(per_model.values()) / len(per_model)
+        s = {"live_per_model_load_factor": per_model, "live_load_factor": live_lf}
+        if sim is not None:
+            sim_grid = live_factor({lf: a["per_model"] for lf, a in sim["attainment_at"].items()
+                                    if lf in lives}, models)
+            sim_grid_lf = sum(sim_grid.values()) / len(sim_grid)
+            s.update(sim_load_factor=sim["load_factor"], sim_grid_load_factor=sim_grid_lf,
+                     live_over_sim=live_lf / sim["load_factor"] if sim["load_factor"] else None,
+                     live_over_sim_grid=live_lf / sim_grid_lf if sim_grid_lf else None)
+        summary[protocol] = s
+        for lf in sorted(lives):
+            live, floor = lives[lf], floors.get(lf)
+            sim_att = None
+            if sim is not None and lf in sim["attainment_at"]:
+                sim_att = sim["attainment_at"][lf]["overall"]
+            rows.append({
+                "load_factor": lf, "protocol": protocol, "emulated": True,
+                "target_rps": live.target_rps, "offered_rps": live.offered_rps,
+                "arrived_rps": live.arrived_rps, "answered_rps": live.answered_rps,
+                "attainment": live.attainment,
+                "per_model_attainment": live.per_model_attainment,
+                "runtime_attainment": live.runtime_attainment,
+                "sim_attainment": sim_att,
+                "cpu_us_per_request": live.cpu_us_per_request,
+                "floor_cpu_us_per_request": floor.cpu_us_per_request if floor else None,
+                "ratio": (live.cpu_us_per_request / floor.cpu_us_per_request
+                          if floor and floor.cpu_us_per_request else None),
+                "p50_ms": live.p50_ms, "p99_ms": live.p99_ms,
+                "latency_samples": live.latency_samples,
+                "client_on_time": live.client_on_time,
+                "runtime_p50_ms": live.runtime_p50_ms, "runtime_p99_ms": live.runtime_p99_ms,
+                "server_cpu_share": live.server_cpu_share,
+                "loadgen_cpu_share": live.loadgen_cpu_share,
+                "loadgen_cpu_us_per_request": live.loadgen_cpu_us_per_request,
+                "loadgen_runs": live.loadgen_runs, "loadgen_aborts": live.loadgen_aborts,
+                "floor": asdict(floor) if floor else None,
+                "live_over_sim": s.get("live_over_sim"),
+                "live_load_factor": live_lf, "sim_load_factor": s.get("sim_load_factor"),
+            })
+    return rows, summary
+
+
+def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict,
+             wall_s: float) -> str:
+    lines = ["# Data-plane CPU per request (`scripts/bench_dataplane.py`)", "",
+             f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, command: "
+             f"`.venv/bin/python scripts/bench_dataplane.py {shlex.join(argv)}` "
+             f"(wall time {wall_s:.0f} s).", "", *header, "",
+             "## CPU per request, live (EMULATED) vs the protocol's floor", "",
+             "| protocol | load | offered req/s | arrived req/s | answered req/s | attainment "
+             "| server CPU us/req | floor CPU us/req | ratio | p50 / p99 ms "
+             "| loadgen CPU share (live / floor) | server CPU share (live / floor) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r["floor"] or {}
+        share = (lambda v: "-" if v is None else f"{100 * v:.0f} %")
+        lines.append(
+            f"| {r['protocol']} | {r['load_factor']:g} | {r['offered_rps']:.0f} | "
+            f"{r['arrived_rps']:.0f} | {r['answered_rps']:.0f} | {fmt(r['attainment'], '.4f')} | "
+            f"**{r['cpu_us_per_request']:.0f}** | {fmt(r['floor_cpu_us_per_request'], '.0f')} | "
+            f"**{fmt(r['ratio'], '.2f')}** | {fmt(r['p50_ms'])} / {fmt(r['p99_ms'])} | "
+            f"{share(r['loadgen_cpu_share'])} / {share(f.get('loadgen_cpu_share'))} | "
+            f"{share(r['server_cpu_share'])} / {share(f.get('server_cpu_share'))} |")
+    lines += ["", "## Details", "",
+              "| protocol | load | target req/s | runtime attainment | sim attainment "
+              "| client on time (samples) | runtime p50 / p99 ms | floor offered / answered req/s "
+              "| floor p50 / p99 ms | loadgen CPU us/req (live / floor) "
+              "| perf_analyzer runs (aborts by reason) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r["floor"] or {}
+        aborts = ", ".join(f"{n}x {k}" for k, n in r["loadgen_aborts"].items()) or "none"
+        lines.append(
+            f"| {r['protocol']} | {r['load_factor']:g} | {r['target_rps']:.0f} | "
+            f"{fmt(r['runtime_attainment'], '.4f')} | {fmt(r['sim_attainment'], '.4f')} | "
+            f"{fmt(r['client_on_time'], '.4f')} ({r['latency_samples']}) | "
+            f"{fmt(r['runtime_p50_ms'])} / {fmt(r['runtime_p99_ms'])} | "
+            f"{fmt(f.get('offered_rps'), '.0f')} / {fmt(f.get('answered_rps'), '.0f')} | "
+            f"{fmt(f.get('p50_ms'))} / {fmt(f.get('p99_ms'))} | "
+            f"{r['loadgen_cpu_us_per_request']:.0f} / "
+            f"{fmt(f.get('loadgen_cpu_us_per_request'), '.0f')} | "
+            f"{r['loadgen_runs']} ({aborts}) |")
+    lines += ["", "## Largest load factor at >= 99 % attainment", "",
+              "| protocol | live (mean over models; per model) | simulator search "
+              "| **live_over_sim** | simulator on the same grid | live / sim grid |",
+              "|---|---|---|---|---|---|"]
+    for protocol, s in summary.items():
+        per = ", ".join(f"{m.split('_')[0]} {v:g}" for m, v in
+                        s["live_per_model_load_factor"].items())
+        lines.append(f"| {protocol} | {s['live_load_factor']:.3f} ({per}) | "
+                     f"{fmt(s.get('sim_load_factor'), '.3f')} | "
+                     f"**{fmt(s.get('live_over_sim'), '.3f')}** | "
+                     f"{fmt(s.get('sim_grid_load_factor'), '.3f')} | "
+                     f"{fmt(s.get('live_over_sim_grid'), '.3f')} |")
+    cores = os.cpu_count() or 1
+    lines += ["", "## How to read it", "",
+              "* **EMULATED**: timing-only workers hold each batch for its profiled latency; "
+              "no GPU, no tensor math.  The CPU measured is the data plane's own: protocol, "
+              "validation, scheduler, worker threads, hand-offs, answers.",
+              "* server CPU us/req = (utime + stime of the server's process tree over the "
+              "window, from /proc) / answers in the window (results and errors).  The floor is "
+              "the same figure for a bare echo server of the same protocol at the same offered "
+              "rates: a raw ASGI app under uvicorn with `ppipe serve`'s settings, and a "
+              "`grpc.aio` servicer on tritonclient's `service_pb2_grpc` (ModelInfer and the "
+              "metadata calls perf_analyzer makes), both echoing a 4-byte output.  "
+              "ratio = live / floor.",
+              "* offered = each model's target rate x the part of the window in which one of its "
+              "perf_analyzer processes was running (restarts leave gaps; target req/s in the "
+              "details); arrived = requests that reached the runtime (`ppipe_requests_total`); "
+              "answered = results + drops + failures (`/metrics`, before and after the window).",
+              "* attainment = results by the deadline (the runtime's latency, as "
+              "`bench_serve.py` counts it) / offered (or arrived or answered where larger: the "
+              "window's edges): a request stuck in the front end counts as a miss.  runtime "
+              "attainment = the same over arrived, i.e. `bench_serve.py`'s figure, blind to "
+              "the front end's backlog.  sim attainment: the simulator on the same plan and "
+              "load factor.  client on time: of the requests perf_analyzer timed (below), the "
+              "fraction whose round trip was within the model's SLO.",
+              "* p50 / p99: client round trip as perf_analyzer saw it, over requests sent in the "
+              "window by perf_analyzer runs that finished.  perf_analyzer gives up at the first "
+              "failed request, and the live server drops (503) requests whose deadline it "
+              "cannot meet: such a run is restarted (a gap of a few hundred ms in that model's "
+              "load: offered can fall short of target) and its requests are not timed.  Rows "
+              "whose runs all aborted have no client figures; the runtime's histogram "
+              "(arrival to last stage, interpolated in its buckets) is given for every live row.",
+              f"* CPU shares are of all {cores} cores.  The load generator (one perf_analyzer "
+              "per model) runs on the **same cores** as the server, and so do other people's "
+              "jobs: figures are noisy, and past the point where server + load generator need "
+              "every core, the server is starved rather than slow.",
+              "* live max load factor: per model, the largest measured load factor at which its "
+              "attainment is >= 99 %; the mean over models (the simulator's search reports the "
+              "same mean).  The simulator searches from 1.0 down by 0.05, as `ppipe simulate "
+              "PLAN --search`; \"on the same grid\" applies the live rule to the simulator's "
+              "attainment at the measured load factors.",
+              "* perf_analyzer seeds its Poisson schedule the same way in every process: each "
+              "model's arrivals are a time-scaled copy of the others'.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--group", type=int, default=DEFAULT_GROUP, help="paper model group (1-6)")
+    p.add_argument("--cluster", default=DEFAULT_CLUSTER,
+                   help="paper cluster: L4-T4, L4-P4, V100-T4 or V100-P4 (100 GPUs each)")
+    p.add_argument("--plan", type=Path, help="serve this plan.json instead of planning")
+    p.add_argument("--profiles", type=Path, default=None,
+                   help="profile folder (default: $PPIPE_PROFILES or ../shared/ppipe-profiles)")
+    p.add_argument("--protocols", default="http,grpc", help="comma list of http, grpc")
+    p.add_argument("--load-factors", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9],
+                   help="fractions of each model's planned rate")
+    p.add_argument("--window-s", type=float, default=20.0, help="measured seconds per point")
+    p.add_argument("--warmup-s", type=float, default=3.0, help="load before each window")
+    p.add_argument("--drain-s", type=float, default=5.0,
+                   help="longest wait for perf_analyzer to finish after its last request")
+    p.add_argument("--settle-s", type=float, default=1.0, help="pause between points")
+    p.add_argument("--max-threads", type=int, default=4, help="perf_analyzer --max-threads")
+    p.add_argument("--no-floor", action="store_true", help="skip the echo floors")
+    p.add_argument("--no-sim", action="store_true", help="skip the simulator")
+    p.add_argument("--sim-duration-s", type=float, default=30.0)
+    p.add_argument("--start-timeout-s", type=float, default=180.0)
+    p.add_argument("--perf-analyzer", type=Path,
+                   default=os.environ.get("PERF_ANALYZER") or (
+                       DEFAULT_PERF_ANALYZER if DEFAULT_PERF_ANALYZER.exists()
+                       else shutil.which("perf_analyzer")),
+                   help="perf_analyzer binary (default: $PERF_ANALYZER, "
+                        ".tools/perf_analyzer/perf_analyzer, or on PATH)")
+    p.add_argument("--server-tree", type=Path, default=ROOT,
+                   help="source tree whose `ppipe plan/serve/simulate` run (default: this "
+                        "checkout; e.g. a `git archive` export of another commit, to compare)")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_dataplane"),
+                   help="plan, logs and perf_analyzer exports go here")
+    p.add_argument("--json", type=Path, help="write the rows here")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "dataplane.md",
+                   help="markdown table (default docs/benchmarks/dataplane.md)")
+    p.add_argument("--echo-server", choices=("http", "grpc"), help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--models", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.echo_server:  # a floor server, started by this script
+        serve = serve_echo_grpc if args.echo_server == "grpc" else serve_echo_http
+        serve(args.port, args.models.split(","))
+        return 0
+
+    protocols = [x.strip() for x in args.protocols.split(",") if x.strip()]
+    if not protocols or any(x not in ("http", "grpc") for x in protocols):
+        p.error(f"--protocols {args.protocols!r}: expected a comma list of http, grpc")
+    if any(not 0 < lf <= 2 for lf in args.load_factors):
+        p.error(f"--load-factors {args.load_factors}: expected values in (0, 2]")
+    if not args.perf_analyzer or not Path(args.perf_analyzer).is_file() \
+            or not os.access(args.perf_analyzer, os.X_OK):
+        p.error(f"perf_analyzer not found (got {args.perf_analyzer}); fetch it with "
+                "scripts/fetch_perf_analyzer.sh, or give --perf-analyzer PATH / $PERF_ANALYZER")
+    version = subprocess.run([str(args.perf_analyzer), "--version"], capture_output=True,
+                             text=True, timeout=30)
+    pa_version = (version.stdout or version.stderr).strip().removeprefix("Perf Analyzer ")
+    if version.returncode != 0:
+        p.error(f"{args.perf_analyzer} --version failed (exit {version.returncode}): "
+                f"{(version.stderr or version.stdout).strip()[:300]}")
+    if args.profiles is None:  # as ppipe_trt.profiles.default_profiles_dir
+        args.profiles = Path(os.environ.get("PPIPE_PROFILES")
+                             or ROOT.parent / "shared" / "ppipe-profiles")
+    args.profiles = args.profiles.resolve()
+    args.server_tree = args.server_tree.resolve()
+    if not (args.server_tree / "ppipe_trt" / "cli.py").is_file():
+        p.error(f"--server-tree {args.server_tree}: no ppipe_trt/cli.py there")
+    args.workdir = args.workdir.resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    def on_signal(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    t_start = time.monotonic()
+    try:
+        return run(args, argv, protocols, pa_version, t_start)
+    finally:
+        CHILDREN.stop_all()
+
+
+def run(args, argv, protocols, pa_version: str, t_start: float) -> int:
+    plan_path = make_plan(args, args.workdir)
+    plan = json.loads(plan_path.read_text())
+    rates_1 = {m["model"]: float(m["throughput_rps"]) for m in plan["models"]}
+    slo_ms = {m["model"]: float(m["slo_ms"]) for m in plan["models"]}
+    models = list(rates_1)
+    gpus = sum(n for m in plan["models"] for n in m["gpus_used"].values())
+    what = (f"paper group {args.group} on {args.cluster}" if not args.plan
+            else f"plan {args.plan}")
+    print(f"config: {what}, cluster {plan['cluster'].get('name', '?')}, "
+          f"{gpus} GPUs used; planned {sum(rates_1.values()):.0f} req/s in all "
+          f"({', '.join(f'{m} {r:.0f}' for m, r in rates_1.items())}); plan saved to "
+          f"{plan_path}", flush=True)
+
+    server, http_port, grpc_port, status = start_live(args, plan_path, args.workdir)
+    check_models(http_port, models)
+    hop_us = float(status.get("hop_overhead_us") or 0.0)
+    print(f"ppipe serve ready (EMULATED, timing-only workers): HTTP {http_port}, gRPC "
+          f"{grpc_port}, hop overhead {hop_us:.0f} us", flush=True)
+
+    def live_counter():
+        return live_counters(http_port)
+
+    measured: list[Measurement] = []
+    for protocol in protocols:
+        echo = None
+        if not args.no_floor:
+            echo, echo_port = start_echo(args, protocol, models, args.workdir)
+        try:
+            for lf in args.load_factors:
+                rates = {m: lf * r for m, r in rates_1.items()}
+                live = measure(args, "live", protocol, lf, rates, slo_ms, server.pid,
+                               http_port if protocol == "http" else grpc_port, live_counter,
+                               args.workdir)
+                measured.append(live)
+                report_point(live)
+                time.sleep(args.settle_s)
+                if echo is not None:
+                    floor = measure(args, "floor", protocol, lf, rates, slo_ms, echo.pid,
+                                    echo_port,
+                                    lambda: echo_counters(protocol, echo_port, models),
+                                    args.workdir)
+                    measured.append(floor)
+                    report_point(floor)
+                    time.sleep(args.settle_s)
+        finally:
+            if echo is not None:
+                Children.stop(echo)
+    Children.stop(server)
+
+    sim = None
+    if not args.no_sim:
+        print("simulator: searching the same plan ...", flush=True)
+        sim = simulator_figures(args, plan_path, hop_us, args.workdir)
+    rows, summary = build_rows(measured, sim, models)
+    wall_s = time.monotonic() - t_start
+    cl = plan["cluster"]
+    header = [
+        f"Configuration: **{what}** (cluster `{cl.get('name', '?')}`, {gpus} GPUs used by the "
+        f"plan), planned rate at load factor 1.0: {sum(rates_1.values()):.0f} req/s in all ("
+        + ", ".join(f"`{m}` {r:.0f}" for m, r in rates_1.items()) + ").  Served by `ppipe "
+        "serve --plan P --emulate`: **EMULATED**, timing-only workers (every figure below); "
+        f"code: {describe_tree(args.server_tree)}.",
+        "",
+        f"Load: one `perf_analyzer` ({pa_version}) per model, `--async --request-distribution "
+        f"poisson --request-rate-range R --max-threads {args.max_threads}`, binary tensors, one "
+        f"FP32 element per sample; {args.warmup_s:g} s warm-up, then a {args.window_s:g} s "
+        f"window per point, each point live then floor.  Machine: {os.cpu_count()} cores, "
+        "shared with the load generator and with other engineers' jobs: figures are noisy.",
+        "", f"Simulator: `search_load_factor` on the same plan ({args.sim_duration_s:g} s "
+        f"simulated, 2 s warm-up, hop overhead {hop_us:.0f} us as measured by the server)."
+        if sim else "Simulator: skipped (--no-sim)."]
+    text = markdown(argv, header, rows, summary, wall_s)
+    print(text, flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": argv, "config": what, "plan": str(plan_path),
+                                         "summary": summary, "simulator": sim, "rows": rows,
+                                         "wall_s": wall_s}, indent=1, default=str))
+    print(f"wall time {wall_s:.0f} s", flush=True)
+    return 0
+
+
+def report_point(m: Measurement) -> None:
+    print(f"  {m.target:5s} {m.protocol:4s} load {m.load_factor:g}: target {m.target_rps:.0f} "
+          f"offered {m.offered_rps:.0f} arrived {m.arrived_rps:.0f} answered "
+          f"{m.answered_rps:.0f} req/s, attainment "
+          f"{fmt(m.attainment, '.4f')}, CPU {m.cpu_us_per_request:.0f} us/req (server "
+          f"{100 * m.server_cpu_share:.0f} %, loadgen {100 * m.loadgen_cpu_share:.0f} %), "
+          f"p50/p99 {fmt(m.p50_ms)}/{fmt(m.p99_ms)} ms ({m.latency_samples}), runs "
+          f"{m.loadgen_runs} aborts {m.loadgen_aborts or '-'}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
