@@ -88,5 +88,6 @@ def build_runtime(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, A
                                    "emulate_links": options.emulate_links, **(info or {})})
     for spec in specs:
         runtime.add_worker(build_worker(spec, transport, runtime,
-                                        built=built_models.get(spec.slot.model)))
+                                        built=built_models.get(spec.slot.model),
+                                        timers=runtime.timers))
     return runtime

@@ -10,6 +10,7 @@ subclasses :class:`LoopEvent` and handles them in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from ppipe_trt.scheduler.interface import Request
 
@@ -42,3 +43,12 @@ class StageFinished(LoopEvent):
 @dataclass(slots=True)
 class Stop(LoopEvent):
     """The runtime stops: the loop drops what is queued (``shutdown``) and ends."""
+
+
+@dataclass(slots=True)
+class CallAt(LoopEvent):
+    """Set a timer from another thread: run ``callback`` on the loop thread at ``time_us``
+    (see :meth:`~ppipe_trt.serving.loop.DecisionLoop.call_at`)."""
+
+    time_us: float
+    callback: Callable[[], None]

@@ -1,7 +1,9 @@
 """The runtime loop: the one thread that drives the schedulers on the wall clock.
 
-It sleeps until the earliest of (next wake-up any scheduler asked for, next event in its
-inbox), never spinning.  Events (:mod:`ppipe_trt.serving.events`) are posted from any thread:
+It sleeps until the earliest of (next wake-up any scheduler asked for, next timer, next
+event in its inbox), never spinning.  Timers (:meth:`DecisionLoop.call_at`) drive the
+thread-less timing-only workers (:mod:`ppipe_trt.serving.timed_worker`): an emulated batch is
+a timer, not a sleeping thread, so a 100-GPU emulation costs one thread, not a hundred.  Events (:mod:`ppipe_trt.serving.events`) are posted from any thread:
 arrivals (``submit``), stage finishes (workers), cluster events (the Ray runtime).  Each is
 given to its model's scheduler, and the scheduler's decisions are carried out at once by the
 loop's :class:`LoopHost` (the runtime): a dispatch is sent to its stage-0 worker, a drop is
@@ -10,6 +12,8 @@ answered.  The loop never touches a request's payload; the host does.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import queue
 import threading
@@ -18,7 +22,7 @@ from typing import Callable, Iterable, Mapping, Protocol
 
 from ppipe_trt.errors import PPipeError, SchedulerError
 from ppipe_trt.scheduler.interface import Decisions, Dispatch, Drop, DropReason, Request, Scheduler
-from ppipe_trt.serving.events import Arrive, LoopEvent, StageFinished, Stop
+from ppipe_trt.serving.events import Arrive, CallAt, LoopEvent, StageFinished, Stop
 from ppipe_trt.serving.options import RuntimeOptions
 
 log = logging.getLogger("ppipe.serving")
@@ -61,8 +65,20 @@ class DecisionLoop:
         self._yield_s = options.loop_yield_s
         self._yield_min_drops = options.loop_yield_min_drops
         self._thread: threading.Thread | None = None
+        self._thread_id: int | None = None
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._stop_timeout_s = options.stop_timeout_s
         #: Queue an event for the loop (thread-safe; the inbox's own ``put``, no wrapper).
         self.post: Callable[[LoopEvent], None] = self._inbox.put
+
+    def call_at(self, time_us: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the loop thread once the clock reaches ``time_us`` (callbacks
+        due at the same time run in the order they were set).  Any thread may call it."""
+        if threading.get_ident() == self._thread_id:
+            heapq.heappush(self._timers, (time_us, next(self._timer_seq), callback))
+        else:
+            self.post(CallAt(time_us, callback))
 
     def scheduler(self, model: str) -> Scheduler:
         return self._schedulers[model]
@@ -71,6 +87,7 @@ class DecisionLoop:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, daemon=True, name="ppipe-runtime")
         self._thread.start()
+        self._thread_id = self._thread.ident
 
     def join(self, timeout_s: float) -> None:
         """Wait (up to ``timeout_s``) for the loop to end (after a :class:`Stop` was posted)."""
@@ -84,8 +101,11 @@ class DecisionLoop:
 
     # ---- the thread ---------------------------------------------------------------------------
     def _run(self) -> None:
+        self._thread_id = threading.get_ident()
         while True:
             wakes = [t for t in self._wake.values() if t is not None]
+            if self._timers:
+                wakes.append(self._timers[0][0])
             timeout = None
             if wakes:
                 timeout = max(0.0, min(wakes) - self._clock()) / 1e6
@@ -102,6 +122,19 @@ class DecisionLoop:
             except Exception:  # keep serving; the front end's deadline guard answers the rest
                 log.exception("runtime loop: unexpected error while handling %d events",
                               len(events))
+            self._run_timers(self._clock())
+
+    def _run_timers(self, now: float) -> None:
+        """Run the timers due by ``now`` (callbacks may set new ones, run in turn if due)."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, callback = heapq.heappop(timers)
+            try:
+                callback()
+            except Exception:
+                log.exception("runtime loop: timer callback failed")
+            if not timers or timers[0][0] > now:
+                now = self._clock()
 
     def _process(self, events: list[LoopEvent]) -> bool:
         """Handle ``events`` in order, then the wake-ups that are due; False after Stop."""
@@ -138,8 +171,11 @@ class DecisionLoop:
                     log.warning("ignored stage finish: %s", exc)
                     continue
                 self.apply(ev.model, decisions, now)
+            elif kind is CallAt:
+                heapq.heappush(self._timers, (ev.time_us, next(self._timer_seq), ev.callback))
             elif kind is Stop:
                 self._drain(now)
+                self._finish_timers()
                 return False
             else:
                 try:
@@ -168,6 +204,20 @@ class DecisionLoop:
             time.sleep(self._yield_s)  # see RuntimeOptions.loop_yield_s
         for drop in host.on_drops(model, drops, now):
             host.answer_drop(model, drop.request, drop.reason, drop.detail)
+
+    def _finish_timers(self) -> None:
+        """At stop: let the batches held on timers (timing-only workers) finish and be
+        answered, for at most half the stop timeout; what is left then is failed by the
+        runtime as cancelled."""
+        deadline = self._clock() + self._stop_timeout_s * 0.5e6
+        while self._timers:
+            now = self._clock()
+            nxt = self._timers[0][0]
+            if nxt > deadline:
+                return
+            if nxt > now:
+                time.sleep((nxt - now) / 1e6)
+            self._run_timers(self._clock())
 
     def _drain(self, now: float) -> None:
         """At stop: every scheduler drops what it holds; arrivals still queued never reached

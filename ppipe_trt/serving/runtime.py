@@ -131,6 +131,12 @@ class ServingRuntime:
         """``model``'s scheduler.  Its methods may be called on the loop thread only."""
         return self._loop.scheduler(model)
 
+    @property
+    def timers(self):
+        """The loop's timers (``call_at(time_us, callback)``): thread-less timing-only workers
+        run on them."""
+        return self._loop
+
     def start(self) -> "ServingRuntime":
         if self.options.freeze_gc:  # see RuntimeOptions.freeze_gc
             gc.collect()

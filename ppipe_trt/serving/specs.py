@@ -162,8 +162,16 @@ def open_executor(spec: WorkerSpec, built=None,
 
 def build_worker(spec: WorkerSpec, transport: Transport, sink: WorkerSink,
                  clock: Callable[[], float] = monotonic_us, built=None,
-                 scratch_dir: Path | None = None) -> StageWorker:
+                 scratch_dir: Path | None = None, timers=None):
     """The worker ``spec`` describes (not started): its engine opened and warmed up (see
-    :func:`open_executor`), forwarding through ``transport``, reporting to ``sink``."""
+    :func:`open_executor`), forwarding through ``transport``, reporting to ``sink``.
+
+    ``timers`` (the runtime loop's ``call_at``, local runtime): a timing-only spec becomes a
+    thread-less :class:`~ppipe_trt.serving.timed_worker.TimedWorker` driven by them; without
+    (e.g. inside a Ray actor) every worker is a :class:`StageWorker` thread."""
+    if spec.executor is None and timers is not None:
+        from ppipe_trt.serving.timed_worker import TimedWorker
+
+        return TimedWorker(spec.slot, spec.emulation, transport, sink, timers, clock=clock)
     return StageWorker(spec.slot, open_executor(spec, built, scratch_dir), spec.emulation,
                        transport, sink, clock=clock, cut_dtype=spec.cut_dtype)

@@ -29,7 +29,7 @@ from ppipe_trt.serving.handle import WorkerStats
 from ppipe_trt.serving.transport import StageJob, Transport
 
 __all__ = ["MIN_SLEEP_US", "StageWorker", "WorkerInfo", "WorkerSink", "WorkerStats",
-           "monotonic_us"]
+           "eligible_us", "hand_off", "monotonic_us"]
 
 log = logging.getLogger("ppipe.serving")
 
@@ -53,7 +53,26 @@ class WorkerSink(Protocol):
     def batch_failed(self, job: StageJob, error: BaseException, now_us: float) -> None: ...
 
 
-def _eligible_us(job: StageJob) -> float:
+def hand_off(job: StageJob, outputs: dict[str, np.ndarray], start_us: float, finish_us: float,
+             transport: Transport, sink: WorkerSink) -> None:
+    """After a stage ran ``job``: answer the batch (last stage) or forward ``outputs`` to the
+    next stage's reserved worker, and report the finish to ``sink`` (a failed hand-off fails
+    the batch).  Shared by every kind of local worker."""
+    if job.is_last_stage:
+        sink.batch_completed(job, outputs, finish_us)
+        sink.stage_finished(job, start_us, finish_us)
+        return
+    nxt = StageJob(job.dispatch, job.stage + 1, outputs)
+    try:
+        transport.send(job.dispatch.route[job.stage + 1].worker_id, nxt, finish_us)
+    except PPipeError as exc:
+        sink.stage_finished(job, start_us, finish_us)
+        sink.batch_failed(nxt, exc, finish_us)
+        return
+    sink.stage_finished(job, start_us, finish_us)
+
+
+def eligible_us(job: StageJob) -> float:
     """A job never starts before its reserved start (an earlier start could delay a batch
     reserved before it on this worker whose input has not arrived yet), nor before its
     activations are there."""
@@ -153,14 +172,14 @@ class StageWorker:
                 if self._stopping:
                     return None
                 now = self._clock()
-                ready = [j for j in self._jobs if _eligible_us(j) <= now]
+                ready = [j for j in self._jobs if eligible_us(j) <= now]
                 if ready:
                     job = min(ready, key=lambda j: j.reservation.start_us)
                     self._jobs.remove(job)
                     return job
                 timeout = None
                 if self._jobs:
-                    timeout = max(0.0, min(_eligible_us(j) for j in self._jobs) - now) / 1e6
+                    timeout = max(0.0, min(eligible_us(j) for j in self._jobs) - now) / 1e6
                 self._cv.wait(timeout)
 
     def _run(self) -> None:
@@ -176,7 +195,7 @@ class StageWorker:
         batch = job.dispatch.batch_size
         start = self._clock()
         # how late the batch starts after it could (thread wake-up, a busy host)
-        lag = max(0.0, start - _eligible_us(job))
+        lag = max(0.0, start - eligible_us(job))
         with self._lock:
             self._lag_total_us += lag
             self._lag_max_us = max(self._lag_max_us, lag)
@@ -204,18 +223,7 @@ class StageWorker:
             self._batches += 1
             self._samples += batch
             self._busy_us += finish - start
-        if job.is_last_stage:
-            self._sink.batch_completed(job, outputs, finish)
-            self._sink.stage_finished(job, start, finish)
-            return
-        nxt = StageJob(job.dispatch, job.stage + 1, outputs)
-        try:
-            self._transport.send(job.dispatch.route[job.stage + 1].worker_id, nxt, finish)
-        except PPipeError as exc:
-            self._sink.stage_finished(job, start, finish)
-            self._sink.batch_failed(nxt, exc, finish)
-            return
-        self._sink.stage_finished(job, start, finish)
+        hand_off(job, outputs, start, finish, self._transport, self._sink)
 
     def _record_overrun(self, job: StageJob, emulated_us: float, actual_us: float) -> None:
         with self._lock:

@@ -76,3 +76,65 @@ def test_worker_runs_ready_jobs_by_reserved_start_and_never_early():
     for _, start, finish in sink.finished:
         assert finish - start >= 2_000.0              # held for the emulated latency
     assert worker.stats().batches == 3 and worker.stats().queue_length == 0
+
+
+def test_timed_worker_keeps_the_thread_workers_rules_on_the_loop_timers():
+    """The thread-less timing-only worker (timers of the real runtime loop): same order,
+    never early, held for the emulated latency; no thread of its own."""
+    from ppipe_trt.serving.events import Stop
+    from ppipe_trt.serving.loop import DecisionLoop
+    from ppipe_trt.serving.options import RuntimeOptions
+    from ppipe_trt.serving.timed_worker import TimedWorker
+
+    loop = DecisionLoop({}, [], host=None, clock=monotonic_us, options=RuntimeOptions())
+    loop.start()
+    timing = EmulatedTiming("m", "T4", 1, 0, 0, (2_000.0,))
+    transport = InProcessTransport()
+    sink = _Sink()
+    threads_before = threading.active_count()
+    worker = TimedWorker(WorkerSlot(0, "m", 0, 0, "T4"), timing, transport, sink, loop)
+    worker.start()
+    assert threading.active_count() == threads_before
+    try:
+        now = monotonic_us()
+        later = now + 30_000.0
+        for bid, start in ((2, later), (1, now + 1_000.0), (3, now)):
+            transport.send(0, StageJob(_dispatch(bid, [start]), 0), now_us=monotonic_us())
+        assert sink.done.wait(5)
+    finally:
+        loop.post(Stop())
+        loop.join(5)
+    assert [b for b, _, _ in sink.finished] == [3, 1, 2]
+    starts = {b: s for b, s, _ in sink.finished}
+    assert starts[2] >= later
+    for _, start, finish in sink.finished:
+        assert finish - start >= 2_000.0
+    assert worker.stats().batches == 3 and worker.stats().queue_length == 0
+    assert worker.stop() == [] and not worker.alive
+
+
+def test_an_emulated_runtime_runs_timing_only_workers_without_threads(shared_profiles,
+                                                                    profiles_dir):
+    """A 100-GPU paper plan served timing-only: one loop thread, no thread per worker, and
+    answers no sooner than the profiled pipeline latency."""
+    from ppipe_trt.cluster import load_paper_setting
+    from ppipe_trt.serving.assembly import RuntimeOptions, build_runtime
+    from ppipe_trt.serving.local import emulated_plan
+    from ppipe_trt.serving.timed_worker import TimedWorker
+
+    models = ["googlenet-v3-pytorch", "repvgg-b3"]
+    plan = emulated_plan(shared_profiles, load_paper_setting(profiles_dir).cluster("L4-T4"),
+                         models)
+    before = threading.active_count()
+    rt = build_runtime(plan, shared_profiles, {}, RuntimeOptions(hop_overhead_us=50.0))
+    assert all(isinstance(w, TimedWorker) for w in rt.workers) and len(rt.workers) > 20
+    import numpy as np
+
+    with rt:
+        assert threading.active_count() == before + 1  # the loop
+        futures = [rt.submit(m, {"INPUT__0": np.zeros((1, 1), np.float32)}, None)
+                   for m in models for _ in range(5)]
+        results = [f.result(10) for f in futures]
+    for r in results:
+        pipe_us = min(p.latency_us for p in plan.model(r.model).pipelines)
+        assert r.latency_us >= 0.9 * pipe_us and r.met_deadline
