@@ -252,9 +252,12 @@ class InferenceService:
                              parsed.timeout_us) for i in range(parsed.batch_size)]
         budget_s = (parsed.timeout_us if parsed.timeout_us is not None
                     else model.slo_us) / 1e6 + self.answer_grace_s
-        waits = [asyncio.wrap_future(f) for f in futures]
         try:
-            results = list(await asyncio.wait_for(asyncio.gather(*waits), budget_s))
+            if len(futures) == 1:  # the common case: no gathering future
+                results = [await asyncio.wait_for(asyncio.wrap_future(futures[0]), budget_s)]
+            else:
+                waits = [asyncio.wrap_future(f) for f in futures]
+                results = list(await asyncio.wait_for(asyncio.gather(*waits), budget_s))
         except asyncio.TimeoutError:
             raise AnswerTimeoutError(f"no answer from model {model.name!r} within "
                                      f"{budget_s * 1000:.0f} ms (deadline + grace)") from None

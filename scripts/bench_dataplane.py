@@ -2,35 +2,36 @@
 """CPU the live data plane spends per request, against the floor of the protocol library.
 
 Plans a paper configuration (``ppipe plan --paper-group G --paper-cluster C``; default group 5
-on L4-P4: 25 L4 + 75 P4 = 100 GPUs, ~2,600 req/s planned), serves it with ``ppipe serve --plan
+on L4-P4: 25 L4 + 75 P4 = 100 GPUs, 2,611 req/s planned), serves it with ``ppipe serve --plan
 P --profiles DIR --emulate`` (timing-only emulated workers: every figure is EMULATED) and, for
 each protocol (HTTP, gRPC) and load factor, drives every model at once with one Triton
 ``perf_analyzer`` per model (``--request-distribution poisson --request-rate-range R``, binary
 tensors, one FP32 element per sample).  Over a fixed window after a warm-up it measures:
 
-* offered and answered req/s and attainment (requests answered by their deadline, by the
-  runtime's latency as ``scripts/bench_serve.py`` counts it, over requests that arrived: the
-  server's ``/metrics`` counters, before/after the window);
-* server CPU us per request = (utime + stime of the server process tree, from /proc, over the
-  window) / requests answered in the window; the load generator's CPU the same way;
-* p50/p99 latency as perf_analyzer saw it (requests sent in the window);
+* offered, arrived and answered req/s, and attainment: results by the deadline (the runtime's
+  latency, as ``scripts/bench_serve.py`` counts it) / offered, from the server's ``/metrics``
+  before and after the window;
+* server CPU us per request = (utime + stime of the server's process tree, from /proc, over
+  the window) / requests answered in the window; the load generator's CPU the same way;
+* p50/p99 round trip as perf_analyzer saw it (requests sent in the window);
 
-and the same for the **floor** of each protocol: a bare ``grpc.aio`` servicer built on
-tritonclient's ``service_pb2_grpc`` and a raw ASGI app under ``ppipe serve``'s uvicorn settings,
-both echoing a 4-byte output (``--echo-server grpc|http``, started as subprocesses of this
-script).  Then the largest load factor with >= 99 % attainment live, next to the simulator's
-on the same plan (``search_load_factor``, as ``ppipe simulate PLAN --search``).
+and the same for the **floor** of each protocol, at the same offered rates: a bare
+``grpc.aio`` servicer on tritonclient's ``service_pb2_grpc`` and a raw ASGI app under ``ppipe
+serve``'s uvicorn settings, both echoing a 4-byte output (``--echo-server grpc|http``, started
+as subprocesses of this script).  Then the largest load factor with >= 99 % attainment live,
+next to the simulator's on the same plan (``ppipe simulate PLAN --search``).
 
-perf_analyzer stops at its first failed request, and the live server drops requests whose
-deadline it cannot meet (503): each model's perf_analyzer is restarted until the window ends,
-the restarts are counted, and the offered rate is the one the server saw.
+perf_analyzer gives up at its first failed request, and the live server drops (503 /
+UNAVAILABLE) requests whose deadline it cannot meet: each model's perf_analyzer is restarted
+until the window ends, the restarts are counted, and offered counts only the time one ran.
 
-    .venv/bin/python scripts/bench_dataplane.py                      # defaults (~8 min)
-    .venv/bin/python scripts/bench_dataplane.py --load-factors 0.3 --window-s 5 \
-        --protocols http --out /tmp/dp.md --json /tmp/dp.json        # a quick check
+    .venv/bin/python scripts/bench_dataplane.py                    # defaults, ~9 min
+    .venv/bin/python scripts/bench_dataplane.py --load-factors 0.3 --window-s 5 \\
+        --protocols http --out /tmp/dp.md --json /tmp/dp.json      # a quick check
+    .venv/bin/python scripts/bench_dataplane.py --server-commit HEAD  # without work in progress
 
-The machine's cores are shared by the server, the load generator and anything else running:
-the load generator's CPU share is reported beside every figure.
+The server, the load generator and anything else running share the machine's cores: the load
+generator's CPU share is reported beside every figure.
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ DEFAULT_GROUP, DEFAULT_CLUSTER = 5, "L4-P4"
 DEFAULT_PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer" / "perf_analyzer"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TARGET_ATTAINMENT = 0.99
+NOTES_MARKER = "<!-- notes -->"
 
 
 # ---- processes ---------------------------------------------------------------------------------
@@ -391,7 +393,8 @@ class Counters:
 
 def live_counters(http_port: int) -> Counters:
     c = Counters()
-    text = http_get(f"http://127.0.0.1:{http_port}/metrics").decode()
+    # under overload the scrape queues behind the backlog of requests: wait for it
+    text = http_get(f"http://127.0.0.1:{http_port}/metrics", timeout_s=60.0).decode()
     for line in text.splitlines():
         m = _METRIC.match(line)
         if not m:
@@ -410,6 +413,10 @@ def live_counters(http_port: int) -> Counters:
             le = float("inf") if labels["le"] == "+Inf" else float(labels["le"])
             b = c.latency_buckets.setdefault(model, {})
             b[le] = b.get(le, 0.0) + value
+    if not c.arrived or not c.within_deadline:
+        raise SystemExit("the server's /metrics has no ppipe_requests_total or "
+                         "ppipe_completions_within_deadline_total per model; this benchmark "
+                         "reads attainment from them")
     return c
 
 
@@ -456,12 +463,14 @@ class LoadRun:
     """One perf_analyzer process.  ``cpu_end_s``: its CPU seconds when it was reaped."""
 
     proc: subprocess.Popen
-    started: float
+    started: float                       # monotonic
+    started_wall_ns: int                 # the clock of perf_analyzer's export timestamps
     log_path: Path
     export_path: Path
     cpu_end_s: float | None = None
     returncode: int | None = None
     ended: float | None = None           # monotonic, when it was reaped
+    gave_up: float | None = None         # monotonic, when it said a request failed
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def cpu_s(self) -> float:
@@ -481,13 +490,15 @@ class LoadRun:
 class ModelLoad(threading.Thread):
     """Keeps one perf_analyzer driving ``model`` at ``rate_rps`` until ``stop_at``
     (monotonic): each run is asked for the requests that fill the time left, and a run that
-    stops early (perf_analyzer gives up at the first dropped request) is replaced."""
+    stops early (perf_analyzer gives up at the first dropped request) is replaced until
+    ``window_end``."""
 
     def __init__(self, args, model: str, port: int, protocol: str, rate_rps: float,
-                 stop_at: float, workdir: Path, tag: str):
+                 window_end: float, stop_at: float, workdir: Path, tag: str):
         super().__init__(daemon=True, name=f"load-{model}")
         self.args, self.model, self.port, self.protocol = args, model, port, protocol
-        self.rate_rps, self.stop_at, self.workdir, self.tag = rate_rps, stop_at, workdir, tag
+        self.rate_rps, self.window_end, self.stop_at = rate_rps, window_end, stop_at
+        self.workdir, self.tag = workdir, tag
         self.runs: list[LoadRun] = []
         self.runs_lock = threading.Lock()
         self.closed = threading.Event()
@@ -506,34 +517,67 @@ class ModelLoad(threading.Thread):
         return cmd
 
     def run(self) -> None:
-        quick_failures = 0
-        while not self.closed.is_set():
-            left_s = self.stop_at - time.monotonic()
-            if left_s < 0.5:
+        failures = 0
+        current: LoadRun | None = None
+        lingering: list[LoadRun] = []  # gave up; waiting for their requests in flight
+        while True:
+            for run in [*([current] if current else []), *lingering]:
+                self.reap(run)
+            lingering = [r for r in lingering if r.returncode is None]
+            if current is not None and current.returncode is not None:
+                if current.returncode != 0 and not self.closed.is_set() \
+                        and "Failed to " not in tail(current.log_path, 40):
+                    failures += 1  # not a failed request: a usage error, no server, ...
+                    if failures >= 3:
+                        self.error = (f"perf_analyzer for {self.model} failed 3 times (exit "
+                                      f"{current.returncode}); see {current.log_path}:\n"
+                                      f"{tail(current.log_path, 5)}")
+                        return
+                else:
+                    failures = 0
+                current = None
+            elif current is not None and "Failed to " in tail(current.log_path, 5):
+                # It gave up at a failed request and now waits for its requests in flight
+                # (seconds, on a backlogged server), sending nothing: replace it now.
+                current.gave_up = time.monotonic()
+                lingering.append(current)
+                current = None
+            now = time.monotonic()
+            if current is None and now < self.window_end and not self.closed.is_set():
+                current = self.launch(now)
+            if current is None and not lingering and (
+                    now >= self.window_end or self.closed.is_set()):
                 return
-            k = len(self.runs)
-            export = self.workdir / f"{self.tag}-{self.model}-{k}.json"
-            log_path = self.workdir / f"{self.tag}-{self.model}-{k}.log"
-            count = max(1, math.ceil(self.rate_rps * left_s))
-            with self.runs_lock:
-                if self.closed.is_set():
-                    return
-                proc = CHILDREN.start(self.command(count, left_s, export), log_path)
-                run = LoadRun(proc, time.monotonic(), log_path, export)
-                self.runs.append(run)
-            _, status, usage = os.wait4(proc.pid, 0)
+            time.sleep(0.1)
+
+    def launch(self, now: float) -> LoadRun | None:
+        """Start a run asked for the requests that fill the time left until ``stop_at``."""
+        left_s = self.stop_at - now
+        k = len(self.runs)
+        export = self.workdir / f"{self.tag}-{self.model}-{k}.json"
+        log_path = self.workdir / f"{self.tag}-{self.model}-{k}.log"
+        export.unlink(missing_ok=True)  # perf_analyzer refuses to overwrite one
+        # perf_analyzer wants at least one second's worth of requests
+        count = math.ceil(self.rate_rps * max(1.0, left_s))
+        with self.runs_lock:
+            if self.closed.is_set():
+                return None
+            proc = CHILDREN.start(self.command(count, left_s, export), log_path)
+            run = LoadRun(proc, time.monotonic(), time.time_ns(), log_path, export)
+            self.runs.append(run)
+        return run
+
+    @staticmethod
+    def reap(run: LoadRun) -> None:
+        """Record ``run``'s exit status and CPU time if it has exited."""
+        if run.returncode is not None:
+            return
+        pid, status, usage = os.wait4(run.proc.pid, os.WNOHANG)
+        if pid:
             with run.lock:
                 run.cpu_end_s = usage.ru_utime + usage.ru_stime
-                run.returncode = proc.returncode = os.waitstatus_to_exitcode(status)
+                run.returncode = run.proc.returncode = os.waitstatus_to_exitcode(status)
                 run.ended = time.monotonic()
-            if run.returncode != 0 and time.monotonic() - run.started < 1.0:
-                quick_failures += 1
-                if quick_failures >= 5:
-                    self.error = (f"perf_analyzer for {self.model} failed 5 times within 1 s "
-                                  f"(exit {run.returncode}); see {log_path}:\n{tail(log_path)}")
-                    return
-            else:
-                quick_failures = 0
 
     def stop(self) -> None:
         """End the running perf_analyzer (after the window) and keep none from starting."""
@@ -553,25 +597,52 @@ class ModelLoad(threading.Thread):
 
 
 def abort_reason(log_path: Path) -> str:
-    for line in tail(log_path, 40).splitlines():
+    """The first failed request's error as perf_analyzer printed it (a run ended before it
+    printed one: its "Failed to ..." line)."""
+    lines = tail(log_path, 40).splitlines()
+    for line in lines:
         if "had error" in line:
             return line.split("had error:", 1)[1].strip().split(":")[0][:60]
+    for line in lines:
+        if line.startswith("Failed to "):
+            return line.strip().rstrip(".")[:60]
     return "exit"
 
 
-def export_latencies_ms(path: Path, t0_ns: int, t1_ns: int) -> list[float]:
-    """Client latencies (ms) of the requests a finished perf_analyzer run sent in [t0, t1)."""
+def read_export(path: Path, t0_ns: int, t1_ns: int) -> tuple[int | None, list[float]]:
+    """From a finished perf_analyzer run's export: when it sent its first request (epoch
+    ns), and the round trips (ms) of the requests it sent in [t0, t1)."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
-        return []
-    out = []
+        return None, []
+    first, out = None, []
     for exp in doc.get("experiments", []):
         for r in exp.get("requests", []):
             ts, answers = r.get("timestamp", 0), r.get("response_timestamps") or []
+            first = ts if first is None else min(first, ts)
             if t0_ns <= ts < t1_ns and answers:
                 out.append((answers[-1] - ts) / 1e6)
-    return out
+    return first, out
+
+
+class StartupDelays:
+    """How long perf_analyzer takes from its start to its first request, per protocol
+    (seconds; from the exports of runs that finished): the part of a run's life in which it
+    offers nothing.  Its metadata calls queue behind a backlogged server, so this varies."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[float]] = {}
+
+    def add(self, protocol: str, delay_s: float) -> None:
+        self.seen.setdefault(protocol, []).append(delay_s)
+
+    def typical_s(self, protocol: str) -> float:
+        seen = self.seen.get(protocol)
+        return statistics.median(seen) if seen else 0.0
+
+    def shortest_s(self, protocol: str) -> float:
+        return min(self.seen.get(protocol, [0.0]))
 
 
 def quantile(values: list[float], q: float) -> float | None:
@@ -606,21 +677,25 @@ class Measurement:
     p99_ms: float | None
     latency_samples: int
     client_on_time: float | None     # of those samples: client latency <= the model's SLO
+    per_model_client_on_time: dict[str, float | None]
     runtime_p50_ms: float | None     # the live runtime's histogram (arrival to last stage)
     runtime_p99_ms: float | None
     loadgen_runs: int
     loadgen_aborts: dict[str, int]
+    loadgen_startup_s: float         # typical start-to-first-request of perf_analyzer
+    counters_wait_s: float           # how long the closing /metrics (or stats) call took
 
 
 def measure(args, target: str, protocol: str, load_factor: float, rates: dict[str, float],
             slo_ms: dict[str, float], server_pid: int, infer_port: int, counters,
-            workdir: Path) -> Measurement:
+            delays: StartupDelays, workdir: Path) -> Measurement:
     """Drive every model at ``rates`` (req/s) for warm-up + window; sample CPU and counters
     at the window's edges."""
     tag = f"{target}-{protocol}-{load_factor:g}"
     start = time.monotonic()
-    stop_at = start + args.warmup_s + args.window_s + 1.0  # load runs past the window's end
-    loads = [ModelLoad(args, m, infer_port, protocol, r, stop_at, workdir, tag)
+    window_end = start + args.warmup_s + args.window_s
+    stop_at = window_end + 1.0  # the load goes on a little past the window's end
+    loads = [ModelLoad(args, m, infer_port, protocol, r, window_end, stop_at, workdir, tag)
              for m, r in rates.items()]
     try:
         for load in loads:
@@ -631,10 +706,12 @@ def measure(args, target: str, protocol: str, load_factor: float, rates: dict[st
         g0 = {k: v for load in loads for k, v in load.cpu_s().items()}
         t0 = time.monotonic()
         time.sleep(max(0.0, t0 + args.window_s - time.monotonic()))
+        scrape_start = time.monotonic()
+        c1 = counters()  # as at t0, each CPU sample follows its counter snapshot
+        scrape_s = time.monotonic() - scrape_start
         g1 = {k: v for load in loads for k, v in load.cpu_s().items()}
         s1, t1_ns = tree_cpu_s(server_pid), time.time_ns()
         elapsed_s = time.monotonic() - t0
-        c1 = counters()
         for load in loads:  # each run is asked for requests up to stop_at; then it drains
             load.join(max(0.0, stop_at - time.monotonic()) + args.drain_s)
     finally:
@@ -652,36 +729,48 @@ def measure(args, target: str, protocol: str, load_factor: float, rates: dict[st
     arrived, completed = delta(c0.arrived, c1.arrived), delta(c0.completed, c1.completed)
     errs = delta(c0.errors, c1.errors)
     answered = sum(completed.values()) + sum(errs.values())
-    # Offered: what each model's load generator was asked for while one of its processes was
-    # running (perf_analyzer restarts after an abort leave gaps that are not the server's).
-    t1 = t0 + elapsed_s
+    latencies, aborts, runs = [], {}, 0
+    timed, on_time = dict.fromkeys(rates, 0), dict.fromkeys(rates, 0)
+    first_request: dict[int, float] = {}  # id(run) -> monotonic time of its first request
+    for load in loads:
+        for run in load.runs:
+            runs += 1
+            if run.returncode == 0:
+                first_ns, got = read_export(run.export_path, t0_ns, t1_ns)
+                if first_ns is not None:
+                    delay_s = (first_ns - run.started_wall_ns) / 1e9
+                    delays.add(protocol, delay_s)
+                    first_request[id(run)] = run.started + delay_s
+                latencies += got
+                timed[load.model] += len(got)
+                on_time[load.model] += sum(1 for x in got if x <= slo_ms[load.model])
+            elif run.gave_up or run.returncode not in (-9, None):  # -9 alone: by us, after
+                reason = abort_reason(run.log_path)
+                aborts[reason] = aborts.get(reason, 0) + 1
+    # Offered: what each model's load generator was asked for while one of its perf_analyzer
+    # processes was sending (restarts after an abort leave gaps that are not the server's).
+    # A run without an export (aborted) is taken to start as fast as any did: an upper bound.
+    t1, fastest_s = t0 + elapsed_s, delays.shortest_s(protocol)
     offered = {load.model: load.rate_rps * sum(
-        max(0.0, min(t1, r.ended or t1) - max(t0, r.started)) for r in load.runs)
+        max(0.0, min(t1, r.gave_up or r.ended or t1)
+            - max(t0, first_request.get(id(r), r.started + fastest_s)))
+        for r in load.runs)
         for load in loads}
     attainment = runtime_attainment = None
     per_model = {}
     if target == "live":
         within = delta(c0.within_deadline, c1.within_deadline)
-        # a request in flight at an edge of the window is counted at one edge only: the
-        # largest of offered, arrived and answered keeps the ratio <= 1
-        per_model = {m: within[m] / max(1.0, offered[m], arrived[m], completed[m] + errs[m])
-                     for m in rates}
-        attainment = sum(within.values()) / max(
-            1.0, sum(max(offered[m], arrived[m], completed[m] + errs[m]) for m in rates))
+        # Out of what?  Normally the requests that arrived (or the answers, when requests in
+        # flight at the window's edges make them more).  But requests the front end has not
+        # passed on yet never arrive: when arrivals fall short of the offered count by more
+        # than Poisson noise (2 sigma), the noise-reduced offered count stands in.
+        base = {m: max(1.0, arrived[m], completed[m] + errs[m],
+                       offered[m] - 2.0 * math.sqrt(offered[m])) for m in rates}
+        per_model = {m: within[m] / base[m] for m in rates}
+        attainment = sum(within.values()) / sum(base.values())
         runtime_attainment = sum(within.values()) / max(1.0, sum(arrived.values()), answered)
     server_cpu = s1 - s0
     loadgen_cpu = sum(g1.get(k, 0.0) - g0.get(k, 0.0) for k in g1)
-    latencies, aborts, runs, on_time = [], {}, 0, 0
-    for load in loads:
-        for run in load.runs:
-            runs += 1
-            if run.returncode == 0:
-                got = export_latencies_ms(run.export_path, t0_ns, t1_ns)
-                latencies += got
-                on_time += sum(1 for x in got if x <= slo_ms[load.model])
-            elif run.returncode not in (-9, None):  # -9: ended by us after the window
-                reason = abort_reason(run.log_path)
-                aborts[reason] = aborts.get(reason, 0) + 1
     runtime_p50 = runtime_p99 = None
     if target == "live":
         hist: dict[float, float] = {}
@@ -699,8 +788,9 @@ def measure(args, target: str, protocol: str, load_factor: float, rates: dict[st
         answered / elapsed_s, attainment, per_model, runtime_attainment,
         server_cpu * per_req, server_cpu / (elapsed_s * cores), loadgen_cpu / (elapsed_s * cores),
         loadgen_cpu * per_req, quantile(latencies, 0.5), quantile(latencies, 0.99),
-        len(latencies), on_time / len(latencies) if latencies else None, runtime_p50,
-        runtime_p99, runs, aborts)
+        len(latencies), sum(on_time.values()) / len(latencies) if latencies else None,
+        {m: on_time[m] / timed[m] if timed[m] else None for m in rates}, runtime_p50,
+        runtime_p99, runs, aborts, delays.typical_s(protocol), scrape_s)
 
 
 # ---- plan, simulator, servers -------------------------------------------------------------------
@@ -730,6 +820,29 @@ def run_ppipe(args, *words: str, timeout_s: float = 600.0) -> str:
     return proc.stdout
 
 
+def export_commit(rev: str, workdir: Path) -> Path:
+    """A read-only copy (``git archive``) of this repository at ``rev``, under ``workdir``."""
+    got = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--short=12",
+                          f"{rev}^{{commit}}"], capture_output=True, text=True, timeout=30)
+    if got.returncode != 0:
+        raise SystemExit(f"--server-commit {rev!r}: not a commit of {ROOT} "
+                         f"({got.stderr.strip()})")
+    dest = workdir / f"tree-{got.stdout.strip()}"
+    if not (dest / "ppipe_trt" / "cli.py").is_file():
+        partial = workdir / f"{dest.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", got.stdout.strip()],
+                                   stdout=subprocess.PIPE)
+        untar = subprocess.run(["tar", "-x", "-C", str(partial)], stdin=archive.stdout,
+                               timeout=120)
+        archive.stdout.close()
+        if archive.wait(60) != 0 or untar.returncode != 0:
+            raise SystemExit(f"--server-commit {rev!r}: git archive | tar failed")
+        partial.rename(dest)
+    return dest
+
+
 def describe_tree(tree: Path) -> str:
     """Which code served: the tree, and its commit when it is a git checkout."""
     try:
@@ -740,6 +853,8 @@ def describe_tree(tree: Path) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return f"`{tree}`"
     if head.returncode != 0:
+        if tree.name.startswith("tree-"):
+            return f"commit {tree.name[5:]} of this repository (`git archive` copy in `{tree}`)"
         return f"`{tree}` (not a git checkout)"
     return (f"`{tree}` at commit {head.stdout.strip()}"
             + (" with uncommitted changes in api/ or ppipe_trt/" if dirty.stdout.strip() else ""))
@@ -839,7 +954,11 @@ def build_rows(measured: list[Measurement], sim: dict | None, models: list[str]
                   and m.target == "floor"}
         per_model = live_factor({lf: m.per_model_attainment for lf, m in lives.items()}, models)
         live_lf = sum(per_model.values()) / len(per_model)
-        s = {"live_per_model_load_factor": per_model, "live_load_factor": live_lf}
+        by_client = live_factor({lf: {k: v for k, v in m.per_model_client_on_time.items()
+                                      if v is not None} for lf, m in lives.items()}, models)
+        s = {"live_per_model_load_factor": per_model, "live_load_factor": live_lf,
+             "live_client_per_model_load_factor": by_client,
+             "live_client_load_factor": sum(by_client.values()) / len(by_client)}
         if sim is not None:
             sim_grid = live_factor({lf: a["per_model"] for lf, a in sim["attainment_at"].items()
                                     if lf in lives}, models)
@@ -868,11 +987,14 @@ def build_rows(measured: list[Measurement], sim: dict | None, models: list[str]
                 "p50_ms": live.p50_ms, "p99_ms": live.p99_ms,
                 "latency_samples": live.latency_samples,
                 "client_on_time": live.client_on_time,
+                "per_model_client_on_time": live.per_model_client_on_time,
                 "runtime_p50_ms": live.runtime_p50_ms, "runtime_p99_ms": live.runtime_p99_ms,
                 "server_cpu_share": live.server_cpu_share,
                 "loadgen_cpu_share": live.loadgen_cpu_share,
                 "loadgen_cpu_us_per_request": live.loadgen_cpu_us_per_request,
                 "loadgen_runs": live.loadgen_runs, "loadgen_aborts": live.loadgen_aborts,
+                "loadgen_startup_s": live.loadgen_startup_s,
+                "counters_wait_s": live.counters_wait_s,
                 "floor": asdict(floor) if floor else None,
                 "live_over_sim": s.get("live_over_sim"),
                 "live_load_factor": live_lf, "sim_load_factor": s.get("sim_load_factor"),
@@ -880,8 +1002,34 @@ def build_rows(measured: list[Measurement], sim: dict | None, models: list[str]
     return rows, summary
 
 
+def findings(rows: list[dict], planned_rps: float) -> list[str]:
+    """One line per protocol, from the rows: CPU per request live and floor (medians over the
+    load factors), what the plan's rate would cost in cores at that price, and up to which
+    load the server took in the whole target load."""
+    out = []
+    for protocol in dict.fromkeys(r["protocol"] for r in rows):
+        mine = [r for r in rows if r["protocol"] == protocol]
+        live = statistics.median(r["cpu_us_per_request"] for r in mine)
+        floors = [r["floor_cpu_us_per_request"] for r in mine if r["floor_cpu_us_per_request"]]
+        kept_up = [r["load_factor"] for r in mine
+                   if r["arrived_rps"] >= 0.95 * r["target_rps"] and not r["loadgen_aborts"]]
+        line = (f"* **{protocol}**: the live server spends **{live:.0f} us** of CPU per request "
+                f"(median over load factors)")
+        if floors:
+            floor = statistics.median(floors)
+            line += (f", {live / floor:.1f}x the floor's {floor:.0f} us; the plan's "
+                     f"{planned_rps:.0f} req/s would take {planned_rps * live / 1e6:.1f} cores "
+                     f"of this machine for the data plane alone (the floor: "
+                     f"{planned_rps * floor / 1e6:.1f})")
+        line += (f".  It took in the whole target load (arrivals >= 95 % of target, no request "
+                 f"failed) up to load factor {max(kept_up):g}" if kept_up else
+                 ".  It did not take in the whole target load at any load factor")
+        out.append(line + ".")
+    return out
+
+
 def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict,
-             wall_s: float) -> str:
+             wall_s: float, planned_rps: float) -> str:
     lines = ["# Data-plane CPU per request (`scripts/bench_dataplane.py`)", "",
              f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, command: "
              f"`.venv/bin/python scripts/bench_dataplane.py {shlex.join(argv)}` "
@@ -894,9 +1042,11 @@ def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict
     for r in rows:
         f = r["floor"] or {}
         share = (lambda v: "-" if v is None else f"{100 * v:.0f} %")
+        bound = ("<= ", ">= ") if r["loadgen_aborts"] else ("", "")
         lines.append(
-            f"| {r['protocol']} | {r['load_factor']:g} | {r['offered_rps']:.0f} | "
-            f"{r['arrived_rps']:.0f} | {r['answered_rps']:.0f} | {fmt(r['attainment'], '.4f')} | "
+            f"| {r['protocol']} | {r['load_factor']:g} | {bound[0]}{r['offered_rps']:.0f} | "
+            f"{r['arrived_rps']:.0f} | {r['answered_rps']:.0f} | "
+            f"{bound[1]}{fmt(r['attainment'], '.4f')} | "
             f"**{r['cpu_us_per_request']:.0f}** | {fmt(r['floor_cpu_us_per_request'], '.0f')} | "
             f"**{fmt(r['ratio'], '.2f')}** | {fmt(r['p50_ms'])} / {fmt(r['p99_ms'])} | "
             f"{share(r['loadgen_cpu_share'])} / {share(f.get('loadgen_cpu_share'))} | "
@@ -922,8 +1072,9 @@ def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict
             f"{r['loadgen_runs']} ({aborts}) |")
     lines += ["", "## Largest load factor at >= 99 % attainment", "",
               "| protocol | live (mean over models; per model) | simulator search "
-              "| **live_over_sim** | simulator on the same grid | live / sim grid |",
-              "|---|---|---|---|---|---|"]
+              "| **live_over_sim** | simulator on the same grid | live / sim grid "
+              "| live, by client round trip |",
+              "|---|---|---|---|---|---|---|"]
     for protocol, s in summary.items():
         per = ", ".join(f"{m.split('_')[0]} {v:g}" for m, v in
                         s["live_per_model_load_factor"].items())
@@ -931,9 +1082,10 @@ def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict
                      f"{fmt(s.get('sim_load_factor'), '.3f')} | "
                      f"**{fmt(s.get('live_over_sim'), '.3f')}** | "
                      f"{fmt(s.get('sim_grid_load_factor'), '.3f')} | "
-                     f"{fmt(s.get('live_over_sim_grid'), '.3f')} |")
+                     f"{fmt(s.get('live_over_sim_grid'), '.3f')} | "
+                     f"{s['live_client_load_factor']:.3f} |")
     cores = os.cpu_count() or 1
-    lines += ["", "## How to read it", "",
+    lines += ["", "## In short", "", *findings(rows, planned_rps), "", "## How to read it", "",
               "* **EMULATED**: timing-only workers hold each batch for its profiled latency; "
               "no GPU, no tensor math.  The CPU measured is the data plane's own: protocol, "
               "validation, scheduler, worker threads, hand-offs, answers.",
@@ -945,9 +1097,16 @@ def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict
               "metadata calls perf_analyzer makes), both echoing a 4-byte output.  "
               "ratio = live / floor.",
               "* offered = each model's target rate x the part of the window in which one of its "
-              "perf_analyzer processes was running (restarts leave gaps; target req/s in the "
-              "details); arrived = requests that reached the runtime (`ppipe_requests_total`); "
-              "answered = results + drops + failures (`/metrics`, before and after the window).",
+              "perf_analyzer processes was sending: from its first request until it finished "
+              "or printed that a request failed (it is then replaced at once and left to wait "
+              "for its requests in flight).  Target req/s is in the details.  An aborted run "
+              "leaves no record of its first request (its start plus the shortest start-up "
+              "seen is used), and some of its threads stop at the failed request, before it "
+              "says so: on rows with aborts, offered is an upper bound and attainment a lower "
+              "bound (marked <= and >=), and runtime attainment an upper bound.  arrived = "
+              "requests "
+              "that reached the runtime (`ppipe_requests_total`); answered = results + drops "
+              "+ failures (`/metrics`, before and after the window).",
               "* attainment = results by the deadline (the runtime's latency, as "
               "`bench_serve.py` counts it) / offered (or arrived or answered where larger: the "
               "window's edges): a request stuck in the front end counts as a miss.  runtime "
@@ -958,8 +1117,9 @@ def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict
               "* p50 / p99: client round trip as perf_analyzer saw it, over requests sent in the "
               "window by perf_analyzer runs that finished.  perf_analyzer gives up at the first "
               "failed request, and the live server drops (503) requests whose deadline it "
-              "cannot meet: such a run is restarted (a gap of a few hundred ms in that model's "
-              "load: offered can fall short of target) and its requests are not timed.  Rows "
+              "cannot meet: such a run is replaced (a gap in that model's load: the "
+              "replacement's start-up, tens of ms, or seconds when its metadata calls queue "
+              "behind a backlogged server) and its requests are not timed.  Rows "
               "whose runs all aborted have no client figures; the runtime's histogram "
               "(arrival to last stage, interpolated in its buckets) is given for every live row.",
               f"* CPU shares are of all {cores} cores.  The load generator (one perf_analyzer "
@@ -968,9 +1128,11 @@ def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict
               "every core, the server is starved rather than slow.",
               "* live max load factor: per model, the largest measured load factor at which its "
               "attainment is >= 99 %; the mean over models (the simulator's search reports the "
-              "same mean).  The simulator searches from 1.0 down by 0.05, as `ppipe simulate "
-              "PLAN --search`; \"on the same grid\" applies the live rule to the simulator's "
-              "attainment at the measured load factors.",
+              "same mean).  \"by client round trip\": the same rule on client on time (a load "
+              "factor with no timed requests counts as failed).  The simulator searches from "
+              "1.0 down by 0.05, as `ppipe simulate PLAN --search`; \"on the same grid\" "
+              "applies the live rule to the simulator's attainment at the measured load "
+              "factors.",
               "* perf_analyzer seeds its Poisson schedule the same way in every process: each "
               "model's arrivals are a time-scaled copy of the others'.", ""]
     return "\n".join(lines)
@@ -991,9 +1153,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="fractions of each model's planned rate")
     p.add_argument("--window-s", type=float, default=20.0, help="measured seconds per point")
     p.add_argument("--warmup-s", type=float, default=3.0, help="load before each window")
-    p.add_argument("--drain-s", type=float, default=5.0,
+    p.add_argument("--drain-s", type=float, default=3.0,
                    help="longest wait for perf_analyzer to finish after its last request")
     p.add_argument("--settle-s", type=float, default=1.0, help="pause between points")
+    p.add_argument("--idle-s", type=float, default=3.0,
+                   help="seconds of the server's CPU sampled with no load, after start-up")
     p.add_argument("--max-threads", type=int, default=4, help="perf_analyzer --max-threads")
     p.add_argument("--no-floor", action="store_true", help="skip the echo floors")
     p.add_argument("--no-sim", action="store_true", help="skip the simulator")
@@ -1005,9 +1169,13 @@ def main(argv: list[str] | None = None) -> int:
                        else shutil.which("perf_analyzer")),
                    help="perf_analyzer binary (default: $PERF_ANALYZER, "
                         ".tools/perf_analyzer/perf_analyzer, or on PATH)")
-    p.add_argument("--server-tree", type=Path, default=ROOT,
-                   help="source tree whose `ppipe plan/serve/simulate` run (default: this "
-                        "checkout; e.g. a `git archive` export of another commit, to compare)")
+    code = p.add_mutually_exclusive_group()
+    code.add_argument("--server-tree", type=Path, default=ROOT,
+                      help="source tree whose `ppipe plan/serve/simulate` run (default: this "
+                           "checkout, uncommitted changes included)")
+    code.add_argument("--server-commit", metavar="REV",
+                      help="run `ppipe` from a `git archive` copy of this repository at REV "
+                           "(e.g. HEAD: the last commit, without work in progress)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_dataplane"),
                    help="plan, logs and perf_analyzer exports go here")
     p.add_argument("--json", type=Path, help="write the rows here")
@@ -1042,11 +1210,13 @@ def main(argv: list[str] | None = None) -> int:
         args.profiles = Path(os.environ.get("PPIPE_PROFILES")
                              or ROOT.parent / "shared" / "ppipe-profiles")
     args.profiles = args.profiles.resolve()
+    args.workdir = args.workdir.resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.server_commit:
+        args.server_tree = export_commit(args.server_commit, args.workdir)
     args.server_tree = args.server_tree.resolve()
     if not (args.server_tree / "ppipe_trt" / "cli.py").is_file():
         p.error(f"--server-tree {args.server_tree}: no ppipe_trt/cli.py there")
-    args.workdir = args.workdir.resolve()
-    args.workdir.mkdir(parents=True, exist_ok=True)
 
     def on_signal(signum, frame):
         raise SystemExit(128 + signum)
@@ -1061,6 +1231,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args, argv, protocols, pa_version: str, t_start: float) -> int:
+    code = describe_tree(args.server_tree)  # before the run: the tree may change meanwhile
     plan_path = make_plan(args, args.workdir)
     plan = json.loads(plan_path.read_text())
     rates_1 = {m["model"]: float(m["throughput_rps"]) for m in plan["models"]}
@@ -1077,13 +1248,19 @@ def run(args, argv, protocols, pa_version: str, t_start: float) -> int:
     server, http_port, grpc_port, status = start_live(args, plan_path, args.workdir)
     check_models(http_port, models)
     hop_us = float(status.get("hop_overhead_us") or 0.0)
+    cores = os.cpu_count() or 1
+    c0, t0 = tree_cpu_s(server.pid), time.monotonic()
+    time.sleep(args.idle_s)  # what the server burns with no request at all
+    idle_share = (tree_cpu_s(server.pid) - c0) / ((time.monotonic() - t0) * cores)
     print(f"ppipe serve ready (EMULATED, timing-only workers): HTTP {http_port}, gRPC "
-          f"{grpc_port}, hop overhead {hop_us:.0f} us", flush=True)
+          f"{grpc_port}, hop overhead {hop_us:.0f} us, idle CPU {100 * idle_share:.1f} % "
+          f"of {cores} cores", flush=True)
 
     def live_counter():
         return live_counters(http_port)
 
     measured: list[Measurement] = []
+    delays = StartupDelays()
     for protocol in protocols:
         echo = None
         if not args.no_floor:
@@ -1093,7 +1270,7 @@ def run(args, argv, protocols, pa_version: str, t_start: float) -> int:
                 rates = {m: lf * r for m, r in rates_1.items()}
                 live = measure(args, "live", protocol, lf, rates, slo_ms, server.pid,
                                http_port if protocol == "http" else grpc_port, live_counter,
-                               args.workdir)
+                               delays, args.workdir)
                 measured.append(live)
                 report_point(live)
                 time.sleep(args.settle_s)
@@ -1101,7 +1278,7 @@ def run(args, argv, protocols, pa_version: str, t_start: float) -> int:
                     floor = measure(args, "floor", protocol, lf, rates, slo_ms, echo.pid,
                                     echo_port,
                                     lambda: echo_counters(protocol, echo_port, models),
-                                    args.workdir)
+                                    delays, args.workdir)
                     measured.append(floor)
                     report_point(floor)
                     time.sleep(args.settle_s)
@@ -1122,7 +1299,8 @@ def run(args, argv, protocols, pa_version: str, t_start: float) -> int:
         f"plan), planned rate at load factor 1.0: {sum(rates_1.values()):.0f} req/s in all ("
         + ", ".join(f"`{m}` {r:.0f}" for m, r in rates_1.items()) + ").  Served by `ppipe "
         "serve --plan P --emulate`: **EMULATED**, timing-only workers (every figure below); "
-        f"code: {describe_tree(args.server_tree)}.",
+        f"code: {code}.  With no load, the server used {100 * idle_share:.1f} % of the "
+        f"machine's CPU ({args.idle_s:g} s sample).",
         "",
         f"Load: one `perf_analyzer` ({pa_version}) per model, `--async --request-distribution "
         f"poisson --request-rate-range R --max-threads {args.max_threads}`, binary tensors, one "
@@ -1132,11 +1310,13 @@ def run(args, argv, protocols, pa_version: str, t_start: float) -> int:
         "", f"Simulator: `search_load_factor` on the same plan ({args.sim_duration_s:g} s "
         f"simulated, 2 s warm-up, hop overhead {hop_us:.0f} us as measured by the server)."
         if sim else "Simulator: skipped (--no-sim)."]
-    text = markdown(argv, header, rows, summary, wall_s)
+    text = markdown(argv, header, rows, summary, wall_s, sum(rates_1.values()))
     print(text, flush=True)
-    if args.out:
+    if args.out:  # notes written by hand below the marker survive a re-run
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        old = args.out.read_text() if args.out.is_file() else ""
+        notes = old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else "\n"
+        args.out.write_text(text + "\n" + NOTES_MARKER + notes)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": argv, "config": what, "plan": str(plan_path),
@@ -1153,7 +1333,8 @@ def report_point(m: Measurement) -> None:
           f"{fmt(m.attainment, '.4f')}, CPU {m.cpu_us_per_request:.0f} us/req (server "
           f"{100 * m.server_cpu_share:.0f} %, loadgen {100 * m.loadgen_cpu_share:.0f} %), "
           f"p50/p99 {fmt(m.p50_ms)}/{fmt(m.p99_ms)} ms ({m.latency_samples}), runs "
-          f"{m.loadgen_runs} aborts {m.loadgen_aborts or '-'}", flush=True)
+          f"{m.loadgen_runs} (start-up {m.loadgen_startup_s:.2f} s) aborts "
+          f"{m.loadgen_aborts or '-'}", flush=True)
 
 
 if __name__ == "__main__":
