@@ -104,6 +104,10 @@ def prepare(args) -> tuple:
         slots = args.slots or len(models)
         plan = local_plan(profiles, models, local_class, slots, slo, weights=weights)
         what = f"local {local_class} x{slots}"
+    derived = [m for m in models if m not in slo]
+    if derived and args.plan is None:
+        what += (f"; SLO derived from the profile (no slo_ms in the config) for: "
+                 f"{', '.join(derived)}")
     if timing_only:
         what += f"; TIMING-ONLY (no engines, profiles only): {', '.join(timing_only)}"
     return plan, profiles, built, what
