@@ -55,13 +55,15 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     return bytes(view[:n]), view[n:]
 
 
-def tensor_from_bytes(raw: memoryview, datatype: str, shape: tuple[int, ...],
-                      name: str) -> np.ndarray:
-    """A read-only array over ``raw`` (no copy) after checking its size against ``shape``."""
+def tensor_from_bytes(raw: memoryview | bytes, datatype: str, shape: tuple[int, ...],
+                      name: str, source: str = "binary_data_size is") -> np.ndarray:
+    """A read-only array over ``raw`` (no copy) after checking its size against ``shape``.
+    ``source`` names where the bytes came from in the error (REST's binary_data_size,
+    gRPC's raw_input_contents)."""
     dtype = V2_TO_NUMPY[datatype]
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected:
-        raise BadInputError(f"input {name!r}: binary_data_size is {len(raw)} bytes but shape "
+        raise BadInputError(f"input {name!r}: {source} {len(raw)} bytes but shape "
                             f"{list(shape)} of {datatype} needs {expected} bytes")
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
 

@@ -39,7 +39,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from api.app import ApiSettings
-from api.binary import V2_TO_NUMPY
+from api.binary import V2_TO_NUMPY, tensor_from_bytes
 from api.codec import (ParsedInfer, check_input, output_as_requested, request_batch,
                        requested_outputs, tensor_bytes, timeout_us_of)
 from api.errors import status_for
@@ -114,13 +114,6 @@ def _parameter_values(params) -> dict[str, Any]:
     return out
 
 
-def _from_raw(data: bytes, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
-    dtype = V2_TO_NUMPY[datatype]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(data) != expected:
-        raise BadInputError(f"{where}: raw_input_contents has {len(data)} bytes but shape "
-                            f"{list(shape)} of {datatype} needs {expected} bytes")
-    return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
 
 
 def _from_contents(contents, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
@@ -158,7 +151,8 @@ def parse_model_infer(request: service_pb2.ModelInferRequest, model: ServedModel
             if item.HasField("contents"):
                 raise BadInputError(f"{where}: has both raw_input_contents and contents; "
                                     "give one")
-            arrays[name] = _from_raw(raw[i], datatype, shape, where)
+            arrays[name] = tensor_from_bytes(raw[i], datatype, shape, name,
+                                             source="raw_input_contents has")
         elif item.HasField("contents"):
             arrays[name] = _from_contents(item.contents, datatype, shape, where)
         else:
