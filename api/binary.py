@@ -9,6 +9,7 @@ followed by that many bytes.
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -26,14 +27,25 @@ V2_TO_NUMPY = {
 }
 NUMPY_TO_V2 = {v.name: k for k, v in V2_TO_NUMPY.items()}
 V2_DATATYPES = tuple(V2_TO_NUMPY) + ("BYTES",)
+#: The little-endian numpy dtype each datatype is read as.
+_V2_TO_WIRE = {k: v.newbyteorder("<") for k, v in V2_TO_NUMPY.items()}
+#: v2_datatype's answers by argument (a dtype or its name): the hot path asks the same few.
+_V2_OF: dict = {}
 
 
 def v2_datatype(numpy_dtype: str | np.dtype) -> str:
+    try:
+        return _V2_OF[numpy_dtype]
+    except (KeyError, TypeError):  # TypeError: an unhashable argument
+        pass
     name = np.dtype(numpy_dtype).name
     try:
-        return NUMPY_TO_V2[name]
+        v2 = NUMPY_TO_V2[name]
     except KeyError:
         raise BadInputError(f"numpy dtype {name} has no KServe v2 datatype") from None
+    if len(_V2_OF) < 256:
+        _V2_OF[numpy_dtype] = v2
+    return v2
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
@@ -60,12 +72,12 @@ def tensor_from_bytes(raw: memoryview | bytes, datatype: str, shape: tuple[int, 
     """A read-only array over ``raw`` (no copy) after checking its size against ``shape``.
     ``source`` names where the bytes came from in the error (REST's binary_data_size,
     gRPC's raw_input_contents)."""
-    dtype = V2_TO_NUMPY[datatype]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    dtype = _V2_TO_WIRE[datatype]
+    expected = math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
         raise BadInputError(f"input {name!r}: {source} {len(raw)} bytes but shape "
                             f"{list(shape)} of {datatype} needs {expected} bytes")
-    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 def encode_bytes_tensor(items: list[bytes]) -> bytes:

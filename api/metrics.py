@@ -5,7 +5,7 @@ Each app has its own registry, so several apps (tests) can live in one process.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -119,6 +119,22 @@ class AppMetrics:
         self.http_seconds = Histogram("ppipe_http_request_duration_seconds",
                                       "Time in the front end per HTTP request",
                                       ["route"], buckets=HTTP_BUCKETS_S, registry=self.registry)
+        # the label children by (route, status) / route: ``labels()`` takes a lock and
+        # builds a key on every call, which the infer path would pay per request
+        self._counters: dict[tuple[str, int], Any] = {}
+        self._timers: dict[str, Any] = {}
+
+    def count_http(self, route: str, status: int, seconds: float) -> None:
+        """Count one HTTP request of route template ``route`` answered ``status``."""
+        counter = self._counters.get((route, status))
+        if counter is None:
+            counter = self._counters[(route, status)] = self.http_requests.labels(
+                route, str(status))
+        timer = self._timers.get(route)
+        if timer is None:
+            timer = self._timers[route] = self.http_seconds.labels(route)
+        counter.inc()
+        timer.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -106,6 +106,14 @@ class InferOutcome:
         return round(self.worst_latency_us / 1000.0, 3)
 
 
+def _expire(waiter: asyncio.Future, timed_out: list[bool]) -> None:
+    """The answer guard's timer: give up waiting (see :meth:`InferenceService.infer`);
+    ``timed_out`` tells the waiting coroutine it was this, not a cancellation."""
+    if not waiter.done():
+        timed_out.append(True)
+        waiter.cancel()
+
+
 def _tensors(specs) -> tuple[TensorMetadata, ...]:
     return tuple(TensorMetadata(s.name, v2_datatype(s.dtype), tuple(int(d) for d in s.shape))
                  for s in specs)
@@ -248,19 +256,29 @@ class InferenceService:
         (``RequestRejectedError`` for a drop, with its reason), ``AnswerTimeoutError`` past
         the wait."""
         rt = self.runtime()
-        futures = [rt.submit(model.name, {k: v[i:i + 1] for k, v in parsed.inputs.items()},
-                             parsed.timeout_us) for i in range(parsed.batch_size)]
+        name = model.name
+        if parsed.batch_size == 1:  # the common case: no slicing, no gathering future
+            waiter = rt.submit_async(name, parsed.inputs, parsed.timeout_us)
+        else:
+            waiter = asyncio.gather(*[
+                rt.submit_async(name, {k: v[i:i + 1] for k, v in parsed.inputs.items()},
+                                parsed.timeout_us) for i in range(parsed.batch_size)])
         budget_s = (parsed.timeout_us if parsed.timeout_us is not None
                     else model.slo_us) / 1e6 + self.answer_grace_s
+        # The runtime answers every request (a result, a drop, a failure); this guard only
+        # bounds the wait if it ever did not.  One timer, not asyncio.wait_for's task.
+        timed_out: list[bool] = []
+        guard = asyncio.get_running_loop().call_later(budget_s, _expire, waiter, timed_out)
         try:
-            if len(futures) == 1:  # the common case: no gathering future
-                results = [await asyncio.wait_for(asyncio.wrap_future(futures[0]), budget_s)]
-            else:
-                waits = [asyncio.wrap_future(f) for f in futures]
-                results = list(await asyncio.wait_for(asyncio.gather(*waits), budget_s))
-        except asyncio.TimeoutError:
-            raise AnswerTimeoutError(f"no answer from model {model.name!r} within "
-                                     f"{budget_s * 1000:.0f} ms (deadline + grace)") from None
+            answer = await waiter
+        except asyncio.CancelledError:
+            if timed_out:
+                raise AnswerTimeoutError(f"no answer from model {name!r} within "
+                                         f"{budget_s * 1000:.0f} ms (deadline + grace)") from None
+            raise
+        finally:
+            guard.cancel()
+        results = [answer] if parsed.batch_size == 1 else list(answer)
         outputs = {}
         for want in parsed.outputs:
             parts = [r.outputs[want.name] for r in results]

@@ -16,7 +16,6 @@ binary tensors).  Errors become status codes in :mod:`api.errors`, nowhere here.
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -25,14 +24,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from api.binary import HEADER_LENGTH
-from api.codec import build_infer_response, parse_infer_request
 from api.errors import BodyTooLargeError, UnsupportedMediaError
+from api.fast import inflate, infer_answer, refuse_declared_oversize
 from api.frames import frame_answer
 from api.service import InferenceService, InferOutcome
 from ppipe_trt.errors import BadInputError
-
-#: Parse bodies above this size in a worker thread, not on the event loop.
-_OFFLOAD_BYTES = 256 * 1024
 
 router = APIRouter()
 
@@ -41,16 +37,9 @@ def _service(request: Request) -> InferenceService:
     return request.app.state.service
 
 
-def _refuse_declared_oversize(request: Request, limit: int) -> None:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLargeError(f"request body of {int(declared)} bytes is over the "
-                                f"{limit}-byte limit")
-
-
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused once it passes ``limit`` bytes (after decompression)."""
-    _refuse_declared_oversize(request, limit)
+    refuse_declared_oversize(request.headers.get("content-length"), limit)
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -60,20 +49,8 @@ async def read_body(request: Request, limit: int) -> bytes:
             chunks.append(chunk)
     except ClientDisconnect:
         raise BadInputError(f"client disconnected after {size} bytes of the body") from None
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").lower()
-    if encoding in ("gzip", "deflate"):
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-        try:
-            body = inflater.decompress(body, limit + 1)
-        except zlib.error as exc:
-            raise BadInputError(f"body is not valid {encoding} data: {exc}") from None
-        if len(body) > limit:
-            raise BodyTooLargeError(f"decompressed request body is over the {limit}-byte limit")
-    elif encoding != "identity":
-        raise UnsupportedMediaError(f"Content-Encoding {encoding!r} is not supported; use "
-                                    "gzip, deflate or none")
-    return body
+    return inflate(b"".join(chunks), request.headers.get("content-encoding",
+                                                          "identity").strip().lower(), limit)
 
 
 def _ready_response(doc: dict[str, Any], ready: bool) -> JSONResponse:
@@ -152,21 +129,14 @@ async def model_stats(request: Request, model_name: str, version: str | None = N
 @router.post("/v2/models/{model_name}/infer")
 @router.post("/v2/models/{model_name}/versions/{version}/infer")
 async def infer(request: Request, model_name: str, version: str | None = None) -> Response:
+    """Answered by :class:`api.fast.InferFastPath` unless ``ApiSettings.fast_infer`` is off;
+    the same functions either way."""
     service = _service(request)
     model = service.model(model_name, version)
     body = await read_body(request, request.app.state.settings.max_body_bytes)
-    header_length = request.headers.get(HEADER_LENGTH)
-    if len(body) > _OFFLOAD_BYTES:
-        parsed = await run_in_threadpool(parse_infer_request, body, header_length, model)
-    else:
-        parsed = parse_infer_request(body, header_length, model)
-    outcome = await service.infer(model, parsed)
-    payload, json_length = build_infer_response(model, parsed, outcome.outputs)
-    headers = _timing_headers(outcome)
-    if json_length is None:
-        return Response(payload, media_type="application/json", headers=headers)
-    headers[HEADER_LENGTH] = str(json_length)
-    return Response(payload, media_type="application/octet-stream", headers=headers)
+    payload, headers = await infer_answer(service, model, body,
+                                          request.headers.get(HEADER_LENGTH))
+    return Response(payload, headers=dict(headers))
 
 
 # ---- frames --------------------------------------------------------------------------------
@@ -208,7 +178,7 @@ async def frames(request: Request, model_name: str, top: int | None = None,
 
 
 async def _multipart_image(request: Request, limit: int) -> bytes:
-    _refuse_declared_oversize(request, limit)
+    refuse_declared_oversize(request.headers.get("content-length"), limit)
     try:
         form = await request.form(max_files=1, max_fields=8, max_part_size=limit)
     except Exception as exc:  # starlette raises its own MultiPartException / HTTPException

@@ -3,6 +3,7 @@ is told why in words."""
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
@@ -20,15 +21,17 @@ DROP_MESSAGES = {
 }
 
 
-def resolve(fut: Future, result: Any = None, error: BaseException | None = None) -> None:
+def resolve(fut: Future | asyncio.Future, result: Any = None,
+            error: BaseException | None = None) -> None:
     """Set a future's outcome once; a second outcome (e.g. a late result after shutdown
-    already answered it) is ignored by design."""
+    already answered it, or an asyncio future its waiter cancelled) is ignored by design.
+    An asyncio future must be set on its event loop's thread."""
     try:
         if error is not None:
             fut.set_exception(error)
         else:
             fut.set_result(result)
-    except InvalidStateError:
+    except (InvalidStateError, asyncio.InvalidStateError):
         pass
 
 

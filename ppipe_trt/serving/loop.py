@@ -1,6 +1,8 @@
-"""The runtime loop: the one thread that drives the schedulers on the wall clock.
+"""The runtime loop: what drives the schedulers on the wall clock, on one thread.
 
-It sleeps until the earliest of (next wake-up any scheduler asked for, next timer, next
+It runs either on a thread of its own (:meth:`DecisionLoop.start` without an event loop: a
+library user's runtime, the Ray runtime) or on the front end's asyncio event loop
+(``start(event_loop)``, what ``ppipe serve`` does).  On its own thread it sleeps until the earliest of (next wake-up any scheduler asked for, next timer, next
 event in its inbox), never spinning.  Timers (:meth:`DecisionLoop.call_at`) drive the
 thread-less timing-only workers (:mod:`ppipe_trt.serving.timed_worker`): an emulated batch is
 a timer, not a sleeping thread, so a 100-GPU emulation costs one thread, not a hundred.  Events (:mod:`ppipe_trt.serving.events`) are posted from any thread:
@@ -8,13 +10,24 @@ arrivals (``submit``), stage finishes (workers), cluster events (the Ray runtime
 given to its model's scheduler, and the scheduler's decisions are carried out at once by the
 loop's :class:`LoopHost` (the runtime): a dispatch is sent to its stage-0 worker, a drop is
 answered.  The loop never touches a request's payload; the host does.
+
+On the event loop the same work is done in callbacks: the events posted during one turn of
+the event loop are handled together in one callback (one decision pass per model for a burst
+of arrivals), and one event-loop timer stands for the earliest of the timers and wake-ups.  A
+request then never crosses a thread between the front end and its answer: no inbox wake-up,
+no GIL hand-over, no thread-safe future per answer.  Event-loop timers have millisecond
+resolution (libuv's, epoll's): a timer runs up to ~1 ms after its time, never before; the
+scheduler's ``wake_lead_us`` and deadline margin absorb that, and workers report how late
+they started (``start_lag``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -26,6 +39,10 @@ from ppipe_trt.serving.events import Arrive, CallAt, LoopEvent, StageFinished, S
 from ppipe_trt.serving.options import RuntimeOptions
 
 log = logging.getLogger("ppipe.serving")
+
+#: How late an event-loop timer may run (epoll's and libuv's millisecond); on an event loop
+#: the schedulers wake this much earlier than their ``wake_lead_us`` says.
+EVENT_LOOP_TIMER_SLOP_US = 1000.0
 
 
 class LoopHost(Protocol):
@@ -49,10 +66,11 @@ class LoopHost(Protocol):
 
 
 class DecisionLoop:
-    """Owns the schedulers, the inbox and the wake-up times; runs on its own thread.
+    """Owns the schedulers, the inbox and the wake-up times; runs on its own thread or on an
+    asyncio event loop (see :meth:`start`).
 
     ``schedulers``: by model; ``models``: the served models (those with a wake-up);
-    ``clock``: microseconds.  :attr:`post` (any thread) queues an event.
+    ``clock``: microseconds.  :meth:`post` (any thread) queues an event.
     """
 
     def __init__(self, schedulers: Mapping[str, Scheduler], models: Iterable[str],
@@ -69,7 +87,18 @@ class DecisionLoop:
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
         self._stop_timeout_s = options.stop_timeout_s
-        #: Queue an event for the loop (thread-safe; the inbox's own ``put``, no wrapper).
+        # event-loop mode (start(event_loop)): the loop, whether a flush is scheduled, the
+        # event-loop timer standing for the earliest timer or wake-up, and when it is due
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._flush_pending = False
+        self._timer_handle: asyncio.Handle | None = None
+        self._armed_us = math.inf
+        self._in_turn = False
+        self._fired_early = False
+        self._ended = threading.Event()
+        self._started = False
+        #: Queue an event for the loop (thread-safe).  On a thread of its own: the inbox's own
+        #: ``put``, no wrapper; on an event loop, see :meth:`_post_on_event_loop`.
         self.post: Callable[[LoopEvent], None] = self._inbox.put
 
     def call_at(self, time_us: float, callback: Callable[[], None]) -> None:
@@ -77,6 +106,8 @@ class DecisionLoop:
         due at the same time run in the order they were set).  Any thread may call it."""
         if threading.get_ident() == self._thread_id:
             heapq.heappush(self._timers, (time_us, next(self._timer_seq), callback))
+            if self._aloop is not None and not self._in_turn and time_us < self._armed_us:
+                self._arm()  # set outside a turn (which re-arms when it ends)
         else:
             self.post(CallAt(time_us, callback))
 
@@ -84,20 +115,144 @@ class DecisionLoop:
         return self._schedulers[model]
 
     # ---- life cycle ---------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, daemon=True, name="ppipe-runtime")
-        self._thread.start()
-        self._thread_id = self._thread.ident
+    def start(self, event_loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start on a thread of its own, or, given ``event_loop``, on that event loop (then
+        call it on the event loop's thread, e.g. from a coroutine running on it)."""
+        self._started = True
+        if event_loop is None:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name="ppipe-runtime")
+            self._thread.start()
+            self._thread_id = self._thread.ident
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not event_loop:
+            raise PPipeError("DecisionLoop.start(event_loop) must be called on that event "
+                             "loop's thread, while it runs")
+        self._aloop = event_loop
+        self._thread_id = threading.get_ident()
+        for sched in self._schedulers.values():
+            if hasattr(sched, "wake_lead_us"):  # see EVENT_LOOP_TIMER_SLOP_US
+                sched.wake_lead_us += EVENT_LOOP_TIMER_SLOP_US
+        self.post = self._post_on_event_loop
+        self._flush_pending = True  # events posted before start
+        event_loop.call_soon(self._flush)
 
     def join(self, timeout_s: float) -> None:
-        """Wait (up to ``timeout_s``) for the loop to end (after a :class:`Stop` was posted)."""
+        """Wait (up to ``timeout_s``) for the loop to end (after a :class:`Stop` was posted).
+        On an event loop, called on its thread: the loop handles what is queued (the Stop
+        included) at once, here."""
+        if self._aloop is not None:
+            if threading.get_ident() == self._thread_id:
+                if not self._ended.is_set():
+                    self._flush()
+            else:
+                self._ended.wait(timeout_s)
+            return
         if self._thread is not None:
             self._thread.join(timeout_s)
         self._thread = None
 
     @property
     def alive(self) -> bool:
+        if self._aloop is not None:
+            return self._started and not self._ended.is_set()
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def on_event_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the loop runs on, or ``None`` (a thread of its own)."""
+        return self._aloop
+
+    def on_loop_thread(self) -> bool:
+        """Whether the caller runs on the loop's thread."""
+        return threading.get_ident() == self._thread_id
+
+    # ---- on an event loop -------------------------------------------------------------------
+    def _post_on_event_loop(self, event: LoopEvent) -> None:
+        """Queue ``event``; the first event of a turn of the event loop schedules one flush
+        (from another thread: thread-safely), the rest ride on it."""
+        self._inbox.put(event)
+        if self._flush_pending or self._ended.is_set():
+            return
+        self._flush_pending = True
+        if threading.get_ident() == self._thread_id:
+            self._aloop.call_soon(self._flush)
+        else:
+            try:
+                self._aloop.call_soon_threadsafe(self._flush)
+            except RuntimeError:  # the event loop is closed: nothing will run any more
+                pass
+
+    def _flush(self) -> None:
+        """Handle every queued event, the due wake-ups and timers; re-arm the timer."""
+        self._flush_pending = False  # before draining: a post from now on flushes again
+        if self._ended.is_set():
+            return
+        events = []
+        try:
+            while True:
+                events.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        self._turn(events)
+
+    def _on_timer(self) -> None:
+        self._fired_early = self._clock() < self._armed_us
+        self._timer_handle = None
+        self._armed_us = math.inf
+        if not self._ended.is_set():
+            self._turn([])
+        self._fired_early = False
+
+    def _turn(self, events: list[LoopEvent]) -> None:
+        self._in_turn = True
+        try:
+            try:
+                if not self._process(events):
+                    self._end()
+                    return
+            except Exception:  # keep serving; the front end's deadline guard answers the rest
+                log.exception("runtime loop: unexpected error while handling %d events",
+                              len(events))
+            self._run_timers(self._clock())
+        finally:
+            self._in_turn = False
+        self._arm()
+
+    def _arm(self) -> None:
+        """Keep one event-loop timer at the earliest timer or wake-up.  Event-loop timers run
+        up to ~1 ms late (epoll's millisecond) and, on uvloop, up to ~0.5 ms early (libuv
+        rounds the delay); one that ran early finds nothing due and is set again for at least
+        a millisecond, so a timer never runs before its time and the loop never spins."""
+        due = self._timers[0][0] if self._timers else math.inf
+        for wake in self._wake.values():
+            if wake is not None and wake < due:
+                due = wake
+        if due >= self._armed_us:
+            return  # already armed at or before it (an early spare wake-up is harmless)
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
+        if due == math.inf:
+            self._timer_handle, self._armed_us = None, math.inf
+            return
+        delay_s = (due - self._clock()) / 1e6
+        self._armed_us = due
+        if delay_s <= 0.0:
+            self._timer_handle = self._aloop.call_soon(self._on_timer)
+        else:
+            if self._fired_early:
+                delay_s = max(delay_s, 0.001)
+            self._timer_handle = self._aloop.call_later(delay_s, self._on_timer)
+
+    def _end(self) -> None:
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
+            self._timer_handle = None
+        self._ended.set()
 
     # ---- the thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -200,8 +355,9 @@ class DecisionLoop:
         drops = decisions.drops
         if not drops:
             return
-        if decisions.dispatches and len(drops) > self._yield_min_drops:
-            time.sleep(self._yield_s)  # see RuntimeOptions.loop_yield_s
+        if decisions.dispatches and len(drops) > self._yield_min_drops \
+                and self._aloop is None:
+            time.sleep(self._yield_s)  # see RuntimeOptions.loop_yield_s (own thread only)
         for drop in host.on_drops(model, drops, now):
             host.answer_drop(model, drop.request, drop.reason, drop.detail)
 

@@ -9,8 +9,13 @@ stage to stage without coming back here; a drop resolves the request's future wi
 (:class:`~ppipe_trt.serving.worker.WorkerSink`).  Workers are driven through the
 :class:`~ppipe_trt.serving.handle.WorkerHandle` protocol, wherever they run.
 
-Every request submitted gets exactly one answer on its :class:`concurrent.futures.Future`:
-an :class:`InferenceResult`, or an exception (rejected, failed, shut down).  The clock is
+Every request submitted gets exactly one answer on its future (:meth:`~ServingRuntime.submit`:
+a :class:`concurrent.futures.Future`, any thread; :meth:`~ServingRuntime.submit_async`: an
+asyncio future, on the event loop): an :class:`InferenceResult`, or an exception (rejected,
+failed, shut down).  ``start(event_loop)`` runs the loop on a front end's event loop instead
+of a thread of its own (see :mod:`ppipe_trt.serving.loop`): a request submitted there with
+``submit_async`` is admitted, scheduled, dispatched to thread-less workers and answered
+without leaving that thread.  The clock is
 ``time.monotonic_ns() / 1000`` (microseconds); nothing below the runtime reads the time.
 
 A runtime whose workers can fail (the Ray runtime) subclasses :class:`ServingRuntime` and
@@ -25,6 +30,7 @@ in :mod:`ppipe_trt.serving.clock`; both are re-exported here.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import logging
@@ -137,7 +143,9 @@ class ServingRuntime:
         run on them."""
         return self._loop
 
-    def start(self) -> "ServingRuntime":
+    def start(self, event_loop: asyncio.AbstractEventLoop | None = None) -> "ServingRuntime":
+        """Start the workers and the loop: on a thread of its own, or, given ``event_loop``
+        (call it then on that loop's thread), on that event loop."""
         if self.options.freeze_gc:  # see RuntimeOptions.freeze_gc
             gc.collect()
             gc.freeze()
@@ -149,8 +157,14 @@ class ServingRuntime:
         self.started_us = self._clock()
         self._accepting = True
         self._started = True
-        self._loop.start()
+        self._loop.start(event_loop)
+        self._post = self._loop.post
         return self
+
+    @property
+    def event_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the runtime's loop runs on (``start(event_loop)``), else ``None``."""
+        return self._loop.on_event_loop
 
     def stop(self, timeout_s: float | None = None) -> None:
         """Stop accepting; drop queued requests (``shutdown``); stop workers; fail batches in
@@ -211,6 +225,23 @@ class ServingRuntime:
             self._admit(model, spec, pending, timeout_us)
         return pending.future
 
+    def submit_async(self, model: str, inputs: Mapping[str, np.ndarray] | None,
+                     timeout_us: float | None = None) -> asyncio.Future:
+        """:meth:`submit` for a coroutine on the running event loop: an asyncio future.  When
+        the runtime runs on this event loop (``start(event_loop)``) the request is answered
+        on it directly; otherwise this wraps :meth:`submit`'s future."""
+        aloop = self._loop.on_event_loop
+        if aloop is None or not self._loop.on_loop_thread():
+            return asyncio.wrap_future(self.submit(model, inputs, timeout_us))
+        spec = self.model(model)
+        pending = PendingRequest(inputs, aloop.create_future())
+        if not self._accepting:
+            pending.future.set_exception(RequestRejectedError(
+                DropReason.SHUTDOWN.value, "server is not accepting requests (shutting down)"))
+            return pending.future
+        self._admit(model, spec, pending, timeout_us)
+        return pending.future
+
     def _admit(self, model: str, spec: ServedModel, pending: PendingRequest,
                timeout_us: float | None) -> None:
         with self._pending_lock:
@@ -220,7 +251,7 @@ class ServingRuntime:
         self.stats.request(model)
         if full:
             self.stats.drop(model, DropReason.QUEUE_FULL.value)
-            pending.future.set_exception(RequestRejectedError(
+            self._resolve(pending.future, error=RequestRejectedError(
                 DropReason.QUEUE_FULL.value,
                 f"server overloaded: {self.options.max_pending} requests already in the system"))
             return
@@ -233,6 +264,17 @@ class ServingRuntime:
         planned = max(0.0, budget - self.deadline_margin_us)
         self._post(Arrive(Request(next(self._ids), model, now, now + planned, pending,
                                   grace_us=budget - planned)))
+
+    def _resolve(self, fut, result: Any = None, error: BaseException | None = None) -> None:
+        """Answer a request's future once, from any thread: an asyncio future (of
+        :meth:`submit_async`) is set on its event loop's thread."""
+        if type(fut) is not Future and not self._loop.on_loop_thread():
+            try:
+                self._loop.on_event_loop.call_soon_threadsafe(resolve, fut, result, error)
+            except RuntimeError:  # its event loop is closed: nobody waits for it any more
+                pass
+            return
+        resolve(fut, result, error)
 
     def _release_pending(self, _fut: Future) -> None:
         with self._pending_lock:
@@ -266,7 +308,7 @@ class ServingRuntime:
                                      r.arrival_us, finish_us, r.payload.deadline_us,
                                      d.batch_size)
             self.stats.completion(d.model, result.latency_us, result.met_deadline)
-            resolve(r.payload.future, result=result)
+            self._resolve(r.payload.future, result=result)
 
     def batch_failed(self, job: StageJob, error: BaseException, now_us: float) -> None:
         d = job.dispatch
@@ -286,7 +328,7 @@ class ServingRuntime:
     def _fail_requests(self, d: Dispatch, error: BaseException) -> None:
         self.stats.failure(d.model, len(d.requests))
         for r in d.requests:
-            resolve(r.payload.future, error=error)
+            self._resolve(r.payload.future, error=error)
 
     # ---- carrying out decisions (the loop's host; loop thread) -------------------------------
     def dispatch(self, d: Dispatch, now: float) -> None:
@@ -318,12 +360,12 @@ class ServingRuntime:
         reason, detail = self.before_answer_drop(model, request, reason, detail)
         reason_value = getattr(reason, "value", str(reason))
         self.stats.drop(model, reason_value)
-        resolve(request.payload.future, error=drop_error(request, reason_value, detail))
+        self._resolve(request.payload.future, error=drop_error(request, reason_value, detail))
 
     def answer_refused(self, model: str, requests: list[Request], error: PPipeError) -> None:
         """The scheduler raised ``error`` on ``requests``: each gets it (loop thread)."""
         for r in requests:
-            resolve(r.payload.future, error=error)
+            self._resolve(r.payload.future, error=error)
 
     def apply_decisions(self, model: str, decisions: Decisions, now_us: float) -> None:
         """Carry out a decision pass of ``model``'s scheduler that a hook obtained (e.g. from

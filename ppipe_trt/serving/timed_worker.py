@@ -7,6 +7,14 @@ hundred threads contending for the GIL); this worker is a small state machine dr
 :meth:`~ppipe_trt.serving.loop.DecisionLoop.call_at` instead.  It keeps the thread worker's
 rules exactly: one batch at a time, the ready job with the earliest reserved start first, a
 job never before its reserved start nor before its emulated link delivered it.
+
+The emulated GPU keeps its own timeline: a batch starts at the moment the GPU would (its
+eligible time, the end of the GPU's previous batch, its dispatch, whichever is last) and ends
+its profiled latency later, however late the timer that tells the worker runs (event-loop
+timers run up to ~1 ms late).  The next stage gets the activations at that emulated finish
+(plus its link), the scheduler hears of that finish, and the answer of a last stage is timed
+when it is actually given: timer slop delays answers, as a busy host would, but never drifts
+the emulated GPUs' schedule.  ``start_lag`` counts how late the worker noticed a start.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ class TimedWorker:
         self._clock = clock
         self._jobs: list[StageJob] = []
         self._busy = False
+        self._free_us = 0.0  # when the emulated GPU finishes its current batch
         self._stopping = False
         self._batches = self._samples = 0
         self._busy_us = self._lag_total_us = self._lag_max_us = 0.0
@@ -96,17 +105,18 @@ class TimedWorker:
         job = min(ready, key=lambda j: j.reservation.start_us)
         self._jobs.remove(job)
         self._busy = True
-        lag = now - eligible_us(job)
+        start = max(eligible_us(job), job.sent_us, self._free_us)  # the GPU's own timeline
+        lag = now - start
         self._lag_total_us += lag
         self._lag_max_us = max(self._lag_max_us, lag)
-        self._timers.call_at(now + self._emulation.hold_us(job.dispatch.batch_size),
-                             lambda: self._finish(job, now))
+        finish = self._free_us = start + self._emulation.hold_us(job.dispatch.batch_size)
+        self._timers.call_at(finish, lambda: self._finish(job, start, finish))
 
-    def _finish(self, job: StageJob, start_us: float) -> None:
-        finish = self._clock()
+    def _finish(self, job: StageJob, start_us: float, finish_us: float) -> None:
         self._busy = False
         self._batches += 1
         self._samples += job.dispatch.batch_size
-        self._busy_us += finish - start_us
-        hand_off(job, {}, start_us, finish, self._transport, self._sink)
+        self._busy_us += finish_us - start_us
+        hand_off(job, {}, start_us, finish_us, self._transport, self._sink,
+                 answered_us=max(finish_us, self._clock()))
         self._next()

@@ -54,12 +54,14 @@ class WorkerSink(Protocol):
 
 
 def hand_off(job: StageJob, outputs: dict[str, np.ndarray], start_us: float, finish_us: float,
-             transport: Transport, sink: WorkerSink) -> None:
+             transport: Transport, sink: WorkerSink, answered_us: float | None = None) -> None:
     """After a stage ran ``job``: answer the batch (last stage) or forward ``outputs`` to the
     next stage's reserved worker, and report the finish to ``sink`` (a failed hand-off fails
-    the batch).  Shared by every kind of local worker."""
+    the batch).  ``answered_us``: when the answer is given, if later than the stage's finish
+    (a timing-only worker hears of its emulated finish late).  Shared by every kind of local
+    worker."""
     if job.is_last_stage:
-        sink.batch_completed(job, outputs, finish_us)
+        sink.batch_completed(job, outputs, finish_us if answered_us is None else answered_us)
         sink.stage_finished(job, start_us, finish_us)
         return
     nxt = StageJob(job.dispatch, job.stage + 1, outputs)

@@ -88,6 +88,9 @@ class _SilentRuntime:
     def submit(self, model, inputs, timeout_us=None) -> Future:
         return Future()
 
+    def submit_async(self, model, inputs, timeout_us=None) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
 
 def test_no_answer_past_deadline_and_grace_is_a_timeout():
     spec = TensorSpec("x", "float32", (-1, 2))

@@ -164,7 +164,9 @@ class RayServingRuntime(ServingRuntime):
                                      health)
 
     # ---- life cycle ---------------------------------------------------------------------------
-    def start(self) -> "RayServingRuntime":
+    def start(self, event_loop=None) -> "RayServingRuntime":
+        """Start on a loop thread of its own whatever ``event_loop`` is given: the hooks call
+        Ray (actor launches, ``ray.get``), which must not block a front end's event loop."""
         super().start()
         self.monitor.start()
         return self
