@@ -34,8 +34,12 @@ class ApiSettings:
     ``answer_grace_s``: how long past a request's deadline the front end still waits for its
     answer before a 504.  ``grpc_port``: also serve gRPC on ``grpc_host:grpc_port`` over the
     same runtime (started and stopped with the app).  ``runtime_on_event_loop``: run the
-    runtime's decision loop on the app's event loop (default) rather than on a thread of its
-    own (a runtime that needs its own thread, the Ray runtime, keeps it either way).
+    runtime's decision loop on the app's event loop rather than on a thread of its own;
+    ``None`` (default): when every worker is thread-less (timing-only emulation), whose
+    timers then cost no thread hop.  Workers with threads of their own (real engines) keep the
+    loop on its thread: its wake-ups are exact to the microsecond, an event loop's to the
+    millisecond, and a long parse on the event loop would delay them.  A runtime that needs its
+    own thread (the Ray runtime) keeps it either way.
     ``fast_infer``: answer the infer routes with :class:`api.fast.InferFastPath` in front of
     FastAPI (default; same answers, a fraction of the CPU)."""
 
@@ -43,7 +47,7 @@ class ApiSettings:
     answer_grace_s: float = DEFAULT_ANSWER_GRACE_S
     grpc_host: str = "127.0.0.1"
     grpc_port: int | None = None  # the KServe v2 / Triton gRPC service beside HTTP; None: off
-    runtime_on_event_loop: bool = True  # False: the runtime's loop on a thread of its own
+    runtime_on_event_loop: bool | None = None  # None: when every worker is thread-less
     fast_infer: bool = True  # False: FastAPI's routes answer infer requests too (api/fast.py)
 
 
@@ -106,10 +110,13 @@ def create_app(runtime_factory: Callable[[], ServingRuntime],
                                                          settings.grpc_port, settings)
         try:
             runtime = await run_in_threadpool(runtime_factory)
-            # The runtime's loop runs on this event loop (see ppipe_trt.serving.loop): a
-            # request goes from the front end to its answer without changing threads.
-            runtime.start(asyncio.get_running_loop() if settings.runtime_on_event_loop
-                          else None)
+            # A runtime of thread-less workers (timing-only emulation) runs its loop on this
+            # event loop (see ppipe_trt.serving.loop): a request goes from the front end to
+            # its answer without changing threads.
+            on_loop = settings.runtime_on_event_loop
+            if on_loop is None:
+                on_loop = runtime.threadless
+            runtime.start(asyncio.get_running_loop() if on_loop else None)
             app.state.runtime = runtime
             try:
                 yield

@@ -40,9 +40,12 @@ from ppipe_trt.serving.options import RuntimeOptions
 
 log = logging.getLogger("ppipe.serving")
 
-#: How late an event-loop timer may run (epoll's and libuv's millisecond); on an event loop
+#: How late an event-loop timer may run (the millisecond grid below, plus epoll's and libuv's
+#: millisecond); on an event loop
 #: the schedulers wake this much earlier than their ``wake_lead_us`` says.
-EVENT_LOOP_TIMER_SLOP_US = 1000.0
+EVENT_LOOP_TIMER_SLOP_US = 2000.0
+#: On an event loop, timers are run on this grid (microseconds of the runtime clock).
+EVENT_LOOP_TICK_US = 1000.0
 
 
 class LoopHost(Protocol):
@@ -209,19 +212,40 @@ class DecisionLoop:
         self._fired_early = False
 
     def _turn(self, events: list[LoopEvent]) -> None:
+        """Handle ``events``, the due wake-ups and timers, then what those posted (a stage
+        finish a timer reported) in the same turn; re-arm the timer."""
         self._in_turn = True
+        self._flush_pending = True  # what is posted meanwhile is handled in this turn
+        inbox = self._inbox
         try:
-            try:
-                if not self._process(events):
-                    self._end()
-                    return
-            except Exception:  # keep serving; the front end's deadline guard answers the rest
-                log.exception("runtime loop: unexpected error while handling %d events",
-                              len(events))
-            self._run_timers(self._clock())
+            while True:
+                try:
+                    if not self._process(events):
+                        self._end()
+                        return
+                except Exception:  # keep serving; the deadline guard answers the rest
+                    log.exception("runtime loop: unexpected error while handling %d events",
+                                  len(events))
+                self._run_timers(self._clock())
+                if inbox.empty():
+                    break
+                events = []
+                try:
+                    while True:
+                        events.append(inbox.get_nowait())
+                except queue.Empty:
+                    pass
         finally:
             self._in_turn = False
+            self._flush_pending = False
+        if not inbox.empty():  # posted by another thread after the last look
+            self._post_on_event_loop_wake()
         self._arm()
+
+    def _post_on_event_loop_wake(self) -> None:
+        if not self._flush_pending and not self._ended.is_set():
+            self._flush_pending = True
+            self._aloop.call_soon(self._flush)
 
     def _arm(self) -> None:
         """Keep one event-loop timer at the earliest timer or wake-up.  Event-loop timers run
@@ -239,6 +263,10 @@ class DecisionLoop:
         if due == math.inf:
             self._timer_handle, self._armed_us = None, math.inf
             return
+        # On the millisecond grid: everything due within one millisecond is handled in one
+        # wake-up of the event loop (a timing-only worker's emulated GPU keeps its own
+        # timeline, so this delays when it is told, not what it emulates).
+        due = math.ceil(due / EVENT_LOOP_TICK_US) * EVENT_LOOP_TICK_US
         delay_s = (due - self._clock()) / 1e6
         self._armed_us = due
         if delay_s <= 0.0:
@@ -294,9 +322,10 @@ class DecisionLoop:
     def _process(self, events: list[LoopEvent]) -> bool:
         """Handle ``events`` in order, then the wake-ups that are due; False after Stop."""
         i, n = 0, len(events)
+        clock = self._clock
         while i < n:
             ev = events[i]
-            now = self._clock()
+            now = clock()
             kind = type(ev)
             if kind is Arrive:
                 # A burst that queued up meanwhile goes to its scheduler in one call (one

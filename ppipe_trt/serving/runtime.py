@@ -162,6 +162,13 @@ class ServingRuntime:
         return self
 
     @property
+    def threadless(self) -> bool:
+        """Whether no worker has a thread of its own (all timing-only, on the loop's timers):
+        then the loop is best run on the front end's event loop."""
+        return bool(self._workers) and all(getattr(w, "threadless", False)
+                                           for w in self._workers.values())
+
+    @property
     def event_loop(self) -> asyncio.AbstractEventLoop | None:
         """The event loop the runtime's loop runs on (``start(event_loop)``), else ``None``."""
         return self._loop.on_event_loop

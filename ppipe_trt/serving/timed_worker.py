@@ -35,6 +35,8 @@ class Timers(Protocol):
 
     def call_at(self, time_us: float, callback: Callable[[], None]) -> None: ...
 
+    def on_loop_thread(self) -> bool: ...
+
 
 class TimedWorker:
     """A :class:`~ppipe_trt.serving.handle.WorkerHandle` for timing-only emulation.
@@ -58,6 +60,9 @@ class TimedWorker:
         self._batches = self._samples = 0
         self._busy_us = self._lag_total_us = self._lag_max_us = 0.0
         self._started_us = 0.0
+
+    #: No thread of its own (see ``ServingRuntime.threadless``).
+    threadless = True
 
     @property
     def worker_id(self) -> int:
@@ -85,7 +90,11 @@ class TimedWorker:
         if self._stopping:
             raise PPipeError(f"worker {self.worker_id} is stopping")
         self._jobs.append(job)
-        self._timers.call_at(eligible_us(job), self._next)
+        eligible = eligible_us(job)
+        if not self._busy and eligible <= self._clock() and self._timers.on_loop_thread():
+            self._next()  # idle and the job may start: no timer round
+        else:
+            self._timers.call_at(eligible, self._next)
 
     def stats(self) -> WorkerStats:
         return WorkerStats(self.worker_id, self.info.model, self.info.stage,
