@@ -224,11 +224,7 @@ class ServingRuntime:
         """
         spec = self.model(model)
         pending = PendingRequest(inputs)
-        with self._submit_lock:
-            if not self._accepting:
-                pending.future.set_exception(RequestRejectedError(
-                    DropReason.SHUTDOWN.value, "server is not accepting requests (shutting down)"))
-                return pending.future
+        with self._submit_lock:  # no arrival is queued behind the stop event
             self._admit(model, spec, pending, timeout_us)
         return pending.future
 
@@ -242,15 +238,18 @@ class ServingRuntime:
             return asyncio.wrap_future(self.submit(model, inputs, timeout_us))
         spec = self.model(model)
         pending = PendingRequest(inputs, aloop.create_future())
-        if not self._accepting:
-            pending.future.set_exception(RequestRejectedError(
-                DropReason.SHUTDOWN.value, "server is not accepting requests (shutting down)"))
-            return pending.future
-        self._admit(model, spec, pending, timeout_us)
+        with self._submit_lock:
+            self._admit(model, spec, pending, timeout_us)
         return pending.future
 
     def _admit(self, model: str, spec: ServedModel, pending: PendingRequest,
                timeout_us: float | None) -> None:
+        """Queue ``pending`` for its scheduler, or answer it at once (not accepting, full).
+        Called holding the submit lock."""
+        if not self._accepting:
+            pending.future.set_exception(RequestRejectedError(
+                DropReason.SHUTDOWN.value, "server is not accepting requests (shutting down)"))
+            return
         with self._pending_lock:
             full = self._pending >= self.options.max_pending
             if not full:
