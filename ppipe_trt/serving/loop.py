@@ -2,7 +2,8 @@
 
 It runs either on a thread of its own (:meth:`DecisionLoop.start` without an event loop: a
 library user's runtime, the Ray runtime) or on the front end's asyncio event loop
-(``start(event_loop)``, what ``ppipe serve`` does).  On its own thread it sleeps until the earliest of (next wake-up any scheduler asked for, next timer, next
+(``start(event_loop)``, what ``ppipe serve`` does for thread-less workers).  On its own
+thread it sleeps until the earliest of (next wake-up any scheduler asked for, next timer, next
 event in its inbox), never spinning.  Timers (:meth:`DecisionLoop.call_at`) drive the
 thread-less timing-only workers (:mod:`ppipe_trt.serving.timed_worker`): an emulated batch is
 a timer, not a sleeping thread, so a 100-GPU emulation costs one thread, not a hundred.  Events (:mod:`ppipe_trt.serving.events`) are posted from any thread:
@@ -16,9 +17,9 @@ the event loop are handled together in one callback (one decision pass per model
 of arrivals), and one event-loop timer stands for the earliest of the timers and wake-ups.  A
 request then never crosses a thread between the front end and its answer: no inbox wake-up,
 no GIL hand-over, no thread-safe future per answer.  Event-loop timers have millisecond
-resolution (libuv's, epoll's): a timer runs up to ~1 ms after its time, never before; the
-scheduler's ``wake_lead_us`` and deadline margin absorb that, and workers report how late
-they started (``start_lag``).
+resolution (libuv's, epoll's) and run on a 1 ms grid: a timer runs up to ~2 ms after its
+time, never before; the schedulers wake that much earlier, and workers report how late they
+noticed a start (``start_lag``).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from ppipe_trt.serving.options import RuntimeOptions
 log = logging.getLogger("ppipe.serving")
 
 #: How late an event-loop timer may run (the millisecond grid below, plus epoll's and libuv's
-#: millisecond); on an event loop
-#: the schedulers wake this much earlier than their ``wake_lead_us`` says.
+#: millisecond); on an event loop the schedulers wake this much earlier than their
+#: ``wake_lead_us`` says.
 EVENT_LOOP_TIMER_SLOP_US = 2000.0
 #: On an event loop, timers are run on this grid (microseconds of the runtime clock).
 EVENT_LOOP_TICK_US = 1000.0
@@ -238,14 +239,10 @@ class DecisionLoop:
         finally:
             self._in_turn = False
             self._flush_pending = False
-        if not inbox.empty():  # posted by another thread after the last look
-            self._post_on_event_loop_wake()
-        self._arm()
-
-    def _post_on_event_loop_wake(self) -> None:
-        if not self._flush_pending and not self._ended.is_set():
-            self._flush_pending = True
+        if not inbox.empty() and not self._ended.is_set():  # posted by another thread
+            self._flush_pending = True                         # after the last look
             self._aloop.call_soon(self._flush)
+        self._arm()
 
     def _arm(self) -> None:
         """Keep one event-loop timer at the earliest timer or wake-up.  Event-loop timers run
