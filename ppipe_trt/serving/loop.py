@@ -99,6 +99,7 @@ class DecisionLoop:
         self._armed_us = math.inf
         self._in_turn = False
         self._fired_early = False
+        self._stopping = False
         self._ended = threading.Event()
         self._started = False
         #: Queue an event for the loop (thread-safe).  On a thread of its own: the inbox's own
@@ -345,16 +346,11 @@ class DecisionLoop:
                 continue
             i += 1
             if kind is StageFinished:
-                try:
-                    decisions = self._schedulers[ev.model].on_stage_finished(
-                        ev.batch_id, ev.stage, ev.finish_us, now)
-                except SchedulerError as exc:  # e.g. a batch the scheduler already dropped
-                    log.warning("ignored stage finish: %s", exc)
-                    continue
-                self.apply(ev.model, decisions, now)
+                self._stage_finished(ev.model, ev.batch_id, ev.stage, ev.finish_us, now)
             elif kind is CallAt:
                 heapq.heappush(self._timers, (ev.time_us, next(self._timer_seq), ev.callback))
             elif kind is Stop:
+                self._stopping = True
                 self._drain(now)
                 self._finish_timers()
                 return False
@@ -364,11 +360,28 @@ class DecisionLoop:
                 except Exception:
                     log.exception("runtime loop: %s failed", type(ev).__name__)
         now = self._clock()
-        for model, wake in list(self._wake.items()):
+        for model, wake in self._wake.items():  # apply() sets values of existing keys only
             if wake is not None and wake <= now:
                 self._wake[model] = None
                 self.apply(model, self._schedulers[model].on_wake(now), now)
         return True
+
+    def stage_finished(self, model: str, batch_id: int, stage: int, finish_us: float) -> None:
+        """A stage finish reported on the loop's thread (a thread-less worker's timer): the
+        scheduler hears of it at once, as if it came through the inbox.  After the loop's
+        Stop it is dropped, as a posted one would be."""
+        if not self._stopping:
+            self._stage_finished(model, batch_id, stage, finish_us, self._clock())
+
+    def _stage_finished(self, model: str, batch_id: int, stage: int, finish_us: float,
+                        now: float) -> None:
+        try:
+            decisions = self._schedulers[model].on_stage_finished(batch_id, stage, finish_us,
+                                                                  now)
+        except SchedulerError as exc:  # e.g. a batch the scheduler already dropped
+            log.warning("ignored stage finish: %s", exc)
+            return
+        self.apply(model, decisions, now)
 
     def apply(self, model: str, decisions: Decisions, now: float) -> None:
         """Carry out one decision pass of ``model``'s scheduler (loop thread only)."""

@@ -102,6 +102,7 @@ class ServingRuntime:
         self._ids = itertools.count(1)
         self._pending = 0
         self._pending_lock = threading.Lock()
+        self._zeros: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         self._submit_lock = threading.Lock()
         self._started = False
         self._accepting = False
@@ -261,7 +262,7 @@ class ServingRuntime:
                 DropReason.QUEUE_FULL.value,
                 f"server overloaded: {self.options.max_pending} requests already in the system"))
             return
-        pending.future.add_done_callback(self._release_pending)
+        pending.counted = True
         now = self._clock()
         budget = spec.slo_us if timeout_us is None else timeout_us
         pending.deadline_us = now + budget
@@ -271,8 +272,18 @@ class ServingRuntime:
         self._post(Arrive(Request(next(self._ids), model, now, now + planned, pending,
                                   grace_us=budget - planned)))
 
+    def _answer(self, pending: PendingRequest, result: Any = None,
+                error: BaseException | None = None) -> None:
+        """Answer an admitted request (any thread): it stops counting as pending, and its
+        future gets the outcome (once; a later outcome is ignored)."""
+        if pending.counted:
+            pending.counted = False
+            with self._pending_lock:
+                self._pending -= 1
+        self._resolve(pending.future, result, error)
+
     def _resolve(self, fut, result: Any = None, error: BaseException | None = None) -> None:
-        """Answer a request's future once, from any thread: an asyncio future (of
+        """Set a request's future once, from any thread: an asyncio future (of
         :meth:`submit_async`) is set on its event loop's thread."""
         if type(fut) is not Future and not self._loop.on_loop_thread():
             try:
@@ -282,14 +293,16 @@ class ServingRuntime:
             return
         resolve(fut, result, error)
 
-    def _release_pending(self, _fut: Future) -> None:
-        with self._pending_lock:
-            self._pending -= 1
-
     # ---- worker sink (worker threads) -----------------------------------------------------
     def stage_finished(self, job: StageJob, start_us: float, finish_us: float) -> None:
+        """A worker ran stage ``job.stage`` of its batch: the scheduler hears of it at once on
+        the loop's thread (a thread-less worker's timer), through the inbox from another."""
         d = job.dispatch
-        self._post(StageFinished(d.model, d.batch_id, d.route[job.stage].stage, finish_us))
+        stage = d.route[job.stage].stage
+        if self._loop.on_loop_thread():
+            self._loop.stage_finished(d.model, d.batch_id, stage, finish_us)
+        else:
+            self._post(StageFinished(d.model, d.batch_id, stage, finish_us))
 
     def batch_completed(self, job: StageJob, outputs: dict[str, np.ndarray],
                         finish_us: float) -> None:
@@ -306,15 +319,31 @@ class ServingRuntime:
                     r.payload.carried = {k: v[i:i + 1] for k, v in outputs.items()}
             return
         if spec.timing_only:
-            outputs = {o.name: np.zeros((d.batch_size,) + tuple(max(1, x) for x in o.shape[1:]),
-                                        o.dtype) for o in spec.outputs}
-        for i, r in enumerate(d.requests):
-            result = InferenceResult(r.request_id, d.model,
-                                     {k: v[i:i + 1] for k, v in outputs.items()},
-                                     r.arrival_us, finish_us, r.payload.deadline_us,
-                                     d.batch_size)
+            outputs = self._zero_outputs(spec, 1)
+            slices = [outputs] * d.batch_size
+        elif d.batch_size == 1:
+            slices = [outputs]
+        else:
+            slices = [{k: v[i:i + 1] for k, v in outputs.items()}
+                      for i in range(d.batch_size)]
+        for r, sample in zip(d.requests, slices):
+            result = InferenceResult(r.request_id, d.model, sample, r.arrival_us, finish_us,
+                                     r.payload.deadline_us, d.batch_size)
             self.stats.completion(d.model, result.latency_us, result.met_deadline)
-            self._resolve(r.payload.future, result=result)
+            self._answer(r.payload, result=result)
+
+    def _zero_outputs(self, spec: ServedModel, batch: int) -> dict[str, np.ndarray]:
+        """A timing-only model's outputs: zeros of its output shapes, read-only, shared."""
+        key = (spec.name, batch)
+        outputs = self._zeros.get(key)
+        if outputs is None:
+            outputs = {}
+            for o in spec.outputs:
+                a = np.zeros((batch,) + tuple(max(1, x) for x in o.shape[1:]), o.dtype)
+                a.flags.writeable = False
+                outputs[o.name] = a
+            self._zeros[key] = outputs
+        return outputs
 
     def batch_failed(self, job: StageJob, error: BaseException, now_us: float) -> None:
         d = job.dispatch
@@ -334,7 +363,7 @@ class ServingRuntime:
     def _fail_requests(self, d: Dispatch, error: BaseException) -> None:
         self.stats.failure(d.model, len(d.requests))
         for r in d.requests:
-            self._resolve(r.payload.future, error=error)
+            self._answer(r.payload, error=error)
 
     # ---- carrying out decisions (the loop's host; loop thread) -------------------------------
     def dispatch(self, d: Dispatch, now: float) -> None:
@@ -366,12 +395,12 @@ class ServingRuntime:
         reason, detail = self.before_answer_drop(model, request, reason, detail)
         reason_value = getattr(reason, "value", str(reason))
         self.stats.drop(model, reason_value)
-        self._resolve(request.payload.future, error=drop_error(request, reason_value, detail))
+        self._answer(request.payload, error=drop_error(request, reason_value, detail))
 
     def answer_refused(self, model: str, requests: list[Request], error: PPipeError) -> None:
         """The scheduler raised ``error`` on ``requests``: each gets it (loop thread)."""
         for r in requests:
-            self._resolve(r.payload.future, error=error)
+            self._answer(r.payload, error=error)
 
     def apply_decisions(self, model: str, decisions: Decisions, now_us: float) -> None:
         """Carry out a decision pass of ``model``'s scheduler that a hook obtained (e.g. from

@@ -127,5 +127,5 @@ class TimedWorker:
         self._samples += job.dispatch.batch_size
         self._busy_us += finish_us - start_us
         hand_off(job, {}, start_us, finish_us, self._transport, self._sink,
-                 answered_us=max(finish_us, self._clock()))
+                 answered_us=max(finish_us, self._clock()) if job.is_last_stage else None)
         self._next()

@@ -81,3 +81,5 @@ class PendingRequest:
     # The request's activations between two dispatches of a policy that schedules stage by
     # stage (reactive): the outputs of the stage it last finished, keyed by tensor name.
     carried: dict[str, np.ndarray] | None = None
+    # Counted in the runtime's pending requests until it is answered.
+    counted: bool = False
