@@ -11,10 +11,13 @@ job never before its reserved start nor before its emulated link delivered it.
 The emulated GPU keeps its own timeline: a batch starts at the moment the GPU would (its
 eligible time, the end of the GPU's previous batch, its dispatch, whichever is last) and ends
 its profiled latency later, however late the timer that tells the worker runs (event-loop
-timers run up to ~1 ms late).  The next stage gets the activations at that emulated finish
+timers run up to ~2 ms late).  The next stage gets the activations at that emulated finish
 (plus its link), the scheduler hears of that finish, and the answer of a last stage is timed
 when it is actually given: timer slop delays answers, as a busy host would, but never drifts
-the emulated GPUs' schedule.  ``start_lag`` counts how late the worker noticed a start.
+the emulated GPUs' schedule.  So a batch is committed as soon as the worker can tell when it
+starts (one timer per batch, at its finish), and taken back if a job queued before that start
+would have been chosen instead.  ``start_lag`` counts how late the worker heard of each
+emulated finish.
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ class TimedWorker:
         self._timers = timers
         self._clock = clock
         self._jobs: list[StageJob] = []
-        self._busy = False
-        self._free_us = 0.0  # when the emulated GPU finishes its current batch
+        self._running: _Run | None = None  # the batch committed on the emulated GPU
+        self._free_us = 0.0  # when the emulated GPU finishes its committed batch
         self._stopping = False
         self._batches = self._samples = 0
         self._busy_us = self._lag_total_us = self._lag_max_us = 0.0
@@ -84,17 +87,21 @@ class TimedWorker:
         """Stop taking jobs; returns those that never started (the runtime fails them)."""
         self._stopping = True
         left, self._jobs = self._jobs, []
+        run = self._running
+        if run is not None and not run.done and run.start > self._clock():
+            run.done = True  # committed, not started yet: never started
+            left.append(run.job)
+            self._running = None
         return left
 
     def submit(self, job: StageJob) -> None:
         if self._stopping:
             raise PPipeError(f"worker {self.worker_id} is stopping")
         self._jobs.append(job)
-        eligible = eligible_us(job)
-        if not self._busy and eligible <= self._clock() and self._timers.on_loop_thread():
-            self._next()  # idle and the job may start: no timer round
-        else:
-            self._timers.call_at(eligible, self._next)
+        if self._timers.on_loop_thread():
+            self._consider(job)
+        else:  # from another thread: the loop thread considers it
+            self._timers.call_at(0.0, lambda: self._consider(job))
 
     def stats(self) -> WorkerStats:
         return WorkerStats(self.worker_id, self.info.model, self.info.stage,
@@ -102,30 +109,74 @@ class TimedWorker:
                            self._busy_us, len(self._jobs), 0, 0, self._started_us,
                            self._lag_total_us, self._lag_max_us)
 
-    # ---- timer callbacks (loop thread) ------------------------------------------------------
-    def _next(self) -> None:
-        """Start the ready job with the earliest reserved start, if idle."""
-        if self._busy or not self._jobs:
+    # ---- on the loop thread -----------------------------------------------------------------
+    def _consider(self, job: StageJob) -> None:
+        """A job was queued.  If the batch committed next would not have been chosen had
+        this job been there (it is ready no later than that batch's start), the commitment is
+        taken back; then the next batch is planned."""
+        run = self._running
+        if run is not None and not run.done:
+            at = _ready_at(job)
+            if at < run.start or (at == run.start and job.reservation.start_us
+                                  < run.job.reservation.start_us):
+                run.done = True          # its finish timer will find it taken back
+                self._jobs.append(run.job)
+                self._free_us = run.free_before
+                self._running = None
+        self._plan()
+
+    def _plan(self) -> None:
+        """Commit the next batch on the emulated GPU's own timeline: when the GPU is free and
+        some job ready, the ready job with the earliest reserved start; its finish is a
+        timer.  A start in the future stays open to :meth:`_consider` until the finish."""
+        if self._running is not None or not self._jobs:
             return
-        now = self._clock()
-        ready = [j for j in self._jobs if eligible_us(j) <= now]
-        if not ready:
-            return  # each waiting job has its own timer at its eligible time
-        job = min(ready, key=lambda j: j.reservation.start_us)
-        self._jobs.remove(job)
-        self._busy = True
-        start = max(eligible_us(job), job.sent_us, self._free_us)  # the GPU's own timeline
-        lag = now - start
+        jobs = self._jobs
+        if len(jobs) == 1:  # the common case
+            job = jobs.pop()
+            first = _ready_at(job)
+            at = first if first > self._free_us else self._free_us
+        else:
+            first = min(_ready_at(j) for j in jobs)
+            at = first if first > self._free_us else self._free_us
+            job = min((j for j in jobs if _ready_at(j) <= at),
+                      key=lambda j: j.reservation.start_us)
+            jobs.remove(job)
+        finish = at + self._emulation.hold_us(job.dispatch.batch_size)
+        run = self._running = _Run(job, at, finish, self._free_us)
+        self._free_us = finish
+        self._timers.call_at(finish, lambda: self._finish(run))
+
+    def _finish(self, run: "_Run") -> None:
+        if run.done:  # taken back (see _consider)
+            return
+        run.done = True
+        self._running = None
+        job, start_us, finish_us = run.job, run.start, run.finish
+        lag = self._clock() - finish_us  # how late the worker heard of its emulated finish
         self._lag_total_us += lag
         self._lag_max_us = max(self._lag_max_us, lag)
-        finish = self._free_us = start + self._emulation.hold_us(job.dispatch.batch_size)
-        self._timers.call_at(finish, lambda: self._finish(job, start, finish))
-
-    def _finish(self, job: StageJob, start_us: float, finish_us: float) -> None:
-        self._busy = False
         self._batches += 1
         self._samples += job.dispatch.batch_size
         self._busy_us += finish_us - start_us
         hand_off(job, {}, start_us, finish_us, self._transport, self._sink,
                  answered_us=max(finish_us, self._clock()) if job.is_last_stage else None)
-        self._next()
+        self._plan()
+
+
+def _ready_at(job: StageJob) -> float:
+    """When a job may start: its eligible time (reserved start, activations delivered), and
+    never before it was dispatched."""
+    at = eligible_us(job)
+    return at if at > job.sent_us else job.sent_us
+
+
+class _Run:
+    """The batch committed on a worker's emulated GPU: ``start``/``finish`` on its timeline,
+    ``free_before`` when the GPU was free before it, ``done`` once finished or taken back."""
+
+    __slots__ = ("job", "start", "finish", "free_before", "done")
+
+    def __init__(self, job: StageJob, start: float, finish: float, free_before: float):
+        self.job, self.start, self.finish, self.free_before = job, start, finish, free_before
+        self.done = False
