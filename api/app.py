@@ -11,6 +11,7 @@ over that runtime.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ class ApiSettings:
     millisecond, and a long parse on the event loop would delay them.  A runtime that needs its
     own thread (the Ray runtime) keeps it either way.
     ``fast_infer``: answer the infer routes with :class:`api.fast.InferFastPath` in front of
-    FastAPI (default; same answers, a fraction of the CPU)."""
+    FastAPI (default; same answers, a fraction of the CPU).  ``link_socket``: also answer
+    front-end processes (:mod:`api.remote`) on this Unix socket; ``reuse_port``: let them
+    share the gRPC port."""
 
     max_body_bytes: int = 32 * 1024 * 1024
     answer_grace_s: float = DEFAULT_ANSWER_GRACE_S
@@ -49,6 +52,8 @@ class ApiSettings:
     grpc_port: int | None = None  # the KServe v2 / Triton gRPC service beside HTTP; None: off
     runtime_on_event_loop: bool | None = None  # None: when every worker is thread-less
     fast_infer: bool = True  # False: FastAPI's routes answer infer requests too (api/fast.py)
+    link_socket: str | None = None  # serve front-end processes on this Unix socket
+    reuse_port: bool = False  # share the gRPC port with front-end processes (SO_REUSEPORT)
 
 
 class _HttpMetrics:
@@ -89,7 +94,24 @@ class PPipeApp(FastAPI):
             match = fast.match(scope)
             if match is not None:
                 return await fast.answer(match, scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "GET" \
+                and scope["path"] in ("/metrics", "/v2/status") \
+                and hasattr(self.state.runtime, "fetch_metrics"):
+            return await self._from_runtime_process(scope["path"], send)
         await super().__call__(scope, receive, send)
+
+    async def _from_runtime_process(self, path: str, send) -> None:
+        """A front-end process (:mod:`api.remote`) answers ``/metrics`` and ``/v2/status``
+        with the runtime process's own, fetched now."""
+        rt = self.state.runtime
+        if path == "/metrics":
+            body, kind = await rt.fetch_metrics(), b"text/plain; version=0.0.4"
+        else:
+            body, kind = json.dumps(await rt.fetch_status()).encode(), b"application/json"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", kind),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def create_app(runtime_factory: Callable[[], ServingRuntime],
@@ -118,9 +140,18 @@ def create_app(runtime_factory: Callable[[], ServingRuntime],
                 on_loop = runtime.threadless
             runtime.start(asyncio.get_running_loop() if on_loop else None)
             app.state.runtime = runtime
+            link = None
+            if settings.link_socket:
+                from api.remote import RuntimeLinkServer
+
+                link = RuntimeLinkServer(lambda: app.state.runtime, metrics.render,
+                                         settings.link_socket)
+                await link.start()
             try:
                 yield
             finally:
+                if link is not None:
+                    await link.stop()
                 await run_in_threadpool(runtime.stop)
         finally:
             if grpc_front is not None:

@@ -334,10 +334,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 def server_options(settings: ApiSettings) -> list[tuple[str, int]]:
     """Channel options: REST's body limit as the largest message received (gRPC refuses a
     larger one with RESOURCE_EXHAUSTED), and no port sharing, so that a port already in use
-    is an error rather than a second server silently taking half the connections."""
+    is an error rather than a second server silently taking half the connections -- unless
+    ``settings.reuse_port`` (front-end processes of one server share its ports)."""
     return [("grpc.max_receive_message_length", settings.max_body_bytes),
             ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0)]
+            ("grpc.so_reuseport", 1 if settings.reuse_port else 0)]
 
 
 class GrpcFrontEnd:

@@ -54,6 +54,11 @@ def register(subparsers) -> None:
                    help="KServe v2 / Triton gRPC port (default 8001, as Triton; 0: no gRPC)")
     p.add_argument("--max-body-mb", type=float, default=32.0,
                    help="largest request body accepted (MiB; larger ones get 413)")
+    p.add_argument("--frontends", type=int, default=1, metavar="N",
+                   help="processes answering HTTP and gRPC on the same ports (default 1; the "
+                        "server's process owns the runtime, N-1 more hand it inferences over "
+                        "a Unix socket; add one when the server's process nears a full core, "
+                        "see docs/serving.md)")
     p.add_argument("--deadline-margin", type=float, default=None, metavar="FRACTION",
                    help="schedule batches to finish this fraction of the SLO before the "
                         "deadline when real compute runs (default 0.3; lower it on a host "
@@ -93,13 +98,32 @@ def serve_command(args) -> int:
                                       {"source": what})
     if not 0 <= args.grpc_port <= 65535:
         raise BadInputError(f"--grpc-port {args.grpc_port}; expected 0 (off) or a port number")
+    frontends = getattr(args, "frontends", 1)
+    if frontends < 1:
+        raise BadInputError(f"--frontends {frontends}; expected 1 or more processes")
+    link = None
+    if frontends > 1:
+        from ppipe_trt.server.frontends import link_path
+
+        link = link_path()
     app = create_app(factory,
                      ApiSettings(max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                                 grpc_host=args.host, grpc_port=args.grpc_port or None))
+                                 grpc_host=args.host, grpc_port=args.grpc_port or None,
+                                 link_socket=link, reuse_port=link is not None))
     url = f"http://{args.host}:{args.port}"
     grpc_url = f"{args.host}:{args.grpc_port}" if args.grpc_port else None
     print(describe(plan, what, url, built, grpc_url), file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    if link is None:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    from ppipe_trt.server.frontends import shared_socket, start_frontends
+
+    sock = shared_socket(args.host, args.port)
+    start_frontends(frontends - 1, link, args.host, args.port, args.grpc_port,
+                    args.max_body_mb, args.log_level)
+    print(f"front ends: this process and {frontends - 1} more on the same ports "
+          f"(runtime link {link})", file=sys.stderr)
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
     return 0
 
 
