@@ -18,7 +18,7 @@ from typing import Callable
 
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import Response
 from fastapi.security import HTTPBearer
 
 from api.auth import BearerAuth
@@ -172,7 +172,7 @@ def create_app(runtime_factory: Callable[[], ServingRuntime],
     app.include_router(open_router)
     app.include_router(router, **guarded)
 
-    @app.get("/metrics", response_class=PlainTextResponse,
+    @app.get("/metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "Prometheus text format"},
                         **guarded.get("responses", {})},
