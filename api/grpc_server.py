@@ -18,7 +18,9 @@ and renders the answer, so both give the same figures and the same error message
 Errors: :func:`grpc_status` is the one place that turns an exception into a status code.  It
 derives the code from the HTTP status REST gives (:func:`api.errors.status_for`), so both
 front ends always agree, and it keeps REST's message text.  Messages over
-``ApiSettings.max_body_bytes`` are refused by gRPC itself with ``RESOURCE_EXHAUSTED``.
+``ApiSettings.max_body_bytes`` are refused by gRPC itself with ``RESOURCE_EXHAUSTED``.  With
+``ApiSettings.auth_token`` set, :class:`BearerTokenInterceptor` answers ``UNAUTHENTICATED`` to
+every RPC but ``ServerLive``/``ServerReady`` that lacks ``authorization: Bearer <token>``.
 
 Entry points: :class:`GrpcFrontEnd` (``await start(service, ...)`` / ``await stop(...)`` on
 the caller's event loop) and :class:`GrpcServerThread` (a context manager hosting one on its
@@ -39,6 +41,8 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from api.app import ApiSettings
+from api.auth import OPEN_RPCS, BearerAuth
+from api.auth import REFUSAL as AUTH_REFUSAL
 from api.binary import V2_TO_NUMPY, tensor_from_bytes
 from api.codec import (ParsedInfer, check_input, output_as_requested, request_batch,
                        requested_outputs, tensor_bytes, timeout_us_of)
@@ -330,6 +334,45 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     LogSettings = _unimplemented("LogSettings", "log settings are fixed at start-up")
 
 
+# ---- access control ------------------------------------------------------------------------------
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses an RPC without ``authorization: Bearer <token>`` metadata with
+    ``UNAUTHENTICATED`` (:mod:`api.auth`), except the health RPCs.  The refusing handler
+    takes the request undecoded, so that a malformed message is refused for its missing
+    token, not parsed."""
+
+    def __init__(self, auth: BearerAuth):
+        self._auth = auth
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method in OPEN_RPCS:
+            return handler
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                if self._auth.allows(value):
+                    return handler
+                break
+        return _refusing(handler)
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    async def refuse(_request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, AUTH_REFUSAL)
+
+    async def refuse_stream(_request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, AUTH_REFUSAL)
+        yield  # an async generator, as a response-streaming handler must be
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 # ---- hosting ------------------------------------------------------------------------------------
 def server_options(settings: ApiSettings) -> list[tuple[str, int]]:
     """Channel options: REST's body limit as the largest message received (gRPC refuses a
@@ -350,12 +393,15 @@ class GrpcFrontEnd:
     async def start(self, service: InferenceService, host: str = "127.0.0.1",
                     port: int = 8001, settings: ApiSettings | None = None) -> int:
         """Listen on ``host:port`` (``port`` 0: any free port) and answer from ``service``
-        (UNAVAILABLE while it has no runtime).  ``settings``: the message size limit.
+        (UNAVAILABLE while it has no runtime).  ``settings``: the message size limit and the
+        bearer token (``auth_token``).
         Returns the bound port; raises ``PPipeError`` when the address cannot be bound."""
         if self._server is not None:
             raise PPipeError("the gRPC front end is already started")
         settings = settings or ApiSettings()
-        server = grpc.aio.server(options=server_options(settings))
+        interceptors = ([BearerTokenInterceptor(BearerAuth(settings.auth_token))]
+                        if settings.auth_token is not None else None)
+        server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(service), server)
         address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") \
