@@ -38,6 +38,7 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from api.app import ApiSettings
@@ -81,12 +82,48 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return code, f"internal error: {type(exc).__name__}: {exc}"
 
 
+class MalformedRequest:
+    """What :class:`TolerantDecoding` hands the servicer for bytes that do not parse as the
+    RPC's request message; the servicer answers it ``INVALID_ARGUMENT``."""
+
+    __slots__ = ("message",)
+    model_name = id = ""  # as a ModelInferRequest's, for ModelStreamInfer's error answer
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def error(self) -> BadInputError:
+        return BadInputError(f"malformed request message: {self.message}")
+
+
+class TolerantDecoding(grpc.aio.ServerInterceptor):
+    """Decodes requests without raising: grpcio answers a request its deserializer cannot
+    parse ``UNKNOWN`` (and logs an error); this hands a :class:`MalformedRequest` to the
+    servicer instead, which answers ``INVALID_ARGUMENT`` like any bad input."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        decode = getattr(handler, "request_deserializer", None)
+        if decode is None:
+            return handler
+
+        def tolerant(data: bytes):
+            try:
+                return decode(data)
+            except DecodeError as exc:
+                return MalformedRequest(str(exc))
+
+        return handler._replace(request_deserializer=tolerant)
+
+
 def _answers_errors(method):
     """Wrap a unary RPC so that every exception becomes a status (never an unhandled one)."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
+            if isinstance(request, MalformedRequest):
+                raise request.error()
             return await method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every caller gets a status, see grpc_status
             code, message = grpc_status(exc)
@@ -262,6 +299,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # ---- inference ----
     async def _infer(self, request: service_pb2.ModelInferRequest
                      ) -> service_pb2.ModelInferResponse:
+        if isinstance(request, MalformedRequest):
+            raise request.error()
         model = self._service.model(request.model_name, request.model_version)
         if not request.raw_input_contents and request.ByteSize() > _OFFLOAD_BYTES:
             parsed = await asyncio.to_thread(parse_model_infer, request, model)
@@ -399,8 +438,9 @@ class GrpcFrontEnd:
         if self._server is not None:
             raise PPipeError("the gRPC front end is already started")
         settings = settings or ApiSettings()
-        interceptors = ([BearerTokenInterceptor(BearerAuth(settings.auth_token))]
-                        if settings.auth_token is not None else None)
+        interceptors: list = [TolerantDecoding()]
+        if settings.auth_token is not None:
+            interceptors.append(BearerTokenInterceptor(BearerAuth(settings.auth_token)))
         server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(service), server)
