@@ -17,15 +17,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Callable
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
+from fastapi.security import HTTPBearer
 
-from api.errors import install_error_handlers
+from api.auth import BearerAuth
+from api.errors import error_responses, install_error_handlers
 from api.fast import InferFastPath
 from api.metrics import AppMetrics
 from api.service import DEFAULT_ANSWER_GRACE_S, SERVER_VERSION, InferenceService
-from api.v2 import router
+from api.v2 import open_router, router
 from ppipe_trt.serving.runtime import ServingRuntime
 
 
@@ -44,7 +46,9 @@ class ApiSettings:
     ``fast_infer``: answer the infer routes with :class:`api.fast.InferFastPath` in front of
     FastAPI (default; same answers, a fraction of the CPU).  ``link_socket``: also answer
     front-end processes (:mod:`api.remote`) on this Unix socket; ``reuse_port``: let them
-    share the gRPC port."""
+    share the gRPC port.
+    ``auth_token``: require ``Authorization: Bearer <auth_token>`` on every route but the
+    health probes, REST and gRPC alike (:mod:`api.auth`); ``None``: no access control."""
 
     max_body_bytes: int = 32 * 1024 * 1024
     answer_grace_s: float = DEFAULT_ANSWER_GRACE_S
@@ -54,6 +58,7 @@ class ApiSettings:
     fast_infer: bool = True  # False: FastAPI's routes answer infer requests too (api/fast.py)
     link_socket: str | None = None  # serve front-end processes on this Unix socket
     reuse_port: bool = False  # share the gRPC port with front-end processes (SO_REUSEPORT)
+    auth_token: str | None = None  # bearer token required on all but the health probes
 
 
 class _HttpMetrics:
@@ -84,11 +89,18 @@ class _HttpMetrics:
 
 class PPipeApp(FastAPI):
     """The FastAPI app with the infer fast path in front (:mod:`api.fast`): an infer request
-    is answered by :attr:`fast_infer` when set, every other request by FastAPI."""
+    is answered by :attr:`fast_infer` when set, every other request by FastAPI.  With
+    :attr:`auth` set, a request without the bearer token is answered 401 before either
+    (:mod:`api.auth`)."""
 
     fast_infer: InferFastPath | None = None
+    auth: BearerAuth | None = None
 
     async def __call__(self, scope, receive, send) -> None:
+        auth = self.auth
+        if auth is not None and scope["type"] == "http" and not auth.allows_scope(scope):
+            self.state.metrics.count_http("unauthenticated", 401, 0.0)
+            return await auth.refuse(send)
         fast = self.fast_infer
         if fast is not None:
             match = fast.match(scope)
@@ -112,6 +124,20 @@ class PPipeApp(FastAPI):
                     "headers": [(b"content-type", kind),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+    def openapi(self) -> dict:
+        """FastAPI's document, less the 422 it adds to every route with parameters: request
+        validation is answered 400 here (KServe v2; :func:`api.errors.install_error_handlers`),
+        and each route declares its 400 itself where it can occur."""
+        if self.openapi_schema is None:
+            doc = super().openapi()
+            for item in doc.get("paths", {}).values():
+                for operation in item.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas = doc.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+        return self.openapi_schema
 
 
 def create_app(runtime_factory: Callable[[], ServingRuntime],
@@ -166,9 +192,22 @@ def create_app(runtime_factory: Callable[[], ServingRuntime],
     metrics = AppMetrics(lambda: app.state.runtime)
     app.state.metrics = metrics
     install_error_handlers(app)
-    app.include_router(router)
+    guarded: dict = {}
+    if settings.auth_token is not None:
+        app.auth = BearerAuth(settings.auth_token)
+        # The check itself is PPipeApp.__call__'s (it covers the fast path and unknown paths
+        # too); this declares it in the OpenAPI document, FastAPI's way.
+        guarded = {"dependencies": [Depends(HTTPBearer(auto_error=False,
+                                                       scheme_name="bearerAuth"))],
+                   "responses": error_responses(401)}
+    app.include_router(open_router)
+    app.include_router(router, **guarded)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"},
+                        **guarded.get("responses", {})},
+             dependencies=guarded.get("dependencies"))
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 

@@ -6,9 +6,12 @@ Bodies follow the KServe v2 error shape ``{"error": "<message>"}``; rejections a
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.service import AnswerTimeoutError
@@ -16,7 +19,7 @@ from ppipe_trt.errors import (BadInputError, ModelNotFoundError, PPipeError,
                               RequestRejectedError)
 
 __all__ = ["AnswerTimeoutError", "BodyTooLargeError", "UnsupportedMediaError", "status_for",
-           "error_response", "install_error_handlers"]
+           "error_response", "install_error_handlers", "ErrorBody", "error_responses"]
 
 
 class BodyTooLargeError(BadInputError):
@@ -30,6 +33,43 @@ class UnsupportedMediaError(BadInputError):
 #: Drop reasons answered 503 (retry later) vs 504 (the deadline itself was the problem).
 _REJECT_STATUS = {"deadline_unreachable": 503, "no_workers": 503, "worker_failed": 503,
                   "queue_full": 503, "shutdown": 503}
+
+
+class ErrorBody(BaseModel):
+    """What every error answer holds (KServe v2): ``error``, the message; ``reason``, a
+    rejection's drop reason (503/504 from the scheduler only)."""
+
+    error: str
+    reason: str | None = None
+
+
+#: When each status is answered, as the OpenAPI document says it.
+_WHEN = {
+    400: "Bad request: malformed body, parameters or tensors (the message names what)",
+    401: "Missing or invalid bearer token (only when the server runs with an auth token)",
+    404: "No such model or version",
+    413: "Request body over the server's limit (after decompression)",
+    415: "Unsupported content type or content encoding",
+    503: "Not served now (server not ready, or the scheduler dropped the request: see "
+         "`reason`); retry after `Retry-After` seconds",
+    504: "No answer within the request's deadline",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route that can answer ``statuses`` with :class:`ErrorBody`
+    (for FastAPI's ``responses=``)."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        doc: dict[str, Any] = {"model": ErrorBody, "description": _WHEN[status]}
+        if status == 503:
+            doc["headers"] = {"Retry-After": {"description": "seconds to wait",
+                                              "schema": {"type": "integer"}}}
+        if status == 401:
+            doc["headers"] = {"WWW-Authenticate": {"description": "`Bearer`",
+                                                   "schema": {"type": "string"}}}
+        out[status] = doc
+    return out
 
 
 def status_for(exc: BaseException) -> int:
@@ -70,4 +110,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        # Keeps Starlette's headers: a 405 carries ``Allow`` (RFC 9110 section 15.5.6).
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code,
+                            headers=exc.headers)

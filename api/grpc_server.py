@@ -18,7 +18,9 @@ and renders the answer, so both give the same figures and the same error message
 Errors: :func:`grpc_status` is the one place that turns an exception into a status code.  It
 derives the code from the HTTP status REST gives (:func:`api.errors.status_for`), so both
 front ends always agree, and it keeps REST's message text.  Messages over
-``ApiSettings.max_body_bytes`` are refused by gRPC itself with ``RESOURCE_EXHAUSTED``.
+``ApiSettings.max_body_bytes`` are refused by gRPC itself with ``RESOURCE_EXHAUSTED``.  With
+``ApiSettings.auth_token`` set, :class:`BearerTokenInterceptor` answers ``UNAUTHENTICATED`` to
+every RPC but ``ServerLive``/``ServerReady`` that lacks ``authorization: Bearer <token>``.
 
 Entry points: :class:`GrpcFrontEnd` (``await start(service, ...)`` / ``await stop(...)`` on
 the caller's event loop) and :class:`GrpcServerThread` (a context manager hosting one on its
@@ -36,9 +38,12 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from api.app import ApiSettings
+from api.auth import OPEN_RPCS, BearerAuth
+from api.auth import REFUSAL as AUTH_REFUSAL
 from api.binary import V2_TO_NUMPY, tensor_from_bytes
 from api.codec import (ParsedInfer, check_input, output_as_requested, request_batch,
                        requested_outputs, tensor_bytes, timeout_us_of)
@@ -77,12 +82,48 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return code, f"internal error: {type(exc).__name__}: {exc}"
 
 
+class MalformedRequest:
+    """What :class:`TolerantDecoding` hands the servicer for bytes that do not parse as the
+    RPC's request message; the servicer answers it ``INVALID_ARGUMENT``."""
+
+    __slots__ = ("message",)
+    model_name = id = ""  # as a ModelInferRequest's, for ModelStreamInfer's error answer
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def error(self) -> BadInputError:
+        return BadInputError(f"malformed request message: {self.message}")
+
+
+class TolerantDecoding(grpc.aio.ServerInterceptor):
+    """Decodes requests without raising: grpcio answers a request its deserializer cannot
+    parse ``UNKNOWN`` (and logs an error); this hands a :class:`MalformedRequest` to the
+    servicer instead, which answers ``INVALID_ARGUMENT`` like any bad input."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        decode = getattr(handler, "request_deserializer", None)
+        if decode is None:
+            return handler
+
+        def tolerant(data: bytes):
+            try:
+                return decode(data)
+            except DecodeError as exc:
+                return MalformedRequest(str(exc))
+
+        return handler._replace(request_deserializer=tolerant)
+
+
 def _answers_errors(method):
     """Wrap a unary RPC so that every exception becomes a status (never an unhandled one)."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
+            if isinstance(request, MalformedRequest):
+                raise request.error()
             return await method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every caller gets a status, see grpc_status
             code, message = grpc_status(exc)
@@ -258,6 +299,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # ---- inference ----
     async def _infer(self, request: service_pb2.ModelInferRequest
                      ) -> service_pb2.ModelInferResponse:
+        if isinstance(request, MalformedRequest):
+            raise request.error()
         model = self._service.model(request.model_name, request.model_version)
         if not request.raw_input_contents and request.ByteSize() > _OFFLOAD_BYTES:
             parsed = await asyncio.to_thread(parse_model_infer, request, model)
@@ -330,6 +373,45 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     LogSettings = _unimplemented("LogSettings", "log settings are fixed at start-up")
 
 
+# ---- access control ------------------------------------------------------------------------------
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses an RPC without ``authorization: Bearer <token>`` metadata with
+    ``UNAUTHENTICATED`` (:mod:`api.auth`), except the health RPCs.  The refusing handler
+    takes the request undecoded, so that a malformed message is refused for its missing
+    token, not parsed."""
+
+    def __init__(self, auth: BearerAuth):
+        self._auth = auth
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method in OPEN_RPCS:
+            return handler
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                if self._auth.allows(value):
+                    return handler
+                break
+        return _refusing(handler)
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    async def refuse(_request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, AUTH_REFUSAL)
+
+    async def refuse_stream(_request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, AUTH_REFUSAL)
+        yield  # an async generator, as a response-streaming handler must be
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 # ---- hosting ------------------------------------------------------------------------------------
 def server_options(settings: ApiSettings) -> list[tuple[str, int]]:
     """Channel options: REST's body limit as the largest message received (gRPC refuses a
@@ -351,12 +433,16 @@ class GrpcFrontEnd:
     async def start(self, service: InferenceService, host: str = "127.0.0.1",
                     port: int = 8001, settings: ApiSettings | None = None) -> int:
         """Listen on ``host:port`` (``port`` 0: any free port) and answer from ``service``
-        (UNAVAILABLE while it has no runtime).  ``settings``: the message size limit.
+        (UNAVAILABLE while it has no runtime).  ``settings``: the message size limit and the
+        bearer token (``auth_token``).
         Returns the bound port; raises ``PPipeError`` when the address cannot be bound."""
         if self._server is not None:
             raise PPipeError("the gRPC front end is already started")
         settings = settings or ApiSettings()
-        server = grpc.aio.server(options=server_options(settings))
+        interceptors: list = [TolerantDecoding()]
+        if settings.auth_token is not None:
+            interceptors.append(BearerTokenInterceptor(BearerAuth(settings.auth_token)))
+        server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(service), server)
         address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") \

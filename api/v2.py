@@ -21,16 +21,20 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from api.binary import HEADER_LENGTH
-from api.errors import BodyTooLargeError, UnsupportedMediaError
+from api.errors import BodyTooLargeError, UnsupportedMediaError, error_responses
 from api.fast import inflate, infer_answer, refuse_declared_oversize
 from api.frames import frame_answer
 from api.service import InferenceService, InferOutcome
 from ppipe_trt.errors import BadInputError
 
+#: The routes that need the bearer token when the server has one (api/auth.py); the
+#: health probes are in ``open_router``.
 router = APIRouter()
+open_router = APIRouter()
 
 
 def _service(request: Request) -> InferenceService:
@@ -62,6 +66,113 @@ def _timing_headers(outcome: InferOutcome) -> dict[str, str]:
             "X-PPipe-Batch-Size": str(outcome.worst_batch_size)}
 
 
+# ---- OpenAPI declarations --------------------------------------------------------------------
+class ReadyBody(BaseModel):
+    ready: bool
+
+
+class ModelReadyBody(BaseModel):
+    name: str
+    ready: bool
+
+
+_NOT_READY = {503: {"description": "Not ready (or the server is not ready)",
+                    "content": {"application/json": {"schema": {"anyOf": [
+                        {"$ref": "#/components/schemas/ModelReadyBody"},
+                        {"$ref": "#/components/schemas/ErrorBody"}]}}}}}
+_TIMING_HEADERS = {
+    "X-PPipe-Latency-Ms": {"description": "the slowest sample's latency (ms)",
+                           "schema": {"type": "string"}},
+    "X-PPipe-Batch-Size": {"description": "the batch the slowest sample ran in",
+                           "schema": {"type": "string"}},
+}
+_TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+    "name": {"type": "string"},
+    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    "datatype": {"type": "string"},
+    "parameters": {"type": "object"},
+    "data": {"type": "array"}}}
+_INFER_REQUEST = {"type": "object", "required": ["inputs"], "properties": {
+    "id": {"type": "string"},
+    "parameters": {"type": "object"},
+    "inputs": {"type": "array", "minItems": 1, "items": _TENSOR},
+    "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
+                                           "properties": {"name": {"type": "string"},
+                                                          "parameters": {"type": "object"}}}}}}
+_INFER_RESPONSE = {"type": "object", "required": ["model_name", "outputs"], "properties": {
+    "model_name": {"type": "string"}, "model_version": {"type": "string"},
+    "id": {"type": "string"}, "parameters": {"type": "object"},
+    "outputs": {"type": "array", "items": _TENSOR}}}
+_BINARY = {"type": "string", "format": "binary"}
+#: Binary tensors (Triton's extension): a JSON header of this many bytes, then the tensors.
+_HEADER_LENGTH_PARAM = {
+    "name": HEADER_LENGTH, "in": "header", "required": False,
+    "description": "binary tensor extension: the body is a JSON header of this many bytes "
+                   "followed by the tensors' bytes",
+    "schema": {"type": "integer", "minimum": 0}}
+_ENCODING_PARAM = {"name": "Content-Encoding", "in": "header", "required": False,
+                   "schema": {"type": "string", "enum": ["gzip", "deflate", "identity"]}}
+_INFER_OPENAPI = {
+    "parameters": [_HEADER_LENGTH_PARAM, _ENCODING_PARAM],
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": _INFER_REQUEST},
+        "application/octet-stream": {"schema": _BINARY}}},
+}
+_INFER_RESPONSES = {
+    200: {"description": "The outputs: JSON, or with binary outputs a JSON header of "
+                         f"{HEADER_LENGTH} bytes followed by the tensors' bytes",
+          "content": {"application/json": {"schema": _INFER_RESPONSE},
+                      "application/octet-stream": {"schema": _BINARY}},
+          "headers": {HEADER_LENGTH: {"description": "binary outputs only: the JSON "
+                                                     "header's length in bytes",
+                                      "schema": {"type": "integer"}},
+                      **_TIMING_HEADERS}},
+    **error_responses(400, 404, 413, 415, 503, 504)}
+_FRAMES_OPENAPI = {
+    "parameters": [_ENCODING_PARAM],
+    "requestBody": {"required": True, "content": {
+        "image/jpeg": {"schema": _BINARY},
+        "image/png": {"schema": _BINARY},
+        "application/octet-stream": {"schema": _BINARY},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
+                                           "properties": {"image": _BINARY}}}}},
+}
+_FRAMES_RESPONSES = {
+    200: {"description": "The outputs and the model's postprocessing (top_k, mask)",
+          "content": {"application/json": {"schema": {
+              "type": "object", "required": ["model_name", "latency_ms", "batch_size"],
+              "properties": {"model_name": {"type": "string"},
+                             "latency_ms": {"type": "number"},
+                             "batch_size": {"type": "integer"},
+                             "outputs": {"type": "object"},
+                             "top_k": {"type": "array"}, "mask": {"type": "object"}}}}},
+          "headers": _TIMING_HEADERS},
+    **error_responses(400, 404, 413, 415, 503, 504)}
+
+
+def model_routes(suffix: str, method: str = "GET", **route_kwargs):
+    """Register ``endpoint(request, model_name, version)`` at ``/v2/models/{model_name}
+    <suffix>`` (``version`` ``None``) and at ``.../versions/{version}<suffix>`` (Triton's
+    form): two operations, so that neither documents the other's parameters."""
+
+    def register(endpoint):
+        async def latest(request: Request, model_name: str):
+            return await endpoint(request, model_name, None)
+
+        async def versioned(request: Request, model_name: str, version: str):
+            return await endpoint(request, model_name, version)
+
+        for fn, path, name in (
+                (latest, f"/v2/models/{{model_name}}{suffix}", endpoint.__name__),
+                (versioned, f"/v2/models/{{model_name}}/versions/{{version}}{suffix}",
+                 f"{endpoint.__name__}_version")):
+            fn.__name__, fn.__doc__ = name, endpoint.__doc__
+            router.add_api_route(path, fn, methods=[method], name=name, **route_kwargs)
+        return endpoint
+
+    return register
+
+
 # ---- server --------------------------------------------------------------------------------
 @router.get("/v2")
 async def server_metadata(request: Request) -> dict[str, Any]:
@@ -69,36 +180,36 @@ async def server_metadata(request: Request) -> dict[str, Any]:
     return {"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)}
 
 
-@router.get("/v2/health/live")
+@open_router.get("/v2/health/live")
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/v2/health/ready")
+@open_router.get("/v2/health/ready", response_model=ReadyBody,
+                 responses={503: {"model": ReadyBody, "description": "Not ready"}})
 async def ready(request: Request) -> JSONResponse:
     ok = _service(request).ready
     return _ready_response({"ready": ok}, ok)
 
 
-@router.post("/v2/repository/index")
+@router.post("/v2/repository/index", responses=error_responses(503))
 async def repository_index(request: Request) -> list[dict[str, str]]:
     return [dataclasses.asdict(e) for e in _service(request).repository_index()]
 
 
-@router.get("/v2/status")
+@router.get("/v2/status", responses=error_responses(503))
 async def status(request: Request) -> dict[str, Any]:
     return _service(request).status()
 
 
-@router.get("/v2/models/stats")
+@router.get("/v2/models/stats", responses=error_responses(503))
 async def all_stats(request: Request) -> dict[str, Any]:
     return {"model_stats": _service(request).statistics()}
 
 
 # ---- models --------------------------------------------------------------------------------
-@router.get("/v2/models/{model_name}")
-@router.get("/v2/models/{model_name}/versions/{version}")
-async def model_metadata(request: Request, model_name: str, version: str | None = None):
+@model_routes("", responses=error_responses(404, 503))
+async def model_metadata(request: Request, model_name: str, version: str | None):
     meta = _service(request).model_metadata(model_name, version)
     return {"name": meta.name, "versions": list(meta.versions), "platform": meta.platform,
             **{kind: [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
@@ -107,28 +218,26 @@ async def model_metadata(request: Request, model_name: str, version: str | None 
             "parameters": meta.parameters}
 
 
-@router.get("/v2/models/{model_name}/ready")
-@router.get("/v2/models/{model_name}/versions/{version}/ready")
-async def model_ready(request: Request, model_name: str, version: str | None = None):
+@model_routes("/ready", response_model=ModelReadyBody,
+              responses={**error_responses(404), **_NOT_READY})
+async def model_ready(request: Request, model_name: str, version: str | None):
     ok = _service(request).model_ready(model_name, version)
     return _ready_response({"name": model_name, "ready": ok}, ok)
 
 
-@router.get("/v2/models/{model_name}/config")
-@router.get("/v2/models/{model_name}/versions/{version}/config")
-async def model_config(request: Request, model_name: str, version: str | None = None):
+@model_routes("/config", responses=error_responses(404, 503))
+async def model_config(request: Request, model_name: str, version: str | None):
     return _service(request).model_config(model_name, version)
 
 
-@router.get("/v2/models/{model_name}/stats")
-@router.get("/v2/models/{model_name}/versions/{version}/stats")
-async def model_stats(request: Request, model_name: str, version: str | None = None):
+@model_routes("/stats", responses=error_responses(404, 503))
+async def model_stats(request: Request, model_name: str, version: str | None):
     return {"model_stats": _service(request).statistics(model_name, version)}
 
 
-@router.post("/v2/models/{model_name}/infer")
-@router.post("/v2/models/{model_name}/versions/{version}/infer")
-async def infer(request: Request, model_name: str, version: str | None = None) -> Response:
+@model_routes("/infer", method="POST", response_class=Response, responses=_INFER_RESPONSES,
+              openapi_extra=_INFER_OPENAPI)
+async def infer(request: Request, model_name: str, version: str | None) -> Response:
     """Answered by :class:`api.fast.InferFastPath` unless ``ApiSettings.fast_infer`` is off;
     the same functions either way."""
     service = _service(request)
@@ -140,7 +249,8 @@ async def infer(request: Request, model_name: str, version: str | None = None) -
 
 
 # ---- frames --------------------------------------------------------------------------------
-@router.post("/v2/models/{model_name}/frames")
+@router.post("/v2/models/{model_name}/frames", response_class=Response,
+             responses=_FRAMES_RESPONSES, openapi_extra=_FRAMES_OPENAPI)
 async def frames(request: Request, model_name: str, top: int | None = None,
                  timeout_ms: float | None = None, mask: str | None = None,
                  raw: bool | None = None) -> Response:

@@ -72,8 +72,22 @@ def content_hash(fields: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def safe_path_name(name: str, what: str = "model name") -> str:
+    """``name`` if it can name one directory under a root (not empty, ``.`` or ``..``; no
+    ``/``, ``\\`` or NUL; not absolute), else ``BadInputError``: a name from a user never
+    reaches outside the store or repository it is looked up in."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0")
+            or Path(name).is_absolute()):
+        raise BadInputError(f"{what} {name!r} cannot name a directory: expected one path "
+                            "component (no '/', '\\', NUL, '.' or '..')")
+    return name
+
+
 def model_dir(store_root: Path | str, gpu_class: str, model_name: str) -> Path:
-    return Path(store_root) / gpu_class / model_name
+    """The store's folder of ``model_name`` built for ``gpu_class``; ``BadInputError`` for a
+    name that would lead outside the store."""
+    return (Path(store_root) / safe_path_name(gpu_class, "GPU class")
+            / safe_path_name(model_name))
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -17,10 +17,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
 from ppipe_trt.server.prepare import DEFAULT_MODEL, prepare
+
+#: The environment variable holding the bearer token (``--auth-token`` wins).
+AUTH_TOKEN_ENV = "PPIPE_AUTH_TOKEN"
+
+
+def auth_token(args) -> str | None:
+    """The bearer token: ``--auth-token``, else ``$PPIPE_AUTH_TOKEN`` (unset or empty: none);
+    ``BadInputError`` for one that cannot be a bearer token."""
+    from api.auth import check_token
+
+    token = getattr(args, "auth_token", None)
+    if token is None:
+        token = os.environ.get(AUTH_TOKEN_ENV) or None
+    return None if token is None else check_token(token)
 
 
 def register(subparsers) -> None:
@@ -52,6 +67,12 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--grpc-port", type=int, default=8001,
                    help="KServe v2 / Triton gRPC port (default 8001, as Triton; 0: no gRPC)")
+    p.add_argument("--auth-token", default=None, metavar="TOKEN",
+                   help="require 'Authorization: Bearer TOKEN' (gRPC: metadata "
+                        "'authorization') on every route but the health probes "
+                        "(/v2/health/live, /v2/health/ready, ServerLive, ServerReady); "
+                        f"default: ${AUTH_TOKEN_ENV} if set, else no access control. Prefer "
+                        "the environment variable: a command line is visible to other users")
     p.add_argument("--max-body-mb", type=float, default=32.0,
                    help="largest request body accepted (MiB; larger ones get 413)")
     p.add_argument("--frontends", type=int, default=1, metavar="N",
@@ -83,6 +104,7 @@ def serve_command(args) -> int:
     if args.deadline_margin is not None and not 0.0 <= args.deadline_margin < 1.0:
         raise BadInputError(f"--deadline-margin {args.deadline_margin}; expected a fraction "
                             "of the SLO in [0, 1)")
+    token = auth_token(args)  # before the engines are built: a bad token fails at once
     sys.setswitchinterval(0.0005)  # worker threads wake on time; keep GIL hand-offs short
     plan, profiles, built, what = prepare(args)
     if args.save_plan:
@@ -98,6 +120,10 @@ def serve_command(args) -> int:
                                       {"source": what})
     if not 0 <= args.grpc_port <= 65535:
         raise BadInputError(f"--grpc-port {args.grpc_port}; expected 0 (off) or a port number")
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"ppipe serve: listening on {args.host} with no access control; anyone who "
+              f"reaches it can infer and read the status (set {AUTH_TOKEN_ENV})",
+              file=sys.stderr)
     frontends = getattr(args, "frontends", 1)
     if frontends < 1:
         raise BadInputError(f"--frontends {frontends}; expected 1 or more processes")
@@ -109,7 +135,8 @@ def serve_command(args) -> int:
     app = create_app(factory,
                      ApiSettings(max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                                  grpc_host=args.host, grpc_port=args.grpc_port or None,
-                                 link_socket=link, reuse_port=link is not None))
+                                 link_socket=link, reuse_port=link is not None,
+                                 auth_token=token))
     url = f"http://{args.host}:{args.port}"
     grpc_url = f"{args.host}:{args.grpc_port}" if args.grpc_port else None
     print(describe(plan, what, url, built, grpc_url), file=sys.stderr)
@@ -120,7 +147,7 @@ def serve_command(args) -> int:
 
     sock = shared_socket(args.host, args.port)
     start_frontends(frontends - 1, link, args.host, args.port, args.grpc_port,
-                    args.max_body_mb, args.log_level)
+                    args.max_body_mb, args.log_level, token)
     print(f"front ends: this process and {frontends - 1} more on the same ports "
           f"(runtime link {link})", file=sys.stderr)
     uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])

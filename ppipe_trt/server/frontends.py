@@ -50,16 +50,24 @@ def link_path() -> str:
 
 
 def start_frontends(count: int, link: str, host: str, port: int, grpc_port: int,
-                    max_body_mb: float, log_level: str) -> list[subprocess.Popen]:
+                    max_body_mb: float, log_level: str,
+                    auth_token: str | None = None) -> list[subprocess.Popen]:
     """Start ``count`` front-end processes (they wait for the link to open); they are
-    stopped when this process exits."""
+    stopped when this process exits.  ``auth_token`` reaches them in their environment (not
+    on a command line others can read)."""
+    from ppipe_trt.server.cli import AUTH_TOKEN_ENV
+
+    env = dict(os.environ)
+    env.pop(AUTH_TOKEN_ENV, None)
+    if auth_token:
+        env[AUTH_TOKEN_ENV] = auth_token
     procs = []
     for i in range(count):
         cmd = [sys.executable, "-m", "ppipe_trt.server.frontends", "--link", link,
                "--host", host, "--port", str(port), "--grpc-port", str(grpc_port),
                "--max-body-mb", str(max_body_mb), "--log-level", log_level,
                "--index", str(i + 1)]
-        procs.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))
+        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
 
     def stop_all() -> None:
         for p in procs:
@@ -90,6 +98,7 @@ def frontend_main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from api.app import ApiSettings, create_app
+    from ppipe_trt.server.cli import AUTH_TOKEN_ENV
     from api.remote import RemoteRuntime
 
     p = argparse.ArgumentParser(prog="python -m ppipe_trt.server.frontends")
@@ -108,7 +117,8 @@ def frontend_main(argv: list[str] | None = None) -> int:
     app = create_app(lambda: RemoteRuntime(args.link, on_lost=lost),
                      ApiSettings(max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                                  grpc_host=args.host, grpc_port=args.grpc_port or None,
-                                 reuse_port=True))
+                                 reuse_port=True,
+                                 auth_token=os.environ.get(AUTH_TOKEN_ENV) or None))
     sock = shared_socket(args.host, args.port)
     uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
     return 0

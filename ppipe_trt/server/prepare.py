@@ -49,6 +49,10 @@ def prepare(args) -> tuple:
                             "cluster is emulated); otherwise give --emulate CLUSTER.yaml")
     entries = _repository_entries(args)
     models = list(args.models or (plan.model_names if plan else []) or entries)
+    from ppipe_trt.engines.store import safe_path_name
+
+    for m in models:  # each becomes a folder name in the store and the example repository
+        safe_path_name(m)
     if not models:
         if args.emulate:
             raise BadInputError("--emulate needs --model NAME (a model of --profiles or of "

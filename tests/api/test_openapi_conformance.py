@@ -1,0 +1,77 @@
+"""Protocol conformance: the app answers as its OpenAPI document says.
+
+Schemathesis runs every phase it has (examples, coverage, fuzzing, stateful) and every check
+against the real app (``demo_resnet`` on ONNX Runtime, CPU) in-process over ASGI, seeded and
+deterministic; any finding fails the test.  The app runs with a bearer token, so that the
+document declares the security scheme and ``ignored_auth`` checks that it is enforced.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+schemathesis = pytest.importorskip("schemathesis")
+
+MODEL = "demo_resnet"
+TOKEN = "conformance-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+LIMIT = 2_000_000
+MIN_CASES = 1000
+
+
+@pytest.fixture(scope="module")
+def app(engine_store, cpu_profiles, app_for):
+    from ppipe_trt.serving.local import pipeline_plan
+
+    profiles = cpu_profiles(MODEL)
+    plan = pipeline_plan(profiles, MODEL, cuts=[4], gpu_class="cpu", slo_ms=2000.0)
+    # The runtime on a thread of its own: schemathesis' ASGI client runs each request on an
+    # event loop of its own, not the lifespan's.
+    app = app_for(plan, profiles, {MODEL: engine_store[1][MODEL]}, max_body_bytes=LIMIT,
+                  auth_token=TOKEN, runtime_on_event_loop=False)
+    with TestClient(app):  # runs the lifespan: the runtime serves until the block ends
+        yield app
+
+
+def _config():
+    return schemathesis.Config.from_dict({
+        "seed": 20240612,
+        "headers": AUTH,
+        "generation": {"deterministic": True, "max-examples": 60},
+        "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True},
+                   "fuzzing": {"enabled": True}, "stateful": {"enabled": True}},
+        "checks": {"enabled": True},
+    })
+
+
+def test_schemathesis_finds_nothing(app):
+    from schemathesis import engine
+    from schemathesis.engine import events
+
+    doc = TestClient(app).get("/openapi.json", headers=AUTH).json()
+    schema = schemathesis.openapi.from_dict(doc, config=_config())
+    schema.app = app
+    started = time.perf_counter()
+    cases, checks, failures, errors, phases = 0, 0, [], [], {}
+    for event in engine.from_schema(schema).execute():
+        if isinstance(event, (events.ScenarioFinished, events.FuzzScenarioFinished)):
+            recorder = event.recorder
+            cases += len(recorder.cases)
+            name = getattr(event, "phase", "fuzzing")
+            phases[name] = phases.get(name, 0) + len(recorder.cases)
+            for label, nodes in recorder.checks.items():
+                checks += len(nodes)
+                failures += [(recorder.label, n.name, n.failure_info) for n in nodes
+                             if n.failure_info is not None]
+        elif isinstance(event, (events.NonFatalError, events.FatalError)):
+            errors.append(event)
+    elapsed = time.perf_counter() - started
+    print(f"schemathesis: {cases} cases, {checks} checks, {elapsed:.1f} s, "
+          f"{len(failures)} failures; cases by phase: {phases}")
+    assert not errors, errors
+    assert not failures, "\n".join(f"{op} {name}: {info.failure.title}: {info.failure.message}"
+                                    f" [{info.code_sample}]" for op, name, info in failures)
+    assert cases >= MIN_CASES
