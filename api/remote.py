@@ -80,6 +80,8 @@ class _Link(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        if self._out:  # sent before the connection was made (the greeting)
+            self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -92,8 +94,10 @@ class _Link(asyncio.Protocol):
         self._out.append(message)
 
     def _flush(self) -> None:
+        if self.transport is None:
+            return  # connection_made sends it
         out, self._out = self._out, []
-        if self.transport is not None and not self.transport.is_closing():
+        if not self.transport.is_closing():
             data = pickle.dumps(out, protocol=5)
             self.transport.write(_LENGTH.pack(len(data)) + data)
 
