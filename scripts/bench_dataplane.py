@@ -896,7 +896,8 @@ def start_live(args, plan_path: Path, workdir: Path) -> tuple[subprocess.Popen, 
     log_path = workdir / "ppipe-serve.log"
     cmd = ppipe("serve", "--plan", str(plan_path), "--profiles", str(args.profiles),
                 "--emulate", "--host", "127.0.0.1", "--port", str(http_port),
-                "--grpc-port", str(grpc_port))
+                "--grpc-port", str(grpc_port),
+                *(("--frontends", str(args.frontends)) if args.frontends > 1 else ()))
     proc = CHILDREN.start(cmd, log_path, cwd=args.server_tree, env=tree_env(args))
     wait_ready(proc, lambda: json.loads(http_get(
         f"http://127.0.0.1:{http_port}/v2/health/ready"))["ready"], "ppipe serve", log_path,
@@ -1159,6 +1160,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-s", type=float, default=3.0,
                    help="seconds of the server's CPU sampled with no load, after start-up")
     p.add_argument("--max-threads", type=int, default=4, help="perf_analyzer --max-threads")
+    p.add_argument("--frontends", type=int, default=1,
+                   help="ppipe serve --frontends N: processes answering the protocols (the "
+                        "server's CPU is that of all of them)")
     p.add_argument("--no-floor", action="store_true", help="skip the echo floors")
     p.add_argument("--no-sim", action="store_true", help="skip the simulator")
     p.add_argument("--sim-duration-s", type=float, default=30.0)
@@ -1298,7 +1302,10 @@ def run(args, argv, protocols, pa_version: str, t_start: float) -> int:
         f"Configuration: **{what}** (cluster `{cl.get('name', '?')}`, {gpus} GPUs used by the "
         f"plan), planned rate at load factor 1.0: {sum(rates_1.values()):.0f} req/s in all ("
         + ", ".join(f"`{m}` {r:.0f}" for m, r in rates_1.items()) + ").  Served by `ppipe "
-        "serve --plan P --emulate`: **EMULATED**, timing-only workers (every figure below); "
+        "serve --plan P --emulate"
+        + (f" --frontends {args.frontends}` ({args.frontends} processes answer the protocols; "
+           "server CPU is all of them)" if args.frontends > 1 else "`")
+        + ": **EMULATED**, timing-only workers (every figure below); "
         f"code: {code}.  With no load, the server used {100 * idle_share:.1f} % of the "
         f"machine's CPU ({args.idle_s:g} s sample).",
         "",
