@@ -71,8 +71,9 @@ class FakeExecutor(StageExecutor):
 
 def fake_runtime(profiles_set, executors, **option_kw) -> ServingRuntime:
     """A runtime (not started) serving MODEL as one stage on a pool of one worker per
-    executor (an emulated class of 10 x 100 us blocks), SLO 1 s."""
-    profile = with_class(profiles_set[MODEL], "FAKE", 100.0)
+    executor (an emulated class of 10 x 1 ms blocks: the second request of a pair
+    arrives while the first one's worker is busy), SLO 1 s."""
+    profile = with_class(profiles_set[MODEL], "FAKE", 1000.0)
     profiles = ProfileSet({MODEL: profile})
     plan = pipeline_plan(profiles, MODEL, cuts=[], gpu_class="FAKE",
                          workers_per_stage=len(executors), slo_ms=1000.0)
