@@ -90,7 +90,7 @@ class RuntimeCollector:
             batches.add_metric(labels, s.batches)
         yield from (reqs, done, ok, fails, drops, lat, batch, busy, queue, overruns, lag,
                     lag_max, batches)
-        # Workers that can fail (Ray actors) say whether they are in their pool.
+        # Whether each worker is in its pool (a quarantined local worker, a Ray actor down).
         up = GaugeMetricFamily("ppipe_worker_up", "1 while the worker is in its pool, 0 once "
                                "it was removed after a failure",
                                labels=["worker", "model", "stage", "gpu_class"])
@@ -98,6 +98,16 @@ class RuntimeCollector:
             up.add_metric([str(w.worker_id), w.info.model, str(w.info.stage), w.info.gpu_class],
                           0.0 if getattr(w, "alive", True) is False else 1.0)
         yield up
+        down = GaugeMetricFamily("ppipe_worker_down_info", "1 for each worker out of its pool, "
+                                 "with the reason (quarantined after a fault, or a Ray actor "
+                                 "declared down)",
+                                 labels=["worker", "model", "stage", "gpu_class", "reason"])
+        for w in rt.workers:
+            if getattr(w, "alive", True) is False:
+                down.add_metric([str(w.worker_id), w.info.model, str(w.info.stage),
+                                 w.info.gpu_class, getattr(w, "down_reason", "") or "stopped"],
+                                1.0)
+        yield down
         health = getattr(rt, "cluster_health", None)
         if health is not None:
             h = health()

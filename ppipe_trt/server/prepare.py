@@ -31,10 +31,15 @@ def prepare(args) -> tuple:
     machine's class), the engine store (a build for this class), a built-in demo model (the
     example repository's entry), and only with ``--emulate``: timing-only from the profiles.
     Anything else is an error naming what to do.
+
+    A model whose build is corrupt or stale (or fails) is left out, with its reason and
+    rebuild command on stderr and in the description, and the others are served; when no
+    model is left, or ``--plan`` names it, that is an error naming each one's rebuild command.
     """
     from ppipe_trt.cluster import load_cluster
     from ppipe_trt.engines.gpu import detect_gpu_class
-    from ppipe_trt.errors import BadInputError
+    from ppipe_trt.errors import (BadInputError, EngineBuildError, EngineMismatchError,
+                                  ProfileFormatError)
     from ppipe_trt.models import BUILTIN_MODELS
     from ppipe_trt.plan import load_plan
     from ppipe_trt.profiles import load_profiles
@@ -65,22 +70,36 @@ def prepare(args) -> tuple:
                                 f"{sorted(entries)})")
     shared = load_profiles(args.profiles) if args.profiles else ProfileSet({}, "")
     local_class = detect_gpu_class()
-    built, used_entries = {}, {}
+    built, used_entries, broken = {}, {}, {}
     for m in models:
         entry = entries.get(m)
         if entry is None and m in BUILTIN_MODELS and model_repository is None:
             entry = _example_entry(m)
-        if entry is not None:
-            from ppipe_trt.repository.engines import build_entry
+        try:
+            if entry is not None:
+                from ppipe_trt.repository.engines import build_entry
 
-            print(f"engines: building or reusing {m} ({entry.onnx_path}) for {local_class} in "
-                  f"{args.engines}", file=sys.stderr)
-            built[m] = build_entry(entry, local_class, args.engines)
-            used_entries[m] = entry
+                print(f"engines: building or reusing {m} ({entry.onnx_path}) for {local_class} "
+                      f"in {args.engines}", file=sys.stderr)
+                built[m] = build_entry(entry, local_class, args.engines)
+                used_entries[m] = entry
+                continue
+            stored = _stored_build(m, local_class, args.engines)
+        except (EngineMismatchError, EngineBuildError, ProfileFormatError) as exc:
+            broken[m] = exc  # the message names the file and the rebuild command
+            print(f"engines: NOT serving {m}: {exc}", file=sys.stderr)
             continue
-        stored = _stored_build(m, local_class, args.engines)
         if stored is not None:
             built[m] = stored
+    if broken:
+        models = [m for m in models if m not in broken]
+        if not models or plan is not None:
+            if len(broken) == 1 and not models:
+                raise next(iter(broken.values()))
+            why = "; ".join(f"{m}: {exc}" for m, exc in broken.items())
+            raise EngineMismatchError(
+                (f"plan {args.plan} serves models whose engines cannot be used: "
+                 if plan is not None else "no model can be served: ") + why)
     missing = [m for m in models if m not in built]
     timing_only = [m for m in missing if args.emulate and m in shared]
     unserved = [m for m in missing if m not in timing_only]
@@ -114,6 +133,9 @@ def prepare(args) -> tuple:
                  f"{', '.join(derived)}")
     if timing_only:
         what += f"; TIMING-ONLY (no engines, profiles only): {', '.join(timing_only)}"
+    if broken:
+        what += "; NOT SERVED (unusable engines): " + "; ".join(
+            f"{m}: {exc}" for m, exc in broken.items())
     return plan, profiles, built, what
 
 

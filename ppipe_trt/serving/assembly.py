@@ -18,6 +18,7 @@ from ppipe_trt.repository.types import ModelEntry
 from ppipe_trt.scheduler.interface import Scheduler
 from ppipe_trt.scheduler.placement import Placement
 from ppipe_trt.serving.clock import measure_hop_overhead_us
+from ppipe_trt.serving.faults import FaultPolicy, StageWatchdog
 from ppipe_trt.serving.options import RuntimeOptions
 from ppipe_trt.serving.runtime import ServingRuntime
 from ppipe_trt.serving.served import (TIMING_ONLY_INPUTS, TIMING_ONLY_OUTPUTS, model_entry_for,
@@ -68,6 +69,8 @@ def build_runtime(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, A
     with engines on this machine; the others must be in ``profiles`` and run timing-only.
     ``entries``: repository configurations by model (see
     :func:`~ppipe_trt.serving.served.served_models`).  Opens and warms up every engine.
+    Workers with an engine judge its faults by ``options`` (see
+    :mod:`ppipe_trt.serving.faults`); one watchdog thread times their batches.
     """
     from ppipe_trt.scheduler import place_workers
 
@@ -86,8 +89,11 @@ def build_runtime(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, A
                              options=options,
                              info={"policy": options.policy, "transport": "in-process",
                                    "emulate_links": options.emulate_links, **(info or {})})
+    faults = FaultPolicy.from_options(options)
+    watchdog = StageWatchdog(faults.watchdog_period_s)
     for spec in specs:
         runtime.add_worker(build_worker(spec, transport, runtime,
                                         built=built_models.get(spec.slot.model),
-                                        timers=runtime.timers))
+                                        timers=runtime.timers, faults=faults,
+                                        watchdog=watchdog))
     return runtime

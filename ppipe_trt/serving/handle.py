@@ -43,7 +43,8 @@ class WorkerHandle(Protocol):
 
     ``info``: where it sits in the plan and the cluster.  ``mode``: how it runs, for people
     (e.g. ``"onnxruntime cpu blocks 0..3, emulated T4"``).  ``alive``: whether it is in its
-    pool (a Ray worker declared down is not; a local worker is until it stops).
+    pool (a Ray worker declared down is not, nor a local worker quarantined after a fault
+    or stopped); a worker out of its pool may say why in ``down_reason``.
     :meth:`start` is called once by the runtime's ``start`` (a Ray actor is already running:
     no-op); :meth:`stop` by the runtime's ``stop`` or when the worker is declared down, and
     returns the jobs that never started (their batches are still in flight: the runtime

@@ -33,6 +33,26 @@ class RuntimeOptions:
       ``params["cut_dtype"]``, else ``float16`` for models whose engines were built with
       ``fp16_cuts``).
 
+    Faults of local workers (:mod:`ppipe_trt.serving.faults`; a Ray actor's health is the
+    Ray runtime's health monitor's):
+
+    * ``stage_timeout_factor`` / ``stage_timeout_min_s``: a batch that runs longer than
+      ``max(stage_timeout_min_s, stage_timeout_factor x`` the latency its stage reserved for
+      it (the profiled latency of that batch size on that worker)``)`` is failed (its
+      requests get a :class:`~ppipe_trt.serving.faults.StageTimeoutError` naming the worker,
+      the stage and the limit) and its worker is quarantined at once; ``None`` turns the
+      watchdog off.  The factor leaves room for a real latency well above its profile (a
+      busy host); the floor for the watchdog's period and a host's stalls.
+    * ``quarantine_after_errors``: a worker whose executor raised on this many batches in a
+      row is quarantined (0: never).  One error fails one batch only (it may be the batch's
+      fault); an input the executor rejects (``BadInputError``) is not counted.
+    * ``check_stage_outputs``: after each batch, check that every declared output is there
+      with the batch's rows, the declared static dims and dtype; a mismatch fails the batch
+      (:class:`~ppipe_trt.serving.faults.BadStageOutputError`, naming the tensor, expected and
+      got) and quarantines the worker at once.
+
+    A quarantined worker stays out of its pool until the server restarts.
+
     The process and the loop:
 
     * ``max_pending``: requests waiting or running at once, beyond which new ones are rejected
@@ -71,3 +91,7 @@ class RuntimeOptions:
     loop_yield_s: float = 50e-6
     loop_yield_min_drops: int = 8
     stop_timeout_s: float = 10.0
+    stage_timeout_factor: float | None = 10.0
+    stage_timeout_min_s: float = 1.0
+    quarantine_after_errors: int = 3
+    check_stage_outputs: bool = True

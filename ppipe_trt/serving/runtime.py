@@ -18,7 +18,12 @@ of a thread of its own (see :mod:`ppipe_trt.serving.loop`): a request submitted 
 without leaving that thread.  The clock is
 ``time.monotonic_ns() / 1000`` (microseconds); nothing below the runtime reads the time.
 
-A runtime whose workers can fail (the Ray runtime) subclasses :class:`ServingRuntime` and
+Local workers given a fault policy (:mod:`ppipe_trt.serving.faults`) quarantine themselves
+on a hang, bad outputs or repeated errors and tell the runtime (``worker_failed``); the loop
+then takes the worker out of its scheduler's pool (``remove_worker``), and the batches still
+reserved on it are answered ``worker_failed``.
+
+A runtime whose workers can fail in other ways (the Ray runtime) subclasses :class:`ServingRuntime` and
 implements its *hooks* (:meth:`~ServingRuntime.on_cluster_event`,
 :meth:`~ServingRuntime.on_drops`, :meth:`~ServingRuntime.before_answer_drop`); it overrides
 no private method.
@@ -48,6 +53,7 @@ from ppipe_trt.scheduler.interface import (Decisions, Dispatch, Drop, DropReason
 from ppipe_trt.serving.answers import drop_error, resolve, shutdown_error
 from ppipe_trt.serving.clock import measure_hop_overhead_us, monotonic_us
 from ppipe_trt.serving.events import Arrive, LoopEvent, StageFinished, Stop
+from ppipe_trt.serving.faults import QuarantineRecord, WorkerQuarantined
 from ppipe_trt.serving.handle import WorkerHandle, WorkerStats
 from ppipe_trt.serving.loop import DecisionLoop
 from ppipe_trt.serving.options import RuntimeOptions
@@ -104,6 +110,7 @@ class ServingRuntime:
         self._pending_lock = threading.Lock()
         self._zeros: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         self._submit_lock = threading.Lock()
+        self.quarantined: list[QuarantineRecord] = []  # appended on the loop thread
         self._started = False
         self._accepting = False
         self.started_us = 0.0
@@ -347,9 +354,9 @@ class ServingRuntime:
 
     def batch_failed(self, job: StageJob, error: BaseException, now_us: float) -> None:
         d = job.dispatch
+        if self.settle(d.model, d.batch_id) is None:
+            return  # answered already (dropped with its failed worker, cancelled at stop)
         log.error("batch %d of %s failed in stage %d: %s", d.batch_id, d.model, job.stage, error)
-        with self._inflight_lock:
-            self._inflight.pop((d.model, d.batch_id), None)
         if not self._accepting:  # hand-offs fail while the server stops: say so
             error = shutdown_error("batch cancelled")
         elif not isinstance(error, RequestRejectedError):
@@ -359,6 +366,11 @@ class ServingRuntime:
                 f"{type(error).__name__}: {error}")
         self._fail_requests(d, error)
         self.release_reservations(d, job.stage, now_us)
+
+    def worker_failed(self, worker_id: int, reason: str, now_us: float) -> None:
+        """A local worker quarantined itself (any thread): the loop takes it out of its
+        pool."""
+        self._post(WorkerQuarantined(worker_id, reason, now_us))
 
     def _fail_requests(self, d: Dispatch, error: BaseException) -> None:
         self.stats.failure(d.model, len(d.requests))
@@ -439,14 +451,25 @@ class ServingRuntime:
         """Handle an event posted with :meth:`post_event` that is none of the loop's own
         (:class:`~ppipe_trt.serving.events.Arrive`, ``StageFinished``, ``Stop``): e.g. a
         worker declared down.  Called on the loop thread, in inbox order; an exception is
-        logged and the loop goes on.  The base runtime posts no such event."""
+        logged and the loop goes on.  The base runtime handles
+        :class:`~ppipe_trt.serving.faults.WorkerQuarantined` (a subclass passes the events
+        it does not know to this method)."""
+        if type(event) is WorkerQuarantined:
+            self._remove_quarantined(event, now_us)
+            return
         raise PPipeError(f"no handler for loop event {event!r}")
 
     def on_drops(self, model: str, drops: list[Drop], now_us: float) -> list[Drop]:
         """Called with the drops of each decision pass of ``model``'s scheduler, after the
         pass's dispatches were sent and before any drop is answered; returns the drops to
         answer.  A runtime that can still serve some of them (re-dispatch after a worker
-        failure) takes those out, and must then answer them itself.  Default: all."""
+        failure) takes those out, and must then answer them itself.  Default: all; the
+        batches of ``worker_failed`` drops are settled first (a later report of them, e.g.
+        a hand-off refused by the quarantined worker, changes nothing)."""
+        failed = {dr.request.request_id for dr in drops
+                  if dr.reason == DropReason.WORKER_FAILED}
+        if failed:
+            self.settle_requests(model, failed)
         return drops
 
     def before_answer_drop(self, model: str, request: Request, reason: DropReason,
@@ -455,6 +478,18 @@ class ServingRuntime:
         decision pass, the drain at stop, a subclass); returns the reason and detail to tell.
         Loop thread, or the thread calling :meth:`stop`.  Default: unchanged."""
         return reason, detail
+
+    def _remove_quarantined(self, ev: WorkerQuarantined, now: float) -> None:
+        """Take a quarantined worker out of its scheduler's pool (loop thread): the batches
+        still reserved on it are dropped (``worker_failed``); when it was the last worker of
+        a stage, the model's requests are answered ``no_workers`` from now on."""
+        w = self.worker(ev.worker_id)
+        if w is None or any(r.worker_id == ev.worker_id for r in self.quarantined):
+            return
+        model = w.info.model
+        self.quarantined.append(QuarantineRecord(ev.worker_id, model, w.info.stage, ev.reason,
+                                                 ev.detected_us, now))
+        self.apply_decisions(model, self.scheduler(model).remove_worker(ev.worker_id, now), now)
 
     # ---- introspection ---------------------------------------------------------------------
     def now_us(self) -> float:

@@ -28,7 +28,8 @@ from ppipe_trt.profiles.types import ProfileSet
 from ppipe_trt.scheduler.placement import Placement, WorkerSlot
 from ppipe_trt.serving.clock import monotonic_us
 from ppipe_trt.serving.emulation import EmulatedTiming
-from ppipe_trt.serving.executors import BackendExecutor
+from ppipe_trt.serving.executors import BackendExecutor, StageExecutor
+from ppipe_trt.serving.faults import FaultPolicy, StageWatchdog
 from ppipe_trt.serving.options import RuntimeOptions
 from ppipe_trt.serving.transport import Transport
 from ppipe_trt.serving.worker import StageWorker, WorkerSink
@@ -162,16 +163,23 @@ def open_executor(spec: WorkerSpec, built=None,
 
 def build_worker(spec: WorkerSpec, transport: Transport, sink: WorkerSink,
                  clock: Callable[[], float] = monotonic_us, built=None,
-                 scratch_dir: Path | None = None, timers=None):
+                 scratch_dir: Path | None = None, timers=None,
+                 faults: FaultPolicy | None = None, watchdog: StageWatchdog | None = None,
+                 executor: StageExecutor | None = None):
     """The worker ``spec`` describes (not started): its engine opened and warmed up (see
     :func:`open_executor`), forwarding through ``transport``, reporting to ``sink``.
 
     ``timers`` (the runtime loop's ``call_at``, local runtime): a timing-only spec becomes a
     thread-less :class:`~ppipe_trt.serving.timed_worker.TimedWorker` driven by them; without
-    (e.g. inside a Ray actor) every worker is a :class:`StageWorker` thread."""
-    if spec.executor is None and timers is not None:
+    (e.g. inside a Ray actor) every worker is a :class:`StageWorker` thread.  ``faults`` and
+    ``watchdog`` (local runtime): how the worker judges its executor's faults (see
+    :mod:`ppipe_trt.serving.faults`).  ``executor``: an executor already opened, used
+    instead of ``spec.executor``'s (the worker owns it from then on; tests plug fakes in)."""
+    if spec.executor is None and executor is None and timers is not None:
         from ppipe_trt.serving.timed_worker import TimedWorker
 
         return TimedWorker(spec.slot, spec.emulation, transport, sink, timers, clock=clock)
-    return StageWorker(spec.slot, open_executor(spec, built, scratch_dir), spec.emulation,
-                       transport, sink, clock=clock, cut_dtype=spec.cut_dtype)
+    if executor is None:
+        executor = open_executor(spec, built, scratch_dir)
+    return StageWorker(spec.slot, executor, spec.emulation, transport, sink, clock=clock,
+                       cut_dtype=spec.cut_dtype, faults=faults, watchdog=watchdog)

@@ -24,11 +24,14 @@ def worker_status(w: "WorkerHandle") -> dict[str, Any]:
     return {"worker_id": w.worker_id, "model": s.model, "pipeline": s.pipeline,
             "stage": s.stage, "blocks": [s.first_block, s.last_block],
             "gpu_class": s.gpu_class, "mps_share": s.mps_share, "server_id": s.server_id,
-            "mode": w.mode}
+            "mode": w.mode, "alive": w.alive,
+            "down_reason": getattr(w, "down_reason", None) or None}
 
 
 def runtime_status(rt: "ServingRuntime") -> dict[str, Any]:
-    """``rt``'s status; times: ``uptime_s`` in seconds, the rest in microseconds."""
+    """``rt``'s status; times: ``uptime_s`` and ``quarantined``'s ``*_s`` (since start) in
+    seconds, the rest in microseconds.  Each worker says whether it is in its pool
+    (``alive``) and, if not, why (``down_reason``)."""
     now = rt.now_us()
     return {
         "ready": rt.ready,
@@ -39,5 +42,11 @@ def runtime_status(rt: "ServingRuntime") -> dict[str, Any]:
         **rt.info,
         "models": {m.name: model_status(m) for m in rt.models.values()},
         "workers": [worker_status(w) for w in rt.workers],
+        # local workers taken out of their pool after a fault (a hang, bad outputs, errors)
+        "quarantined": [{"worker_id": q.worker_id, "model": q.model, "stage": q.stage,
+                         "reason": q.reason,
+                         "detected_s": (q.detected_us - rt.started_us) / 1e6,
+                         "removed_s": (q.removed_us - rt.started_us) / 1e6}
+                        for q in list(rt.quarantined)],
         "plan": plan_to_dict(rt.plan),
     }

@@ -9,6 +9,11 @@ The compute is an :class:`~ppipe_trt.serving.executors.StageExecutor` (ONNX Runt
 TensorRT/CUDA on a GPU) or nothing at all (timing-only emulation).  With an
 :class:`~ppipe_trt.serving.emulation.EmulatedTiming` the worker holds every batch until the
 emulated class's profiled latency has elapsed.
+
+Given a :class:`~ppipe_trt.serving.faults.FaultPolicy` (the local runtime), a worker also
+checks its outputs, counts consecutive failures and, with a
+:class:`~ppipe_trt.serving.faults.StageWatchdog`, has its batches timed: a fault quarantines
+it (see :mod:`ppipe_trt.serving.faults`).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from ppipe_trt.errors import PPipeError
+from ppipe_trt.errors import BadInputError, PPipeError
 from ppipe_trt.scheduler.placement import WorkerSlot
 from ppipe_trt.serving.clock import monotonic_us
 from ppipe_trt.serving.emulation import EmulatedTiming, Overrun
 from ppipe_trt.serving.executors import StageExecutor
+from ppipe_trt.serving.faults import (BadStageOutputError, FaultPolicy, StageTimeoutError,
+                                      StageWatchdog, expected_outputs, output_problem)
 from ppipe_trt.serving.handle import WorkerStats
 from ppipe_trt.serving.transport import StageJob, Transport
 
@@ -51,6 +58,10 @@ class WorkerSink(Protocol):
                         finish_us: float) -> None: ...
 
     def batch_failed(self, job: StageJob, error: BaseException, now_us: float) -> None: ...
+
+    def worker_failed(self, worker_id: int, reason: str, now_us: float) -> None:
+        """Worker ``worker_id`` quarantined itself (see :mod:`ppipe_trt.serving.faults`);
+        only called on a worker given a fault policy."""
 
 
 def hand_off(job: StageJob, outputs: dict[str, np.ndarray], start_us: float, finish_us: float,
@@ -90,11 +101,16 @@ class StageWorker:
     ``executor``: the engine for the block range, or ``None`` for timing-only emulation
     (then ``emulation`` is required).  ``cut_dtype``: cast float outputs to this dtype before
     forwarding them to the next stage (e.g. ``"float16"`` when the plan halves cut traffic).
+    ``faults``: how faults of the executor are judged (``None``: a raising batch fails, the
+    worker stays, outputs are not checked; what a Ray actor's worker does, whose health the
+    Ray runtime watches); ``watchdog``: times each batch (needs ``faults`` with a timeout).
+    ``down_reason``: why the worker was quarantined (``None`` while it is in its pool).
     """
 
     def __init__(self, info: WorkerSlot, executor: StageExecutor | None,
                  emulation: EmulatedTiming | None, transport: Transport, sink: WorkerSink,
-                 clock: Callable[[], float] = monotonic_us, cut_dtype: str | None = None):
+                 clock: Callable[[], float] = monotonic_us, cut_dtype: str | None = None,
+                 faults: FaultPolicy | None = None, watchdog: StageWatchdog | None = None):
         if executor is None and emulation is None:
             raise PPipeError(f"worker {info.worker_id}: needs an executor or an emulated "
                              "timing (timing-only mode)")
@@ -115,6 +131,17 @@ class StageWorker:
         self._lag_total_us = self._lag_max_us = 0.0
         self._started_us = 0.0
         self.overruns: list[Overrun] = []  # the most recent ones (bounded)
+        self._faults = faults if executor is not None else None
+        self._expected = (expected_outputs(executor.outputs)
+                          if self._faults is not None and faults.check_outputs else ())
+        self._watchdog = (watchdog if self._faults is not None
+                          and faults.timeout_factor is not None else None)
+        self._consecutive_errors = 0
+        # the batch running now, when it started and its deadline (watchdog), under _lock
+        self._current: StageJob | None = None
+        self._current_start_us = self._current_limit_us = 0.0
+        self.down_reason: str | None = None
+        self._hung = False
 
     @property
     def worker_id(self) -> int:
@@ -122,8 +149,8 @@ class StageWorker:
 
     @property
     def alive(self) -> bool:
-        """In its pool: true until :meth:`stop`."""
-        return not self._stopping
+        """In its pool: true until :meth:`stop` or quarantine."""
+        return not self._stopping and self.down_reason is None
 
     @property
     def mode(self) -> str:
@@ -138,22 +165,34 @@ class StageWorker:
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"ppipe-worker-{self.worker_id}")
         self._thread.start()
+        if self._watchdog is not None:
+            self._watchdog.watch(self)
 
     def stop(self, timeout_s: float = 5.0) -> list[StageJob]:
-        """Stop after the running batch; returns the jobs that never started (to be failed)."""
+        """Stop after the running batch; returns the jobs that never started (to be failed).
+        A hung worker's thread is not waited for, and its executor is left open (closing it
+        under a running call could crash the process)."""
         with self._cv:
             self._stopping = True
             left, self._jobs = self._jobs, []
             self._cv.notify_all()
+        if self._watchdog is not None:
+            self._watchdog.unwatch(self)
         if self._thread is not None:
-            self._thread.join(timeout_s)
+            self._thread.join(0.0 if self._hung else timeout_s)
         if self._executor is not None:
-            self._executor.close()
+            if self._thread is not None and self._thread.is_alive():
+                log.warning("worker %d: its thread is still running a batch; executor %s "
+                            "left open", self.worker_id, self._executor.label)
+            else:
+                self._executor.close()
         return left
 
     def submit(self, job: StageJob) -> None:
         """Queue ``job`` (called by the transport, from any thread)."""
         with self._cv:
+            if self.down_reason is not None:
+                raise PPipeError(f"worker {self.worker_id} is quarantined: {self.down_reason}")
             if self._stopping:
                 raise PPipeError(f"worker {self.worker_id} is stopping")
             self._jobs.append(job)
@@ -171,7 +210,7 @@ class StageWorker:
     def _next_job(self) -> StageJob | None:
         with self._cv:
             while True:
-                if self._stopping:
+                if self._stopping or self.down_reason is not None:
                     return None
                 now = self._clock()
                 ready = [j for j in self._jobs if eligible_us(j) <= now]
@@ -201,8 +240,18 @@ class StageWorker:
         with self._lock:
             self._lag_total_us += lag
             self._lag_max_us = max(self._lag_max_us, lag)
+            self._current, self._current_start_us = job, start
+            if self._watchdog is not None:
+                res = job.reservation
+                self._current_limit_us = self._faults.limit_us(res.finish_us - res.start_us)
         try:
             outputs = self._executor.run(job.tensors, batch) if self._executor else {}
+            if self._expected:
+                problem = output_problem(outputs, self._expected, batch)
+                if problem is not None:
+                    raise BadStageOutputError(f"worker {self.worker_id} "
+                                              f"({self._executor.label}) returned bad "
+                                              f"outputs: {problem}")
             if self._emulation is not None:
                 release = start + self._emulation.hold_us(batch)
                 computed = self._clock()
@@ -213,19 +262,82 @@ class StageWorker:
             if self._cut_dtype is not None and not job.is_last_stage:
                 outputs = {k: (v.astype(self._cut_dtype) if v.dtype.kind == "f" else v)
                            for k, v in outputs.items()}
-        except Exception as exc:  # reported to every request of the batch, worker survives
+        except Exception as exc:  # reported to every request of the batch
             now = self._clock()
             with self._lock:
-                self._failures += 1
-                self._busy_us += now - start
-            self._sink.batch_failed(job, exc, now)
+                mine = self._current is job
+                self._current = None
+                if mine:
+                    self._failures += 1
+                    self._busy_us += now - start
+            if mine:  # else the watchdog failed it already
+                self._sink.batch_failed(job, exc, now)
+                self._judge_failure(exc, now)
             return
         finish = self._clock()
         with self._lock:
-            self._batches += 1
-            self._samples += batch
-            self._busy_us += finish - start
+            mine = self._current is job
+            self._current = None
+            if mine:
+                self._batches += 1
+                self._samples += batch
+                self._busy_us += finish - start
+        if not mine:
+            log.warning("worker %d: dropped the late result of batch %d (failed by the "
+                        "watchdog after %.0f ms)", self.worker_id, job.dispatch.batch_id,
+                        self._current_limit_us / 1e3)
+            return
+        self._consecutive_errors = 0
         hand_off(job, outputs, start, finish, self._transport, self._sink)
+
+    # ---- faults (see ppipe_trt.serving.faults) ----------------------------------------------
+    def _judge_failure(self, exc: Exception, now_us: float) -> None:
+        """After a batch raised ``exc`` (worker thread): quarantine the worker when its
+        policy says so."""
+        policy = self._faults
+        if policy is None or isinstance(exc, BadInputError):
+            return  # an input the executor rejects is the sender's fault, not the worker's
+        if isinstance(exc, BadStageOutputError):
+            self._quarantine(f"bad outputs: {exc}", now_us)
+            return
+        self._consecutive_errors += 1
+        n = policy.max_consecutive_errors
+        if n and self._consecutive_errors >= n:
+            self._quarantine(f"{self._consecutive_errors} batches in a row failed; the last "
+                             f"with {type(exc).__name__}: {exc}", now_us)
+
+    def check_hang(self, now_us: float) -> None:
+        """Fail the running batch and quarantine the worker if the batch has run past its
+        limit (called by the :class:`~ppipe_trt.serving.faults.StageWatchdog`'s thread)."""
+        with self._lock:
+            job = self._current
+            if job is None or now_us - self._current_start_us <= self._current_limit_us:
+                return
+            self._current = None
+            self._failures += 1
+            self._hung = True
+            ran_us, limit_us = now_us - self._current_start_us, self._current_limit_us
+        d, res, policy = job.dispatch, job.reservation, self._faults
+        reason = (f"batch {d.batch_id} of {d.model} (batch of {d.batch_size}) ran "
+                  f"{ran_us / 1e3:.0f} ms in stage {res.stage} on worker {self.worker_id}, "
+                  f"past its limit of {limit_us / 1e3:.0f} ms ({policy.timeout_factor:g} x "
+                  f"the profiled {(res.finish_us - res.start_us) / 1e3:.1f} ms, at least "
+                  f"{policy.timeout_min_us / 1e3:.0f} ms)")
+        self._sink.batch_failed(job, StageTimeoutError(reason), now_us)
+        self._quarantine(f"hung: {reason}", now_us)
+
+    def _quarantine(self, reason: str, now_us: float) -> None:
+        """Leave the pool for good: refuse new jobs, forget the queued ones (the scheduler
+        drops their batches when the runtime removes the worker) and tell the sink."""
+        with self._cv:
+            if self.down_reason is not None or self._stopping:
+                return
+            self.down_reason = reason
+            self._jobs = []
+            self._cv.notify_all()
+        log.warning("worker %d (%s stage %d) quarantined: %s", self.worker_id,
+                    self.info.model, self.info.stage, reason)
+        self._sink.worker_failed(self.worker_id, reason, now_us)
 
     def _record_overrun(self, job: StageJob, emulated_us: float, actual_us: float) -> None:
         with self._lock:

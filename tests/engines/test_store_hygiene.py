@@ -130,3 +130,44 @@ def test_new_weights_in_an_external_data_file_make_a_new_build(tmp_path):
     rebuilt = build_entry(load_model_entry(model_dir), "cpu", store, num_blocks=3,
                           progress=False, repeats=1, warmup=0)
     assert rebuilt.build_dir != built.build_dir
+
+
+def test_serving_leaves_out_a_corrupt_build_and_serves_the_others(repo_build, capsys):
+    """A truncated model file in the store: ``ppipe serve``'s preparation names the model,
+    the file and the rebuild command, and plans and serves the other models; with nothing
+    left it refuses, naming each one."""
+    import argparse
+
+    import numpy as np
+
+    from ppipe_trt.repository import load_model_entry
+    from ppipe_trt.repository.engines import build_entry
+    from ppipe_trt.serving.assembly import build_runtime
+    from ppipe_trt.server.prepare import prepare
+
+    repo, store, built = repo_build
+    other_dir = repo / "other"
+    export_family("mobilenet_se", other_dir / "1" / "model.onnx")
+    (other_dir / "config.pbtxt").write_text('max_batch_size: 2\nplatform: "onnxruntime_onnx"\n')
+    other = build_entry(load_model_entry(other_dir), "cpu", store, num_blocks=3, progress=False,
+                        repeats=1, warmup=0)
+    size = built.full_onnx.stat().st_size
+    with open(built.full_onnx, "r+b") as f:
+        f.truncate(size // 2)
+    args = argparse.Namespace(plan=None, models=["net", "other"], profiles=None, emulate=None,
+                              engines=store, slots=None, slo_ms=None, model_repository=None)
+    plan, profiles, served, what = prepare(args)
+    assert list(served) == ["other"] and list(plan.model_names) == ["other"]
+    assert f"NOT SERVED (unusable engines): net: net for cpu in {store}: {built.full_onnx} " \
+           "is corrupt" in what
+    assert f"rebuild it: ppipe engines build --model-repository {repo} --model net" in what
+    assert "engines: NOT serving net:" in capsys.readouterr().err
+    with build_runtime(plan, profiles, served) as rt:
+        x = {other.inputs[0].name: np.zeros((1,) + tuple(other.inputs[0].shape[1:]),
+                                            np.float32)}
+        assert rt.submit("other", x).result(timeout=10).outputs
+    with open(other.full_onnx, "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(EngineMismatchError, match=r"no model can be served: net: .* is corrupt"
+                                                  r".*rebuild it: .*; other: .* is corrupt"):
+        prepare(args)
