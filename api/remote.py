@@ -7,12 +7,14 @@ hand each inference to the runtime's process over a Unix socket.  Their
 :class:`~api.service.InferenceService` sees a :class:`RemoteRuntime`, so both protocols, the
 fast path, validation and error mapping are the same code in every process.
 
-The link carries length-prefixed pickled tuples, written once per turn of the event loop:
+The link carries length-prefixed frames, each a pickled list of the tuples one turn of the
+event loop sent (one write per turn):
 
 * front end -> runtime: ``("submit", id, model, timeout_us, inputs)``, ``("stats", id)``,
   ``("status", id)``, ``("metrics", id)``;
-* runtime -> front end: ``("hello", models, info)`` first, then ``("answer", id, result,
-  error)`` (``error``: ``(kind, reason, message)``, rebuilt as the same exception class),
+* runtime -> front end: ``("hello", models, info, counters, ready)`` first, then
+  ``("answer", id, result, error)`` (``result``: the fields of an ``InferenceResult``;
+  ``error``: ``(kind, reason, message)``, rebuilt as the same exception class),
   ``("stats", id, snapshot, ready)``, ``("status", id, doc)``, ``("metrics", id, bytes)``.
 
 In a front-end process, Triton's statistics come from a snapshot of the runtime's counters
@@ -155,7 +157,7 @@ class RuntimeLinkServer:
         link = _Link(lambda message: self._on_message(link, rt, message))
         link.on_lost = lambda: self._links.discard(link)
         self._links.add(link)
-        link.send(("hello", dict(rt.models), dict(rt.info)))
+        link.send(("hello", dict(rt.models), dict(rt.info), rt.stats.snapshot(), rt.ready))
         return link
 
     def _on_message(self, link: _Link, rt, message: tuple) -> None:
@@ -229,14 +231,16 @@ class RemoteRuntime:
                 time.sleep(0.05)
         head = self._read_exactly(sock, _LENGTH.size)
         first = pickle.loads(self._read_exactly(sock, _LENGTH.unpack(head)[0]))
-        kind, models, info = first[0]
+        kind, models, info, counters, ready = first[0]
         if kind != "hello" or len(first) != 1:
             raise PPipeError(f"front end: unexpected first message {kind!r} on {path}")
         self._sock = sock
         self.models: dict[str, ServedModel] = models
         self.info = {**info, "frontend": "remote"}
         self.stats = _StatsCopy()
-        self._ready = False
+        self.stats.counters = counters  # refreshed every STATS_REFRESH_S once started
+        self._ready = False  # until the link is open: then as the runtime says
+        self._ready_at_hello = ready
         self._status: dict[str, Any] = {}
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[asyncio.Future, str | None]] = {}  # id -> (future, model)
@@ -270,6 +274,7 @@ class RemoteRuntime:
         loop = asyncio.get_running_loop()
         _, self._link = await loop.create_unix_connection(
             lambda: _Link(self._on_message, self._on_lost), sock=self._sock)
+        self._ready = self._ready_at_hello
         self._tasks.append(loop.create_task(self._refresh()))
 
     def _on_message(self, message: tuple) -> None:
