@@ -35,7 +35,8 @@ from typing import Any, Callable
 
 from ppipe_trt.errors import (BadInputError, ModelNotFoundError, PPipeError,
                               RequestRejectedError)
-from ppipe_trt.serving.types import InferenceResult, ServedModel, StageFailedError
+from ppipe_trt.serving.types import (InferenceResult, ServedModel, StageFailedError,
+                                     served_model)
 
 log = logging.getLogger("ppipe.api")
 
@@ -329,11 +330,7 @@ class RemoteRuntime:
         return self._ready
 
     def model(self, name: str) -> ServedModel:
-        try:
-            return self.models[name]
-        except KeyError:
-            raise ModelNotFoundError(f"unknown model {name!r}; served models: "
-                                     f"{sorted(self.models)}") from None
+        return served_model(self.models, name)
 
     def submit_async(self, model: str, inputs, timeout_us: float | None = None) -> asyncio.Future:
         self.model(model)

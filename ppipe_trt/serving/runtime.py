@@ -46,7 +46,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ppipe_trt.errors import ModelNotFoundError, PPipeError, RequestRejectedError
+from ppipe_trt.errors import PPipeError, RequestRejectedError
 from ppipe_trt.plan import Plan
 from ppipe_trt.scheduler.interface import (Decisions, Dispatch, Drop, DropReason, Request,
                                            Scheduler)
@@ -61,7 +61,7 @@ from ppipe_trt.serving.stats import RuntimeStats
 from ppipe_trt.serving.status import runtime_status
 from ppipe_trt.serving.transport import StageJob, Transport
 from ppipe_trt.serving.types import (ImageSpec, InferenceResult, PendingRequest, ServedModel,
-                                     StageFailedError)
+                                     StageFailedError, served_model)
 
 __all__ = ["ImageSpec", "InferenceResult", "ServedModel", "ServingRuntime", "StageFailedError",
            "measure_hop_overhead_us"]
@@ -215,11 +215,7 @@ class ServingRuntime:
 
     # ---- requests ---------------------------------------------------------------------------
     def model(self, name: str) -> ServedModel:
-        try:
-            return self.models[name]
-        except KeyError:
-            raise ModelNotFoundError(f"unknown model {name!r}; served models: "
-                                     f"{sorted(self.models)}") from None
+        return served_model(self.models, name)
 
     def submit(self, model: str, inputs: Mapping[str, np.ndarray] | None,
                timeout_us: float | None = None) -> Future:

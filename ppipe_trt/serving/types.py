@@ -10,7 +10,7 @@ from typing import Mapping
 import numpy as np
 
 from ppipe_trt.engines.backends.base import TensorSpec
-from ppipe_trt.errors import PPipeError
+from ppipe_trt.errors import ModelNotFoundError, PPipeError
 from ppipe_trt.repository.types import ImageSpec, Postprocess
 
 __all__ = ["ImageSpec", "InferenceResult", "PendingRequest", "ServedModel", "StageFailedError"]
@@ -83,3 +83,13 @@ class PendingRequest:
     carried: dict[str, np.ndarray] | None = None
     # Counted in the runtime's pending requests until it is answered.
     counted: bool = False
+
+
+def served_model(models: Mapping[str, ServedModel], name: str) -> ServedModel:
+    """``models[name]``, or :class:`~ppipe_trt.errors.ModelNotFoundError` naming the served
+    models (what every runtime, local or remote, answers for an unknown name)."""
+    try:
+        return models[name]
+    except KeyError:
+        raise ModelNotFoundError(f"unknown model {name!r}; served models: "
+                                 f"{sorted(models)}") from None

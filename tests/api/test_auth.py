@@ -37,15 +37,10 @@ INFER_BODY = json.dumps({"inputs": [_tensor()]}).encode()
 @pytest.fixture(scope="module")
 def clients(engine_store, cpu_profiles, app_for):
     """(fast path client, FastAPI-only client), both with the token."""
-    from ppipe_trt.serving.local import pipeline_plan
+    from tests.api.test_fast_path import client_pair
 
-    profiles = cpu_profiles(MODEL)
-    plan = pipeline_plan(profiles, MODEL, cuts=[4], gpu_class="cpu", slo_ms=2000.0)
-    built = {MODEL: engine_store[1][MODEL]}
-    fast = app_for(plan, profiles, built, auth_token=TOKEN)
-    slow = app_for(plan, profiles, built, auth_token=TOKEN, fast_infer=False)
-    with TestClient(fast) as f, TestClient(slow) as s:
-        yield f, s
+    with client_pair(engine_store, cpu_profiles, app_for, auth_token=TOKEN) as pair:
+        yield pair
 
 
 def _assert_refused(r):

@@ -32,18 +32,31 @@ COMPARED_HEADERS = ("content-type", "inference-header-content-length", "retry-af
                     "x-ppipe-batch-size")
 
 
-@pytest.fixture(scope="module")
-def clients(engine_store, cpu_profiles, app_for):
+def client_pair(engine_store, cpu_profiles, app_for, **settings):
+    """(client of the app with the fast path, client of the FastAPI-only app) serving
+    ``demo_resnet`` on two stages, both with ``settings``; a context manager."""
+    from contextlib import contextmanager
+
     from ppipe_trt.serving.local import pipeline_plan
 
-    profiles = cpu_profiles(MODEL)
-    plan = pipeline_plan(profiles, MODEL, cuts=[4], gpu_class="cpu", slo_ms=2000.0)
-    built = {MODEL: engine_store[1][MODEL]}
-    fast = app_for(plan, profiles, built, max_body_bytes=LIMIT)
-    slow = app_for(plan, profiles, built, max_body_bytes=LIMIT, fast_infer=False)
-    assert fast.fast_infer is not None and slow.fast_infer is None
-    with TestClient(fast) as f, TestClient(slow) as s:
-        yield f, s
+    @contextmanager
+    def pair():
+        profiles = cpu_profiles(MODEL)
+        plan = pipeline_plan(profiles, MODEL, cuts=[4], gpu_class="cpu", slo_ms=2000.0)
+        built = {MODEL: engine_store[1][MODEL]}
+        fast = app_for(plan, profiles, built, **settings)
+        slow = app_for(plan, profiles, built, **settings, fast_infer=False)
+        assert fast.fast_infer is not None and slow.fast_infer is None
+        with TestClient(fast) as f, TestClient(slow) as s:
+            yield f, s
+
+    return pair()
+
+
+@pytest.fixture(scope="module")
+def clients(engine_store, cpu_profiles, app_for):
+    with client_pair(engine_store, cpu_profiles, app_for, max_body_bytes=LIMIT) as pair:
+        yield pair
 
 
 @pytest.mark.parametrize("case,kwargs", CASES, ids=[c[0] for c in CASES])
