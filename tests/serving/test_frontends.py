@@ -134,3 +134,45 @@ def test_the_front_end_processes_end_with_the_server(two_frontends):
     while any(_alive(c) for c in children):
         assert time.monotonic() < deadline, f"front-end processes left: {children}"
         time.sleep(0.2)
+
+
+def test_real_engines_answer_the_same_through_either_process(cpu_builds):
+    """The built-in demo model on ONNX Runtime (the runtime keeps its own thread): tensors
+    cross the link both ways, and both processes give the same answer for the same input."""
+    import tritonclient.http as httpclient
+
+    cpu_builds["demo_resnet"]  # engines built: the command reuses them
+    port, grpc_port = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ppipe_trt.cli", "serve", "--engines", str(cpu_builds.root),
+         "--model", "demo_resnet", "--port", str(port), "--grpc-port", str(grpc_port),
+         "--frontends", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline, kinds = time.monotonic() + 120, set()
+        while kinds != {"runtime", "remote"}:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, f"front ends not both ready: {kinds}"
+            try:
+                r = httpx.get(f"{url}/v2/status", timeout=2)
+                if r.status_code == 200 and r.json().get("ready"):
+                    kinds.add(r.json().get("frontend", "runtime"))
+            except httpx.TransportError:
+                time.sleep(0.3)
+        x0 = np.random.default_rng(3).standard_normal((1, 3, 224, 224)).astype(np.float32)
+        outputs = []
+        for _ in range(8):  # fresh connections: both processes answer some
+            client = httpclient.InferenceServerClient(url.removeprefix("http://"))
+            x = httpclient.InferInput("image", [1, 3, 224, 224], "FP32")
+            x.set_data_from_numpy(x0, binary_data=True)
+            result = client.infer("demo_resnet", [x])
+            outputs.append(result.as_numpy(result.get_response()["outputs"][0]["name"]))
+            client.close()
+        assert all(o.shape == (1, 1000) and np.array_equal(o, outputs[0]) for o in outputs)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
