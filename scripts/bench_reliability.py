@@ -600,11 +600,10 @@ def goals(over: list[dict], soak: dict | None) -> list[str]:
         line(all(k["unexpected"] == 0 for k in soak["per_kind"].values()),
              "soak: every kind answered with its expected status (or a 503/504 drop)")
         for name, s in soak["servers"].items():
-            for key in ("rss_kib", "fds"):
+            for key, what in (("rss_kib", "RSS"), ("fds", "open FD")):
                 g = s[key].get("growth_end") if s[key] else None
                 line(None if g is None else g <= SOAK_GROWTH_GOAL,
-                     f"soak {name}: {key.split('_')[0].upper()} growth after warm-up {pct(g)} "
-                     f"(goal <= 5 %)")
+                     f"soak {name}: {what} growth after warm-up {pct(g)} (goal <= 5 %)")
     return lines
 
 
@@ -695,7 +694,11 @@ def run(args, argv: list[str]) -> int:
             "normal_factor": args.normal_factor, "sample_s": args.sample_s,
             "frames_model": args.frames_model if frames else None, "emulated": True}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(argv, info, over, soak))
+    text = markdown(argv, info, over, soak)
+    old = args.out.read_text() if args.out.is_file() else ""
+    # hand-written notes below the marker survive a re-run
+    notes = old.split(dp.NOTES_MARKER, 1)[1] if dp.NOTES_MARKER in old else "\n"
+    args.out.write_text(text + "\n" + dp.NOTES_MARKER + notes)
     print(f"wrote {args.out}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"info": info, "overload": over, "soak": soak},
