@@ -124,6 +124,34 @@ def sample_proc(root: int, t_s: float) -> ProcSample:
     return ProcSample(t_s, rss, fds, threads, n)
 
 
+def host_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as fh:
+        ticks = [int(x) for x in fh.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / dp.CLK_TCK, sum(ticks) / dp.CLK_TCK
+
+
+class CpuShares:
+    """CPU shares of the machine over a window (0..1 of all cores): this client, the
+    servers' process trees, and everything else (other users of the machine)."""
+
+    def __init__(self, server_pids: list[int]) -> None:
+        self.pids = server_pids
+        self.client0 = dp.process_cpu_s(os.getpid(), with_reaped_children=False)
+        self.server0 = sum(dp.tree_cpu_s(p) for p in server_pids)
+        self.busy0, self.total0 = host_cpu()
+
+    def stop(self) -> dict[str, float]:
+        busy, total = host_cpu()
+        span = max(1e-9, total - self.total0)
+        client = (dp.process_cpu_s(os.getpid(), with_reaped_children=False) - self.client0) / span
+        server = (sum(dp.tree_cpu_s(p) for p in self.pids) - self.server0) / span
+        host = (busy - self.busy0) / span
+        return {"client_cpu_share": client, "server_cpu_share": server,
+                "host_busy_share": host, "other_cpu_share": max(0.0, host - client - server)}
+
+
 def quantile(values: list[float], q: float) -> float | None:
     return dp.quantile(values, q)
 
@@ -249,14 +277,15 @@ async def overload_phase(args, base: str, model: str, rate_1: float, slo_ms: flo
     t0 = time.monotonic() + 0.2
     t_over, t_norm, t_end = (t0 + args.warmup_s, t0 + args.warmup_s + args.overload_s,
                              t0 + args.warmup_s + args.overload_s + args.recovery_s)
-    cpu0 = dp.process_cpu_s(os.getpid(), with_reaped_children=False)
     samp = asyncio.create_task(sampler({"server": server_pid}, 0.5, stop, t0, samples))
     pick = lambda: ("binary", url, body, headers)  # noqa: E731
     normal = args.normal_factor * rate_1
     port = int(base.rsplit(":", 1)[1])
     await poisson(client, rng, normal, t0, t_over, pick, reqs)
     c_start = asyncio.create_task(asyncio.to_thread(dp.live_counters, port))
+    cpu = CpuShares([server_pid])
     await poisson(client, rng, factor * rate_1, t_over, t_norm, pick, reqs)
+    shares = cpu.stop()
     rss_at_end = sample_proc(server_pid, time.monotonic() - t0)
     c_end = asyncio.create_task(asyncio.to_thread(dp.live_counters, port))
     await poisson(client, rng, normal, t_norm, t_end, pick, reqs)
@@ -266,7 +295,6 @@ async def overload_phase(args, base: str, model: str, rate_1: float, slo_ms: flo
     await client.close()
     stop.set()
     await samp
-    client_cpu = dp.process_cpu_s(os.getpid(), with_reaped_children=False) - cpu0
 
     over = [r for r in reqs if t_over <= r.due_s < t_norm]
     ok = [r for r in over if r.status == 200]
@@ -302,7 +330,6 @@ async def overload_phase(args, base: str, model: str, rate_1: float, slo_ms: flo
 
     recovery_s = recovered(TARGET_ATTAINMENT)
     recovery_baseline_s = recovered(min(TARGET_ATTAINMENT, baseline)) if baseline else None
-    window_s = t_end - t0
     return {
         "factor": factor,
         "offered_rps": factor * rate_1,
@@ -338,7 +365,7 @@ async def overload_phase(args, base: str, model: str, rate_1: float, slo_ms: flo
         "recovery_window_s": args.recovery_s,
         "recovery_bins": [{"t_s": round(b * BIN_S, 3), "sent": sent[b], "met": met[b]}
                           for b in range(n_bins)],
-        "client_cpu_share": client_cpu / (window_s * (os.cpu_count() or 1)),
+        **shares,
     }
 
 
@@ -382,7 +409,7 @@ async def soak_phase(args, emu_base: str, model: str, rate_1: float, slo_ms: flo
     stop = asyncio.Event()
     t0 = time.monotonic() + 0.2
     t1 = t0 + args.soak_s
-    cpu0 = dp.process_cpu_s(os.getpid(), with_reaped_children=False)
+    cpu = CpuShares(list(pids.values()))
     samp = asyncio.create_task(sampler(pids, args.sample_s, stop, t0, samples))
     streams = [poisson(client, rng, args.normal_factor * rate_1, t0, t1, pick, reqs)]
     if frames_base:
@@ -395,7 +422,7 @@ async def soak_phase(args, emu_base: str, model: str, rate_1: float, slo_ms: flo
     await client.close()
     stop.set()
     await samp
-    client_cpu = dp.process_cpu_s(os.getpid(), with_reaped_children=False) - cpu0
+    shares = cpu.stop()
 
     per_kind: dict[str, dict] = {}
     for kind in ["binary", "json", "frames", *BAD_KINDS]:
@@ -432,7 +459,7 @@ async def soak_phase(args, emu_base: str, model: str, rate_1: float, slo_ms: flo
                            "processes": growth(s, "processes", warm),
                            "samples": [asdict(x) for x in s]}
                     for name, s in samples.items()},
-        "client_cpu_share": client_cpu / (args.soak_s * (os.cpu_count() or 1)),
+        **shares,
     }
 
 
@@ -482,6 +509,11 @@ def pct(v) -> str:
     return "-" if v is None else f"{100 * v:+.1f} %"
 
 
+def shares(d: dict) -> str:
+    return (f"{100 * d['server_cpu_share']:.0f} / {100 * d['client_cpu_share']:.0f} / "
+            f"{100 * d['other_cpu_share']:.0f} %")
+
+
 def markdown(argv: list[str], info: dict, over: list[dict], soak: dict | None) -> str:
     slo = info["slo_ms"]
     out = ["# Reliability: overload, recovery and soak (issue 12)", "",
@@ -496,7 +528,9 @@ def markdown(argv: list[str], info: dict, over: list[dict], soak: dict | None) -
            f"(1,000+ req/s per model) are beyond it.  The frames stream (soak) is real: "
            f"`{info.get('frames_model') or '-'}` on ONNX Runtime on this CPU.  Client: aiohttp, "
            f"open-loop Poisson arrivals, HTTP/1.1 keep-alive, binary tensors in the overload "
-           f"runs.  Server and client share the cores.", ""]
+           f"runs.  Server and client share the cores with each other and with whatever "
+           f"else ran on the machine: the CPU share of each (of all cores, from /proc) is "
+           f"given beside the figures.", ""]
     if over:
         out += ["## Overload and recovery", "",
                 f"Each run: {info['warmup_s']:g} s at {info['normal_factor']:g} x, the overload "
@@ -509,7 +543,7 @@ def markdown(argv: list[str], info: dict, over: list[dict], soak: dict | None) -
                 "| accepted within deadline (server /metrics) | rejection p50 / p99 ms "
                 "| rejections by reason | server RSS start -> max MiB (growth) "
                 "| within SLO before (0.8 x, client) | recovery s: to 99 % / to before "
-                "| client CPU share |",
+                "| CPU share: server / client / others |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for o in over:
             out.append(
@@ -525,7 +559,7 @@ def markdown(argv: list[str], info: dict, over: list[dict], soak: dict | None) -
                 f"{o['rss_start_kib'] / 1024:.0f} -> {o['rss_max_kib'] / 1024:.0f} "
                 f"({pct(o['rss_growth'])}) | {pct(o['baseline_within_slo']).lstrip('+')} | "
                 f"{f(o['recovery_s'], '.1f')} / {f(o['recovery_to_baseline_s'], '.1f')} | "
-                f"{100 * o['client_cpu_share']:.0f} % |")
+                f"{shares(o)} |")
         out.append("")
     if soak:
         out += ["## Soak", "",
@@ -538,7 +572,7 @@ def markdown(argv: list[str], info: dict, over: list[dict], soak: dict | None) -
                 f"{soak['status_5xx']} of which not 503/504: "
                 f"**{soak['status_5xx_not_503_504']}**; drops: "
                 f"{', '.join(f'{k}: {v}' for k, v in soak['drops_by_reason'].items()) or 'none'}"
-                f".  Client CPU share {100 * soak['client_cpu_share']:.0f} %.", "",
+                f".  CPU share of the machine: servers / client / others {shares(soak)}.", "",
                 "| kind | sent | answered | by status | expected | unexpected status | "
                 "p99 ms | within SLO |", "|---|---|---|---|---|---|---|---|"]
         for kind, k in soak["per_kind"].items():
