@@ -83,13 +83,19 @@ class Request:
 
 @dataclass(slots=True)
 class ProcSample:
-    """A server's process tree at ``t_s``: resident set (KiB), open FDs, threads, processes."""
+    """A server's process tree at ``t_s``: resident set (KiB), open FDs (of which sockets:
+    the clients' keep-alive connections among them), threads, processes."""
 
     t_s: float
     rss_kib: int
     fds: int
+    sockets: int
     threads: int
     processes: int
+
+    @property
+    def other_fds(self) -> int:
+        return self.fds - self.sockets
 
 
 def descendants(root: int) -> list[int]:
@@ -110,18 +116,24 @@ def descendants(root: int) -> list[int]:
 
 
 def sample_proc(root: int, t_s: float) -> ProcSample:
-    rss = fds = threads = n = 0
+    rss = fds = sockets = threads = n = 0
     for pid in descendants(root):
         try:
             with open(f"/proc/{pid}/status") as fh:
                 fields = dict(line.split(":", 1) for line in fh if ":" in line)
             rss += int(fields["VmRSS"].split()[0])
             threads += int(fields["Threads"])
-            fds += len(os.listdir(f"/proc/{pid}/fd"))
+            names = os.listdir(f"/proc/{pid}/fd")
             n += 1
         except (OSError, KeyError, ValueError):
             continue
-    return ProcSample(t_s, rss, fds, threads, n)
+        fds += len(names)
+        for fd in names:
+            try:
+                sockets += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+            except OSError:
+                continue
+    return ProcSample(t_s, rss, fds, sockets, threads, n)
 
 
 def host_cpu() -> tuple[float, float]:
@@ -455,6 +467,8 @@ async def soak_phase(args, emu_base: str, model: str, rate_1: float, slo_ms: flo
         "drops_by_reason": {k: v for k, v in _reasons(reqs).items()},
         "per_kind": per_kind,
         "servers": {name: {"rss_kib": growth(s, "rss_kib", warm), "fds": growth(s, "fds", warm),
+                           "sockets": growth(s, "sockets", warm),
+                           "other_fds": growth(s, "other_fds", warm),
                            "threads": growth(s, "threads", warm),
                            "processes": growth(s, "processes", warm),
                            "samples": [asdict(x) for x in s]}
@@ -585,14 +599,18 @@ def markdown(argv: list[str], info: dict, over: list[dict], soak: dict | None) -
                 f"{soak['warmup_s']:g} s warm-up (value at its end -> at the end of the window; "
                 f"max).", "",
                 "| server | RSS MiB | RSS growth end (max) | open FDs | FD growth end (max) | "
-                "threads | processes |", "|---|---|---|---|---|---|---|"]
+                "of which sockets | FDs but sockets: growth end (max) | threads | processes |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for name, s in soak["servers"].items():
             r, d, t, p = s["rss_kib"], s["fds"], s["threads"], s["processes"]
+            k, o = s["sockets"], s["other_fds"]
             if not r:
                 continue
             out.append(f"| {name} | {r['at_warmup'] / 1024:.0f} -> {r['end'] / 1024:.0f} | "
                        f"{pct(r['growth_end'])} ({pct(r['growth_max'])}) | {d['at_warmup']} -> "
                        f"{d['end']} | {pct(d['growth_end'])} ({pct(d['growth_max'])}) | "
+                       f"{k['at_warmup']} -> {k['end']} | {o['at_warmup']} -> {o['end']}: "
+                       f"{pct(o['growth_end'])} ({pct(o['growth_max'])}) | "
                        f"{t['at_warmup']} -> {t['end']} (max {t['max']}) | {p['end']} |")
         out += ["", "asyncio tasks: not measured (the server exposes no task count; /v2/status "
                 "has none)."]
@@ -634,7 +652,8 @@ def goals(over: list[dict], soak: dict | None) -> list[str]:
         line(all(k["unexpected"] == 0 for k in soak["per_kind"].values()),
              "soak: every kind answered with its expected status (or a 503/504 drop)")
         for name, s in soak["servers"].items():
-            for key, what in (("rss_kib", "RSS"), ("fds", "open FD")):
+            for key, what in (("rss_kib", "RSS"), ("fds", "open FD"),
+                              ("other_fds", "open FDs but sockets")):
                 g = s[key].get("growth_end") if s[key] else None
                 line(None if g is None else g <= SOAK_GROWTH_GOAL,
                      f"soak {name}: {what} growth after warm-up {pct(g)} (goal <= 5 %)")
