@@ -149,3 +149,25 @@ class Scheduler(ABC):
     def drain(self, now_us: float) -> Decisions:
         """Drop every queued request with ``SHUTDOWN`` (called when the server stops)."""
         return Decisions()
+
+    # ---- plan swap (see ppipe_trt.serving.swap and the simulator's swap) --------------------
+    #: Whether the policy can hand its queue over to another plan's scheduler
+    #: (:meth:`take_queued`, :meth:`hold_worker`, :attr:`batches_in_flight`).
+    swappable = False
+
+    def take_queued(self, now_us: float) -> list[Request]:
+        """Take every request queued but not yet dispatched out of the scheduler, in
+        deadline order (a plan swap gives them, with their deadlines, to the new plan's
+        scheduler).  Batches already dispatched stay; their finishes are still reported
+        here.  After this the scheduler wants no wake-up until it is given requests."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hand its queue over")
+
+    def hold_worker(self, worker_id: int, until_us: float) -> None:
+        """Reserve ``worker_id`` until ``until_us`` at least (its GPU is still busy with
+        another plan's batches until then; a plan swap sets it)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hold a worker")
+
+    @property
+    def batches_in_flight(self) -> int:
+        """Batches dispatched whose last stage has not been reported finished."""
+        raise NotImplementedError(f"{type(self).__name__} does not count its batches")

@@ -66,29 +66,41 @@ class ServerSlot:
 class Placement:
     """The result of :func:`place_workers`: immutable after construction."""
 
-    __slots__ = ("workers", "servers", "gpus_per_class", "_pools", "_gpu_workers")
+    __slots__ = ("workers", "servers", "gpus_per_class", "_pools", "_gpu_workers", "_by_id")
 
     def __init__(self, workers: tuple[WorkerSlot, ...], servers: tuple[ServerSlot, ...],
-                 gpus_per_class: Mapping[str, int]):
+                 gpus_per_class: Mapping[str, int], *, ordered_ids: bool = True):
+        """``ordered_ids``: worker ids are ``0..N-1`` in order (what :func:`place_workers`
+        makes); ``False`` accepts any distinct ids (a placement carried over from an
+        earlier plan, see :mod:`ppipe_trt.scheduler.carry_over`)."""
         self.workers = workers
         self.servers = servers
         self.gpus_per_class = dict(gpus_per_class)
         pools: dict[tuple[str, int, int], list[WorkerSlot]] = {}
         gpu_workers: dict[tuple[str, int], list[WorkerSlot]] = {}
+        self._by_id: dict[int, WorkerSlot] = {}
         for i, w in enumerate(workers):
-            if w.worker_id != i:
+            if ordered_ids and w.worker_id != i:
                 raise ConfigError(f"worker ids must be 0..{len(workers) - 1} in order; "
                                   f"position {i} holds id {w.worker_id}")
+            if w.worker_id in self._by_id:
+                raise ConfigError(f"worker id {w.worker_id} appears twice in the placement")
+            self._by_id[w.worker_id] = w
             pools.setdefault((w.model, w.pipeline, w.stage), []).append(w)
             gpu_workers.setdefault((w.gpu_class, w.gpu_index), []).append(w)
         self._pools = {k: tuple(v) for k, v in pools.items()}
         self._gpu_workers = {k: tuple(v) for k, v in gpu_workers.items()}
 
     def worker(self, worker_id: int) -> WorkerSlot:
-        if not 0 <= worker_id < len(self.workers):
+        try:
+            return self._by_id[worker_id]
+        except KeyError:
             raise ConfigError(f"no worker {worker_id}; placement has workers "
-                              f"0..{len(self.workers) - 1}")
-        return self.workers[worker_id]
+                              f"{_id_ranges(sorted(self._by_id))}") from None
+
+    @property
+    def worker_ids(self) -> tuple[int, ...]:
+        return tuple(w.worker_id for w in self.workers)
 
     def pool(self, model: str, pipeline: int, stage: int) -> tuple[WorkerSlot, ...]:
         """The workers serving ``stage`` of ``pipeline`` of ``model`` (empty if none)."""
@@ -116,6 +128,21 @@ class Placement:
                 for c in self.gpus_per_class}
         return (f"Placement({len(self.workers)} workers on GPUs {used} of "
                 f"{self.gpus_per_class}, {len(self.servers)} servers)")
+
+
+def _id_ranges(ids: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0..2, 5"``."""
+    if not ids:
+        return "none"
+    out, start, prev = [], ids[0], ids[0]
+    for i in ids[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(f"{start}..{prev}" if prev > start else f"{start}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(out)
 
 
 def place_workers(plan: Plan) -> Placement:

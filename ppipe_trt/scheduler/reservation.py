@@ -216,6 +216,27 @@ class ReservationScheduler(Scheduler):
         self._wake_at = None
         return dec
 
+    # ---- plan swap ----------------------------------------------------------------------
+
+    swappable = True
+
+    def take_queued(self, now_us: float) -> list[Request]:
+        self._tick(now_us)
+        taken = list(self._queue)
+        self._queue.clear()
+        self._retried.clear()
+        self._wake_at = None
+        return taken
+
+    def hold_worker(self, worker_id: int, until_us: float) -> None:
+        tills, pos = self._worker(worker_id)
+        if until_us > tills[pos]:
+            tills[pos] = until_us
+
+    @property
+    def batches_in_flight(self) -> int:
+        return len(self._batches)
+
     # ---- internals ------------------------------------------------------------------------
 
     def _worker(self, worker_id: int) -> tuple[list, int]:

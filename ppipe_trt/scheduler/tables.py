@@ -51,9 +51,9 @@ class ClusterState:
         n = placement.num_servers
         if link_model == "channel":
             self.worker_uplink = sender_channels(placement)
-            n_up = max(self.worker_uplink, default=-1) + 1
+            n_up = max(self.worker_uplink.values(), default=-1) + 1
         else:
-            self.worker_uplink = tuple(w.server_id for w in placement.workers)
+            self.worker_uplink = {w.worker_id: w.server_id for w in placement.workers}
             n_up = n
         self.uplinks = [new_timeline() for _ in range(n_up)]
         self.downlinks = [new_timeline() for _ in range(n)]
@@ -63,6 +63,26 @@ class ClusterState:
             raise ConfigError(f"hop_overhead_us must be >= 0, got {hop_overhead_us!r}")
         self.hop_overhead_us = float(hop_overhead_us)
 
+    def successor(self, placement: Placement) -> "ClusterState":
+        """The state of the same cluster under another plan (a plan swap): the same link
+        timelines (the reservations of batches still in flight stay in them), bandwidths and
+        batch-id counter (ids stay unique across plans), ``placement``'s workers' uplinks.
+        Only the ``"duplex"`` and ``"sender"`` link models (one uplink per server)."""
+        if self.link_model == "channel":
+            raise ConfigError("a plan swap needs the 'duplex' or 'sender' link model; "
+                              "'channel' numbers uplinks by the plan's stages")
+        if placement.num_servers != len(self.downlinks):
+            raise ConfigError(f"the new placement has {placement.num_servers} servers, the "
+                              f"cluster {len(self.downlinks)}: a plan swap keeps the cluster")
+        new = object.__new__(ClusterState)
+        new.link_model = self.link_model
+        new.worker_uplink = {w.worker_id: w.server_id for w in placement.workers}
+        new.uplinks, new.downlinks = self.uplinks, self.downlinks
+        new.bandwidth_gbps = self.bandwidth_gbps
+        new.batch_ids = self.batch_ids
+        new.hop_overhead_us = self.hop_overhead_us
+        return new
+
     def reset(self) -> None:
         """Forget every link reservation."""
         for tl in self.uplinks + self.downlinks:
@@ -70,8 +90,8 @@ class ClusterState:
             tl[1].clear()
 
 
-def sender_channels(placement: Placement) -> tuple[int, ...]:
-    """The channel of every worker (indexed by worker id) under the ``"channel"`` link model.
+def sender_channels(placement: Placement) -> dict[int, int]:
+    """The channel of every worker (by worker id) under the ``"channel"`` link model.
 
     Per stage that feeds another, the stage's workers, in placement order, are cut into
     channels of ``gpus_per_server * mps_share`` consecutive workers, ``gpus_per_server`` being
@@ -85,10 +105,10 @@ def sender_channels(placement: Placement) -> tuple[int, ...]:
     pools: dict[tuple[str, int, int], list[int]] = {}
     for w in placement.workers:
         pools.setdefault((w.model, w.pipeline, w.stage), []).append(w.worker_id)
-    out = [0] * len(placement.workers)
+    out: dict[int, int] = {}
     next_id = 0
     for (model, pi, si), wids in pools.items():
-        first = placement.workers[wids[0]]
+        first = placement.worker(wids[0])
         after = placement.pool(model, pi, si + 1)
         if after:
             size = first.mps_share * max(gps.get(first.gpu_class, 1),
@@ -98,7 +118,7 @@ def sender_channels(placement: Placement) -> tuple[int, ...]:
         for k, wid in enumerate(wids):
             out[wid] = next_id + k // size
         next_id += -(-len(wids) // size)
-    return tuple(out)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
