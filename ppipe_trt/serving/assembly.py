@@ -32,16 +32,18 @@ __all__ = ["RuntimeOptions", "TIMING_ONLY_INPUTS", "TIMING_ONLY_OUTPUTS", "build
 
 
 def plan_schedulers(plan: Plan, profiles: ProfileSet, placement: Placement,
-                    options: RuntimeOptions, hop_overhead_us: float) -> dict[str, Scheduler]:
+                    options: RuntimeOptions, hop_overhead_us: float,
+                    state=None) -> dict[str, Scheduler]:
     """One scheduler per model of ``plan``, of ``options.policy``, told that a hand-off
-    between stages costs ``hop_overhead_us``."""
+    between stages costs ``hop_overhead_us``; sharing ``state`` (a
+    :class:`~ppipe_trt.scheduler.tables.ClusterState`) when given (a plan swap)."""
     from ppipe_trt.scheduler import build_schedulers
 
     kwargs = dict(options.scheduler_kwargs or {})
     if options.policy == "reservation":
         kwargs.setdefault("wake_lead_us", options.wake_lead_us)
     return build_schedulers(plan, profiles, placement, policy=options.policy,
-                            hop_overhead_us=hop_overhead_us, **kwargs)
+                            hop_overhead_us=hop_overhead_us, state=state, **kwargs)
 
 
 def deadline_margin_us(options: RuntimeOptions, models: Mapping[str, ServedModel],
@@ -88,12 +90,44 @@ def build_runtime(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, A
                              deadline_margin_us=deadline_margin_us(options, models),
                              options=options,
                              info={"policy": options.policy, "transport": "in-process",
-                                   "emulate_links": options.emulate_links, **(info or {})})
+                                   "emulate_links": options.emulate_links, **(info or {})},
+                             placement=placement)
     faults = FaultPolicy.from_options(options)
     watchdog = StageWatchdog(faults.watchdog_period_s)
-    for spec in specs:
-        runtime.add_worker(build_worker(spec, transport, runtime,
-                                        built=built_models.get(spec.slot.model),
-                                        timers=runtime.timers, faults=faults,
-                                        watchdog=watchdog))
+    builder = LocalWorkerBuilder(profiles, built_models, options, hop, transport, runtime,
+                                 faults, watchdog)
+    runtime.builder = builder
+    for w in builder.build(specs):
+        runtime.add_worker(w)
     return runtime
+
+
+class LocalWorkerBuilder:
+    """Builds a local runtime's workers (threads, or thread-less timing-only workers on the
+    loop's timers), at start and for a plan swap (:mod:`ppipe_trt.serving.swap`)."""
+
+    def __init__(self, profiles: ProfileSet, built_models: Mapping[str, Any],
+                 options: RuntimeOptions, hop_overhead_us: float, transport, runtime,
+                 faults: FaultPolicy, watchdog: StageWatchdog):
+        self.profiles = profiles
+        self.built_models = built_models
+        self.options = options
+        self.hop_overhead_us = hop_overhead_us
+        self._transport = transport
+        self._runtime = runtime
+        self._faults = faults
+        self._watchdog = watchdog
+
+    def specs(self, plan: Plan, placement: Placement, worker_ids) -> tuple:
+        return worker_specs(plan, self.profiles, self.built_models, self.options, placement,
+                            only=worker_ids)
+
+    def build(self, specs) -> list:
+        return [build_worker(spec, self._transport, self._runtime,
+                             built=self.built_models.get(spec.slot.model),
+                             timers=self._runtime.timers, faults=self._faults,
+                             watchdog=self._watchdog) for spec in specs]
+
+    def schedulers(self, plan: Plan, placement: Placement, state) -> dict[str, Scheduler]:
+        return plan_schedulers(plan, self.profiles, placement, self.options,
+                               self.hop_overhead_us, state=state)

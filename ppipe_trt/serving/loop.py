@@ -68,6 +68,9 @@ class LoopHost(Protocol):
     def on_cluster_event(self, event: LoopEvent, now_us: float) -> None:
         """An event the loop does not handle itself."""
 
+    def old_plans_drained(self, now_us: float) -> None:
+        """The batches of earlier plans (before a plan swap) are all finished."""
+
 
 class DecisionLoop:
     """Owns the schedulers, the inbox and the wake-up times; runs on its own thread or on an
@@ -88,6 +91,8 @@ class DecisionLoop:
         self._yield_min_drops = options.loop_yield_min_drops
         self._thread: threading.Thread | None = None
         self._thread_id: int | None = None
+        self._old: list[tuple[int, dict[str, Scheduler]]] = []  # earlier plans draining
+        self._first_batch_id = 0   # batches with lower ids belong to an earlier plan
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
         self._stop_timeout_s = options.stop_timeout_s
@@ -118,6 +123,55 @@ class DecisionLoop:
 
     def scheduler(self, model: str) -> Scheduler:
         return self._schedulers[model]
+
+    # ---- plan swap (loop thread; see ppipe_trt.serving.swap) ---------------------------------
+    def swap_schedulers(self, schedulers: Mapping[str, Scheduler], first_batch_id: int) -> None:
+        """From now on arrivals go to ``schedulers``; finishes of batches with ids below
+        ``first_batch_id`` still go to the schedulers they came from."""
+        schedulers = dict(schedulers)
+        if self._aloop is not None:
+            for sched in schedulers.values():
+                if hasattr(sched, "wake_lead_us"):  # see EVENT_LOOP_TIMER_SLOP_US
+                    sched.wake_lead_us += EVENT_LOOP_TIMER_SLOP_US
+        self._old.append((self._first_batch_id, self._schedulers))
+        self._schedulers = schedulers
+        self._first_batch_id = first_batch_id
+        for m in self._wake:
+            self._wake[m] = None
+
+    def old_batches_in_flight(self) -> int:
+        """Batches of earlier plans not finished yet."""
+        return sum(s.batches_in_flight for _, scheds in self._old for s in scheds.values())
+
+    def forget_old_schedulers(self) -> None:
+        """Drop the earlier plans' schedulers (all their batches finished)."""
+        self._old = []
+
+    def reserved_until(self, model: str, worker_id: int) -> float:
+        """Until when ``worker_id`` is reserved by any plan's scheduler of ``model`` still
+        holding batches (0 if none has it)."""
+        until = 0.0
+        for scheds in [self._schedulers] + [s for _, s in self._old]:
+            sched = scheds.get(model)
+            if sched is not None:
+                try:
+                    until = max(until, sched.reserved_until(worker_id))
+                except SchedulerError:   # not one of that plan's workers
+                    pass
+        return until
+
+    def schedulers_of_worker(self, model: str, worker_id: int) -> list[Scheduler]:
+        """The schedulers (current plan first, then earlier ones) that know ``worker_id``."""
+        out = []
+        for scheds in [self._schedulers] + [s for _, s in self._old]:
+            sched = scheds.get(model)
+            if sched is not None:
+                try:
+                    sched.reserved_until(worker_id)
+                except SchedulerError:
+                    continue
+                out.append(sched)
+        return out
 
     # ---- life cycle ---------------------------------------------------------------------------
     def start(self, event_loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -375,6 +429,9 @@ class DecisionLoop:
 
     def _stage_finished(self, model: str, batch_id: int, stage: int, finish_us: float,
                         now: float) -> None:
+        if batch_id < self._first_batch_id:
+            self._old_stage_finished(model, batch_id, stage, finish_us, now)
+            return
         try:
             decisions = self._schedulers[model].on_stage_finished(batch_id, stage, finish_us,
                                                                   now)
@@ -382,6 +439,38 @@ class DecisionLoop:
             log.warning("ignored stage finish: %s", exc)
             return
         self.apply(model, decisions, now)
+
+    def _old_stage_finished(self, model: str, batch_id: int, stage: int, finish_us: float,
+                            now: float) -> None:
+        """A batch of an earlier plan: its scheduler hears of it (its decisions can only be
+        late dispatches or drops; it has no queue and wants no wake-up); when the earlier
+        plans have nothing left in flight, the host retires their workers."""
+        for first, scheds in reversed(self._old):
+            if batch_id >= first:
+                sched = scheds.get(model)
+                break
+        else:
+            sched = None
+        if sched is None:
+            log.warning("ignored stage finish of batch %d of %s: no plan has it", batch_id,
+                        model)
+            return
+        try:
+            dec = sched.on_stage_finished(batch_id, stage, finish_us, now)
+        except SchedulerError as exc:
+            log.warning("ignored stage finish: %s", exc)
+            return
+        self.apply_old(model, dec, now)
+
+    def apply_old(self, model: str, dec: Decisions, now: float) -> None:
+        """Carry out decisions of an earlier plan's scheduler (no wake-up: it has no queue);
+        tell the host when the earlier plans have nothing left in flight."""
+        for d in dec.dispatches:
+            self._host.dispatch(d, now)
+        for drop in self._host.on_drops(model, dec.drops, now) if dec.drops else ():
+            self._host.answer_drop(model, drop.request, drop.reason, drop.detail)
+        if self._old and not self.old_batches_in_flight():
+            self._host.old_plans_drained(now)
 
     def apply(self, model: str, decisions: Decisions, now: float) -> None:
         """Carry out one decision pass of ``model``'s scheduler (loop thread only)."""

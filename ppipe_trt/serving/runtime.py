@@ -48,6 +48,7 @@ import numpy as np
 
 from ppipe_trt.errors import PPipeError, RequestRejectedError
 from ppipe_trt.plan import Plan
+from ppipe_trt.scheduler.placement import Placement
 from ppipe_trt.scheduler.interface import (Decisions, Dispatch, Drop, DropReason, Request,
                                            Scheduler)
 from ppipe_trt.serving.answers import drop_error, resolve, shutdown_error
@@ -59,6 +60,9 @@ from ppipe_trt.serving.loop import EVENT_LOOP_TIMER_SLOP_US, DecisionLoop
 from ppipe_trt.serving.options import RuntimeOptions
 from ppipe_trt.serving.stats import RuntimeStats
 from ppipe_trt.serving.status import runtime_status
+from ppipe_trt.serving.swap import (Generation, PlanSwapError, PreparedSwap, SwapPlan,
+                                    SwapReport, WorkerBuilder, apply_swap, prepare_swap,
+                                    retire_drained)
 from ppipe_trt.serving.transport import StageJob, Transport
 from ppipe_trt.serving.types import (ImageSpec, InferenceResult, PendingRequest, ServedModel,
                                      StageFailedError, served_model)
@@ -90,7 +94,8 @@ class ServingRuntime:
                  schedulers: Mapping[str, Scheduler], transport: Transport,
                  hop_overhead_us: float = 0.0, deadline_margin_us: float = 0.0,
                  options: RuntimeOptions | None = None,
-                 clock: Callable[[], float] = monotonic_us, info: Mapping[str, Any] | None = None):
+                 clock: Callable[[], float] = monotonic_us, info: Mapping[str, Any] | None = None,
+                 placement: Placement | None = None, builder: WorkerBuilder | None = None):
         missing = [m for m in models if m not in schedulers]
         if missing:
             raise PPipeError(f"no scheduler for models {missing}")
@@ -118,16 +123,42 @@ class ServingRuntime:
         self._answer_slop_us = 0.0  # how late an answer may be heard (see start)
         self._submit_lock = threading.Lock()
         self.quarantined: list[QuarantineRecord] = []  # appended on the loop thread
+        # Plan swaps (see ppipe_trt.serving.swap): the plan in force and the earlier ones;
+        # ``builder`` builds workers for a new plan (set by the assembly).
+        self.builder = builder
+        self.generation: Generation | None = None
+        if placement is not None:
+            state = getattr(next(iter(schedulers.values()), None), "cluster_state", None)
+            self.generation = Generation(0, plan, placement, state)
+        self.history: list[Generation] = [self.generation] if self.generation else []
+        self._first_batch_id = 0        # batches with lower ids belong to an earlier plan
+        self._next_worker_id = 0
+        self._swap_lock = threading.Lock()
         self._started = False
         self._accepting = False
         self.started_us = 0.0
 
     # ---- set-up ------------------------------------------------------------------------------
     def add_worker(self, worker: WorkerHandle) -> None:
-        """Add a worker before :meth:`start`."""
+        """Add a worker before :meth:`start` (a plan swap adds its own)."""
         if self._started:
-            raise PPipeError("add workers before start()")
+            raise PPipeError("add workers before start(); a plan swap (swap_plan) adds "
+                             "workers to a running runtime")
+        self.register_worker(worker)
+
+    def register_worker(self, worker: WorkerHandle) -> None:
+        """Make ``worker`` one of the runtime's (set-up, or a plan swap on the loop
+        thread)."""
         self._workers[worker.worker_id] = worker
+        self._next_worker_id = max(self._next_worker_id, worker.worker_id + 1)
+
+    def unregister_worker(self, worker_id: int) -> None:
+        """Forget a worker a plan swap retired (loop thread)."""
+        self._workers.pop(worker_id, None)
+
+    def next_worker_id(self) -> int:
+        """The first id no worker of this runtime ever had."""
+        return self._next_worker_id
 
     def replace_worker(self, worker: WorkerHandle) -> None:
         """Put ``worker`` in the place of the worker with its id (a re-launched Ray actor);
@@ -149,8 +180,13 @@ class ServingRuntime:
         return self._transport
 
     def scheduler(self, model: str) -> Scheduler:
-        """``model``'s scheduler.  Its methods may be called on the loop thread only."""
+        """``model``'s scheduler (of the plan in force).  Its methods may be called on the
+        loop thread only."""
         return self._loop.scheduler(model)
+
+    @property
+    def decision_loop(self) -> DecisionLoop:
+        return self._loop
 
     @property
     def timers(self):
@@ -170,6 +206,8 @@ class ServingRuntime:
         for w in self.workers:
             w.start()
         self.started_us = self._clock()
+        if self.generation is not None:
+            self.generation.since_us = self.started_us
         self._accepting = True
         self._started = True
         self._loop.start(event_loop)
@@ -325,7 +363,10 @@ class ServingRuntime:
         with self._inflight_lock:
             self._inflight.pop((d.model, d.batch_id), None)
         spec = self.models[d.model]
-        if d.route[-1].stage < self._num_stages[(d.model, d.pipeline)] - 1:
+        # (an earlier plan's batch, below _first_batch_id, always has its whole route: plan
+        # swaps need a policy that dispatches whole pipelines)
+        if d.batch_id >= self._first_batch_id and \
+                d.route[-1].stage < self._num_stages[(d.model, d.pipeline)] - 1:
             # A per-stage dispatch (reactive policy) ended mid-pipeline: keep each request's
             # activations for the dispatch of its next stage.  Set before stage_finished
             # reports the finish, so that dispatch always finds them.
@@ -465,6 +506,9 @@ class ServingRuntime:
         if type(event) is WorkerQuarantined:
             self._remove_quarantined(event, now_us)
             return
+        if type(event) is SwapPlan:
+            self._switch(event.prepared, now_us)
+            return
         raise PPipeError(f"no handler for loop event {event!r}")
 
     def on_drops(self, model: str, drops: list[Drop], now_us: float) -> list[Drop]:
@@ -497,7 +541,60 @@ class ServingRuntime:
         model = w.info.model
         self.quarantined.append(QuarantineRecord(ev.worker_id, model, w.info.stage, ev.reason,
                                                  ev.detected_us, now))
-        self.apply_decisions(model, self.scheduler(model).remove_worker(ev.worker_id, now), now)
+        for sched in self._loop.schedulers_of_worker(model, ev.worker_id):
+            dec = sched.remove_worker(ev.worker_id, now)
+            if sched is self.scheduler(model):
+                self.apply_decisions(model, dec, now)
+            else:   # an earlier plan's, still draining
+                self._loop.apply_old(model, dec, now)
+
+    # ---- plan swap (see ppipe_trt.serving.swap) ------------------------------------------------
+    def prepare_swap(self, plan: Plan, reason: str = "operator") -> PreparedSwap:
+        """Build what switching to ``plan`` needs and start its added workers (any thread
+        but the loop's; seconds for real engines).  Raises :class:`PlanSwapError`."""
+        if not self._started:
+            raise PlanSwapError("the runtime is not running; start it with the plan instead")
+        return prepare_swap(self, plan, reason)
+
+    def swap(self, prepared: PreparedSwap) -> Future:
+        """Switch to ``prepared`` on the loop thread; a future of :class:`SwapReport` (or
+        the error; then the added workers are stopped)."""
+        self._post(SwapPlan(prepared))
+        return prepared.future
+
+    def swap_plan(self, plan: Plan, reason: str = "operator",
+                  timeout_s: float = 60.0) -> SwapReport:
+        """:meth:`prepare_swap` then :meth:`swap`, waiting for the switch (not on the loop
+        thread).  One swap at a time."""
+        import time as _time
+
+        asked = _time.perf_counter()
+        with self._swap_lock:
+            prepared = self.prepare_swap(plan, reason)
+            prepared.asked_at = asked
+            return self.swap(prepared).result(timeout_s)
+
+    def _switch(self, prepared: PreparedSwap, now: float) -> None:
+        try:
+            report = apply_swap(self, prepared, now)
+        except BaseException as exc:  # the plan in force stays; its added workers go
+            log.error("plan swap refused: %s", exc)
+            for w in prepared.workers:
+                w.stop(0.0)
+            prepared.future.set_exception(exc)
+            return
+        prepared.future.set_result(report)
+
+    def plan_switched(self, plan: Plan, first_batch_id: int) -> None:
+        """The loop now schedules ``plan`` (loop thread; called by the swap)."""
+        self.plan = plan
+        self._num_stages = {(m.model, i): len(p.stages)
+                            for m in plan.models for i, p in enumerate(m.pipelines)}
+        self._first_batch_id = first_batch_id
+
+    def old_plans_drained(self, now_us: float) -> None:
+        """Hook of the loop: the earlier plans' batches are finished; retire their workers."""
+        retire_drained(self, now_us)
 
     # ---- introspection ---------------------------------------------------------------------
     def now_us(self) -> float:

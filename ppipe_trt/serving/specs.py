@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from ppipe_trt.errors import ConfigError
 from ppipe_trt.plan import Plan
@@ -81,8 +81,10 @@ class WorkerSpec:
 
 
 def worker_specs(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, Any],
-                 options: RuntimeOptions, placement: Placement) -> tuple[WorkerSpec, ...]:
-    """One spec per worker of ``placement`` (worker-id order).
+                 options: RuntimeOptions, placement: Placement,
+                 only: Iterable[int] | None = None) -> tuple[WorkerSpec, ...]:
+    """One spec per worker of ``placement`` (placement order), or of the workers ``only``
+    names (a plan swap's added workers).
 
     ``built_models``: :class:`~ppipe_trt.engines.BuiltModel` by model for models with engines;
     the others must be in ``profiles``.  Raises :class:`ConfigError` when a worker has to
@@ -90,7 +92,10 @@ def worker_specs(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, An
     """
     plan_cut_dtype = options.cut_dtype or plan.params.get("cut_dtype") or None
     specs = []
+    wanted = None if only is None else set(only)
     for slot in placement.workers:
+        if wanted is not None and slot.worker_id not in wanted:
+            continue
         mp = plan.model(slot.model)
         built = built_models.get(slot.model)
         executor = emulation = None

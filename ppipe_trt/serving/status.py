@@ -48,5 +48,10 @@ def runtime_status(rt: "ServingRuntime") -> dict[str, Any]:
                          "detected_s": (q.detected_us - rt.started_us) / 1e6,
                          "removed_s": (q.removed_us - rt.started_us) / 1e6}
                         for q in list(rt.quarantined)],
+        # plan swaps: the generation in force (0: the plan it started with), when and why it
+        # came, the workers it kept / added / retired; the earlier ones (newest last)
+        "plan_generation": (rt.generation.to_dict(rt.started_us)
+                            if rt.generation is not None else None),
+        "plan_history": [g.to_dict(rt.started_us) for g in rt.history[-20:]],
         "plan": plan_to_dict(rt.plan),
     }
