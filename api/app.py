@@ -15,7 +15,7 @@ import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
@@ -47,6 +47,9 @@ class ApiSettings:
     FastAPI (default; same answers, a fraction of the CPU).  ``link_socket``: also answer
     front-end processes (:mod:`api.remote`) on this Unix socket; ``reuse_port``: let them
     share the gRPC port.
+    ``adapt``: an :class:`~ppipe_trt.adapt.AdaptOptions` to run the adaptive re-planning loop
+    (:class:`~ppipe_trt.serving.adaptive.AdaptiveController`) beside the runtime; ``None``:
+    the plan changes only when pushed (``POST /v2/plan``).
     ``auth_token``: require ``Authorization: Bearer <auth_token>`` on every route but the
     health probes, REST and gRPC alike (:mod:`api.auth`); ``None``: no access control."""
 
@@ -59,6 +62,7 @@ class ApiSettings:
     link_socket: str | None = None  # serve front-end processes on this Unix socket
     reuse_port: bool = False  # share the gRPC port with front-end processes (SO_REUSEPORT)
     auth_token: str | None = None  # bearer token required on all but the health probes
+    adapt: Any = None  # AdaptOptions: run the adaptive re-planning loop (serve --adapt)
 
 
 class _HttpMetrics:
@@ -173,9 +177,18 @@ def create_app(runtime_factory: Callable[[], ServingRuntime],
                 link = RuntimeLinkServer(lambda: app.state.runtime, metrics.render,
                                          settings.link_socket)
                 await link.start()
+            adaptive = None
+            if settings.adapt is not None and isinstance(runtime, ServingRuntime):
+                # (a front-end process's runtime is the runtime process's: it adapts there)
+                from ppipe_trt.serving.adaptive import AdaptiveController
+
+                adaptive = AdaptiveController(runtime, settings.adapt).start()
+                runtime.adaptive = adaptive
             try:
                 yield
             finally:
+                if adaptive is not None:
+                    await run_in_threadpool(adaptive.stop)
                 if link is not None:
                     await link.stop()
                 await run_in_threadpool(runtime.stop)

@@ -15,8 +15,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.service import AnswerTimeoutError
-from ppipe_trt.errors import (BadInputError, ModelNotFoundError, PPipeError,
-                              RequestRejectedError)
+from ppipe_trt.errors import (BadInputError, InfeasiblePlanError, ModelNotFoundError,
+                              PlanSwapError, PPipeError, RequestRejectedError)
 
 __all__ = ["AnswerTimeoutError", "BodyTooLargeError", "UnsupportedMediaError", "status_for",
            "error_response", "install_error_handlers", "ErrorBody", "error_responses"]
@@ -49,7 +49,10 @@ _WHEN = {
     401: "Missing or invalid bearer token (only when the server runs with an auth token)",
     404: "No such model or version",
     413: "Request body over the server's limit (after decompression)",
+    409: "The plan cannot be swapped in now (other models or SLOs, a policy that cannot "
+         "hand its queue over, another swap in between); the plan in force stays",
     415: "Unsupported content type or content encoding",
+    422: "No plan fits the cluster for these weights (the planner's message says why)",
     503: "Not served now (server not ready, or the scheduler dropped the request: see "
          "`reason`); retry after `Retry-After` seconds",
     504: "No answer within the request's deadline",
@@ -86,6 +89,10 @@ def status_for(exc: BaseException) -> int:
         return _REJECT_STATUS.get(exc.reason, 503)
     if isinstance(exc, AnswerTimeoutError):
         return 504
+    if isinstance(exc, PlanSwapError):
+        return 409
+    if isinstance(exc, InfeasiblePlanError):
+        return 422
     return 500
 
 

@@ -108,6 +108,18 @@ class RuntimeCollector:
                                  w.info.gpu_class, getattr(w, "down_reason", "") or "stopped"],
                                 1.0)
         yield down
+        history = getattr(rt, "history", None)
+        if history is not None and rt.generation is not None:
+            gen = GaugeMetricFamily("ppipe_plan_generation", "The plan generation in force "
+                                    "(0: the plan the server started with)")
+            gen.add_metric([], rt.generation.number)
+            swaps = CounterMetricFamily("ppipe_plan_swaps", "Plans swapped in while serving")
+            swaps.add_metric([], len(history) - 1)
+            moved = CounterMetricFamily("ppipe_plan_swap_requests_moved",
+                                        "Queued requests handed over to a new plan's "
+                                        "scheduler at a swap")
+            moved.add_metric([], sum(g.moved for g in history))
+            yield from (gen, swaps, moved)
         health = getattr(rt, "cluster_health", None)
         if health is not None:
             h = health()

@@ -33,8 +33,8 @@ import struct
 import time
 from typing import Any, Callable
 
-from ppipe_trt.errors import (BadInputError, ModelNotFoundError, PPipeError,
-                              RequestRejectedError)
+from ppipe_trt.errors import (BadInputError, InfeasiblePlanError, ModelNotFoundError,
+                              PlanSwapError, PPipeError, RequestRejectedError)
 from ppipe_trt.serving.types import (InferenceResult, ServedModel, StageFailedError,
                                      served_model)
 
@@ -66,7 +66,8 @@ def _error_of(record: tuple[str, str, str]) -> BaseException:
 
 
 _KINDS = {"not_found": ModelNotFoundError, "bad_input": BadInputError,
-          "failed": StageFailedError, "ppipe": PPipeError}
+          "failed": StageFailedError, "swap": PlanSwapError, "infeasible": InfeasiblePlanError,
+          "ppipe": PPipeError}
 
 
 class _Link(asyncio.Protocol):
@@ -171,6 +172,20 @@ class RuntimeLinkServer:
             link.send(("status", rid, rt.status()))
         elif kind == "metrics":
             link.send(("metrics", rid, self.render_metrics()))
+        elif kind == "plan":
+            asyncio.get_running_loop().create_task(self._push_plan(link, rt, rid, message[2]))
+
+    @staticmethod
+    async def _push_plan(link: _Link, rt, rid: int, body) -> None:
+        """A front-end process forwards ``POST /v2/plan``: done here, off the event loop."""
+        from ppipe_trt.serving.adaptive import parse_plan_push, push_plan
+
+        try:
+            report = await asyncio.to_thread(push_plan, rt, parse_plan_push(body))
+        except Exception as exc:  # noqa: BLE001 - answered to the front end, not raised
+            link.send(("plan", rid, None, _error_record(exc)))
+            return
+        link.send(("plan", rid, report.to_dict(), None))
 
     @staticmethod
     def _submit(link: _Link, rt, rid: int, model: str, timeout_us, inputs) -> None:
@@ -291,6 +306,13 @@ class RemoteRuntime:
                 fut.set_result(InferenceResult(request_id, model, outputs, arrival, finish,
                                                deadline, batch))
             return
+        if kind == "plan":
+            if fut is not None and not fut.done():
+                if message[3] is not None:
+                    fut.set_exception(_error_of(message[3]))
+                else:
+                    fut.set_result(message[2])
+            return
         if kind == "stats":
             self.stats.counters, self._ready = message[2], message[3]
         if fut is not None and not fut.done():
@@ -346,6 +368,10 @@ class RemoteRuntime:
     async def fetch_metrics(self) -> bytes:
         """The runtime process's ``/metrics`` document."""
         return await self._request("metrics")
+
+    async def push_plan(self, body) -> dict[str, Any]:
+        """``POST /v2/plan``, done by the runtime's process."""
+        return await self._request("plan", body)
 
     async def fetch_status(self) -> dict[str, Any]:
         """The runtime's status document, fetched now."""

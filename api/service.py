@@ -166,6 +166,19 @@ class InferenceService:
         """The runtime's status document (plan, models, workers, counters)."""
         return self.runtime().status()
 
+    async def push_plan(self, body: Any) -> dict[str, Any]:
+        """Swap in the plan ``body`` names (a plan document, or weights to re-plan for: see
+        :func:`~ppipe_trt.serving.adaptive.parse_plan_push`); waits for the switch and
+        returns its report.  In a front-end process the runtime's process does it."""
+        from ppipe_trt.serving.adaptive import parse_plan_push, push_plan
+
+        rt = self.runtime()
+        if hasattr(rt, "push_plan"):          # a front-end process (api.remote)
+            return await rt.push_plan(body)
+        push = parse_plan_push(body)
+        report = await asyncio.to_thread(push_plan, rt, push)
+        return report.to_dict()
+
     # ---- models ----------------------------------------------------------------------------
     def model(self, name: str, version: str | None = None) -> ServedModel:
         """The served model ``name``; ``version`` ``None`` or ``""`` means the latest (the

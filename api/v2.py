@@ -16,6 +16,7 @@ binary tensors).  Errors become status codes in :mod:`api.errors`, nowhere here.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -200,6 +201,41 @@ async def repository_index(request: Request) -> list[dict[str, str]]:
 @router.get("/v2/status", responses=error_responses(503))
 async def status(request: Request) -> dict[str, Any]:
     return _service(request).status()
+
+
+class PlanSwapAnswer(BaseModel):
+    """What ``POST /v2/plan`` answers: the swap's report (times in seconds / ms)."""
+
+    generation: int
+    reason: str
+    prepare_s: float
+    switch_ms: float
+    requests_moved: int
+    batches_in_flight_at_switch: int
+    workers_kept: list[int]
+    workers_added: list[int]
+    workers_retired: list[int]
+
+
+@router.post("/v2/plan", response_model=PlanSwapAnswer,
+             responses=error_responses(400, 409, 413, 415, 422, 503),
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": {"type": "object", "description":
+                            "a plan document (as `ppipe plan` writes it), "
+                            "{\"plan\": {...}, \"reason\": \"...\"}, or "
+                            "{\"weights\": {\"model\": weight}, \"reason\": \"...\"} "
+                            "to re-plan the cluster for those weights"}}}}})
+async def push_plan(request: Request) -> dict[str, Any]:
+    """Swap the plan while serving (admin): no request is lost; see docs/serving.md."""
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if kind != "application/json":
+        raise UnsupportedMediaError(f"a plan push is application/json, got {kind!r}")
+    body = await read_body(request, request.app.state.settings.max_body_bytes)
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise BadInputError(f"the plan push is not valid JSON: {exc}") from None
+    return await _service(request).push_plan(doc)
 
 
 @router.get("/v2/models/stats", responses=error_responses(503))

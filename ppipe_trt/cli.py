@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "planner.cli",                # ppipe plan
     "ppipe_trt.simulator.cli",    # ppipe simulate
     "ppipe_trt.server.cli",       # ppipe serve
+    "ppipe_trt.server.replan_cli",  # ppipe replan
 )
 
 

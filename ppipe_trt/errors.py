@@ -57,3 +57,8 @@ class RequestRejectedError(PPipeError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+class PlanSwapError(PPipeError):
+    """A plan cannot be swapped in now (other models or SLOs, a policy that cannot hand its
+    queue over, the runtime not running, another swap in between)."""

@@ -90,6 +90,15 @@ def register(subparsers) -> None:
                    help="where the stage workers run: local threads (default), 'ray' (actors "
                         "on a local Ray instance, emulated GPU classes as custom resources), "
                         "'ray://HOST:PORT' or 'ray:auto' (a running Ray cluster); see docs/ray.md")
+    p.add_argument("--adapt", action="store_true",
+                   help="follow workload shifts: estimate each model's arrival rate, re-plan "
+                        "(MILP, off the serving thread) when the mix drifts from the plan's "
+                        "weights or a model outgrows its capacity, and swap the plan in with "
+                        "no request lost (off by default; see docs/serving.md)")
+    p.add_argument("--adapt-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a knob of --adapt (window_s, half_life_s, drift_threshold, "
+                        "capacity_threshold, confirm_windows, min_interval_s, min_gain, "
+                        "min_rate_rps); repeatable")
     p.set_defaults(handler=serve_command)
 
 
@@ -105,6 +114,17 @@ def serve_command(args) -> int:
         raise BadInputError(f"--deadline-margin {args.deadline_margin}; expected a fraction "
                             "of the SLO in [0, 1)")
     token = auth_token(args)  # before the engines are built: a bad token fails at once
+    adapt = None
+    if getattr(args, "adapt", False) or getattr(args, "adapt_option", None):
+        from ppipe_trt.serving.adaptive import adapt_options_from
+
+        pairs = {}
+        for item in args.adapt_option or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise BadInputError(f"--adapt-option {item!r}; expected KEY=VALUE")
+            pairs[key.strip()] = value.strip()
+        adapt = adapt_options_from(pairs)
     sys.setswitchinterval(0.0005)  # worker threads wake on time; keep GIL hand-offs short
     plan, profiles, built, what = prepare(args)
     if args.save_plan:
@@ -136,7 +156,7 @@ def serve_command(args) -> int:
                      ApiSettings(max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                                  grpc_host=args.host, grpc_port=args.grpc_port or None,
                                  link_socket=link, reuse_port=link is not None,
-                                 auth_token=token))
+                                 auth_token=token, adapt=adapt))
     url = f"http://{args.host}:{args.port}"
     grpc_url = f"{args.host}:{args.grpc_port}" if args.grpc_port else None
     print(describe(plan, what, url, built, grpc_url), file=sys.stderr)

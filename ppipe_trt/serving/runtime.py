@@ -134,6 +134,7 @@ class ServingRuntime:
         self._first_batch_id = 0        # batches with lower ids belong to an earlier plan
         self._next_worker_id = 0
         self._swap_lock = threading.Lock()
+        self.adaptive = None   # the --adapt control loop, when one runs (status only)
         self._started = False
         self._accepting = False
         self.started_us = 0.0

@@ -53,5 +53,6 @@ def runtime_status(rt: "ServingRuntime") -> dict[str, Any]:
         "plan_generation": (rt.generation.to_dict(rt.started_us)
                             if rt.generation is not None else None),
         "plan_history": [g.to_dict(rt.started_us) for g in rt.history[-20:]],
+        "adapt": rt.adaptive.status() if rt.adaptive is not None else {"enabled": False},
         "plan": plan_to_dict(rt.plan),
     }

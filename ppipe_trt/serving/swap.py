@@ -32,7 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
-from ppipe_trt.errors import PPipeError
+from ppipe_trt.errors import PlanSwapError
 from ppipe_trt.plan import Plan
 from ppipe_trt.scheduler.carry_over import CarryOver, carry_over
 from ppipe_trt.scheduler.interface import Scheduler
@@ -46,11 +46,6 @@ if TYPE_CHECKING:
     from ppipe_trt.serving.specs import WorkerSpec
 
 log = logging.getLogger("ppipe.serving")
-
-
-class PlanSwapError(PPipeError):
-    """A plan cannot be swapped in (other models, another cluster, a policy that cannot hand
-    its queue over, another swap in between)."""
 
 
 @dataclass(slots=True)

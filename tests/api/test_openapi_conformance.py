@@ -44,6 +44,12 @@ def _config():
         "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True},
                    "fuzzing": {"enabled": True}, "stateful": {"enabled": True}},
         "checks": {"enabled": True},
+        # A plan push the schema allows (an object) names models and a cluster the server
+        # must check against what it serves: a well-formed push may be refused 400 (not a
+        # plan, unknown models), 409 (cannot be swapped in) or 422 (no plan fits).
+        "operations": [{"include-path": "/v2/plan",
+                        "checks": {"positive_data_acceptance": {
+                            "expected-statuses": ["2xx", "400", "409", "422"]}}}],
     })
 
 
