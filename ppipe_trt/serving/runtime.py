@@ -542,8 +542,14 @@ class ServingRuntime:
         model = w.info.model
         self.quarantined.append(QuarantineRecord(ev.worker_id, model, w.info.stage, ev.reason,
                                                  ev.detected_us, now))
-        for sched in self._loop.schedulers_of_worker(model, ev.worker_id):
-            dec = sched.remove_worker(ev.worker_id, now)
+        self.remove_from_pools(model, ev.worker_id, now)
+
+    def remove_from_pools(self, model: str, worker_id: int, now: float) -> None:
+        """Take ``worker_id`` out of the pool of every plan that has it (the plan in force,
+        and an earlier one still draining after a swap) and carry out what that decides:
+        its reserved batches dropped ``worker_failed``.  Loop thread."""
+        for sched in self._loop.schedulers_of_worker(model, worker_id):
+            dec = sched.remove_worker(worker_id, now)
             if sched is self.scheduler(model):
                 self.apply_decisions(model, dec, now)
             else:   # an earlier plan's, still draining

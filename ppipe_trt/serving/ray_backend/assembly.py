@@ -68,12 +68,20 @@ class RayOptions:
     actor_max_concurrency: int = 32
 
 
+#: A local instance declares this many times each class's GPUs as custom resources: during a
+#: plan swap the added workers' actors start while the retiring ones still run (an emulated
+#: GPU share is then held twice until the old plan drains; the schedulers never reserve a
+#: share for both plans at once, see ppipe_trt.scheduler.carry_over).
+SWAP_HEADROOM = 2.0
+
+
 def emulated_resources(plan: Plan) -> dict[str, float]:
-    """``{"gpu_class:<class>": GPUs of that class}`` for the plan's placement."""
+    """``{"gpu_class:<class>": units}`` for a local instance serving the plan's cluster:
+    ``SWAP_HEADROOM`` units per GPU of the class."""
     from ppipe_trt.scheduler import place_workers
 
-    return {RESOURCE_PREFIX + c: float(n) for c, n in place_workers(plan).gpus_per_class.items()
-            if n > 0}
+    return {RESOURCE_PREFIX + c: SWAP_HEADROOM * float(n)
+            for c, n in place_workers(plan).gpus_per_class.items() if n > 0}
 
 
 def connect_ray(options: RayOptions, resources: Mapping[str, float]) -> tuple[bool, str | None]:
@@ -138,7 +146,8 @@ class ActorLauncher:
 
         self.plan = plan
         self.placement = place_workers(plan)
-        self.specs = worker_specs(plan, profiles, built_models, options, self.placement)
+        self.specs = {s.worker_id: s for s in worker_specs(plan, profiles, built_models,
+                                                           options, self.placement)}
         self._built = dict(built_models)
         self._actor_cls = stage_actor_class(ray_options.actor_max_concurrency)
         self._onnx: dict[tuple[str, int, int], bytes] = {}
@@ -155,11 +164,12 @@ class ActorLauncher:
         return replace(spec, executor=replace(e, stage_onnx=self._onnx[key]))
 
     def needed_resources(self) -> dict[str, float]:
-        need: dict[str, float] = {}
-        for spec in self.specs:
-            for k, v in actor_options(spec).get("resources", {}).items():
-                need[k] = need.get(k, 0.0) + v
-        return need
+        return needed_resources(self.specs.values())
+
+    def add_specs(self, specs) -> None:
+        """The specs of a plan swap's added workers (then :meth:`create` and relaunch know
+        them)."""
+        self.specs.update({s.worker_id: s for s in specs})
 
     def create(self, worker_id: int) -> tuple[Any, WorkerSlot]:
         """Ask Ray for ``worker_id``'s actor (returns at once: its handle and slot)."""
@@ -190,6 +200,15 @@ class ActorLauncher:
     def launch(self, worker_id: int) -> RayWorkerProxy:
         handle, info = self.create(worker_id)
         return self.finish(handle, info)
+
+
+def needed_resources(specs) -> dict[str, float]:
+    """The custom resources the actors of ``specs`` ask for."""
+    need: dict[str, float] = {}
+    for spec in specs:
+        for k, v in actor_options(spec).get("resources", {}).items():
+            need[k] = need.get(k, 0.0) + v
+    return need
 
 
 def set_peers(proxies: Mapping[int, RayWorkerProxy]) -> None:
@@ -290,7 +309,59 @@ def build_ray_runtime(plan: Plan, profiles: ProfileSet,
               "ray_hop_us": hop_us, "ray_dispatch_us": direct_us,
               "emulate_links": options.emulate_links, **(info or {})},
         relaunch=launcher.launch, set_peers=set_peers, health=ray_options.health,
-        max_redispatch=ray_options.max_redispatch, owns_ray=owns, ray_temp_dir=own_temp)
+        max_redispatch=ray_options.max_redispatch, owns_ray=owns, ray_temp_dir=own_temp,
+        placement=launcher.placement)
     for wid in sorted(proxies):
         runtime.add_worker(proxies[wid])
+    runtime.builder = RayWorkerBuilder(launcher, profiles, built_models, options, hop,
+                                       transport, runtime)
     return runtime
+
+
+class RayWorkerBuilder:
+    """Builds a plan swap's added workers as Ray actors (see
+    :mod:`ppipe_trt.serving.swap`): same specs as the local assembly, actors started and
+    warmed up before the switch, every live actor told the new peers."""
+
+    def __init__(self, launcher: ActorLauncher, profiles: ProfileSet,
+                 built_models: Mapping[str, Any], options: RuntimeOptions, hop_us: float,
+                 transport: RayTransport, runtime: RayServingRuntime):
+        self.profiles = profiles
+        self.built_models = built_models
+        self._launcher = launcher
+        self._options = options
+        self._hop_us = hop_us
+        self._transport = transport
+        self._runtime = runtime
+
+    def specs(self, plan: Plan, placement, worker_ids) -> tuple:
+        specs = worker_specs(plan, self.profiles, self.built_models, self._options, placement,
+                             only=worker_ids)
+        self._launcher.add_specs(specs)
+        return specs
+
+    def build(self, specs) -> list:
+        import ray
+
+        need = needed_resources(specs)
+        free = ray.available_resources()
+        short = {k: v for k, v in need.items() if free.get(k, 0.0) + 1e-6 < v}
+        if short:
+            from ppipe_trt.errors import PlanSwapError
+
+            raise PlanSwapError(
+                f"the new plan's added workers need {need} but the Ray cluster has only "
+                f"{ {k: free.get(k, 0.0) for k in need} } free while the old plan runs; "
+                "declare more of those resources, or swap in two smaller steps")
+        created = [self._launcher.create(s.worker_id) for s in specs]
+        proxies = [self._launcher.finish(h, info) for h, info in created]
+        for p in proxies:
+            self._transport.set_handle(p.worker_id, p.handle)
+        live = {w.worker_id: w for w in self._runtime.workers if w.alive}
+        live.update({p.worker_id: p for p in proxies})
+        set_peers(live)
+        return proxies
+
+    def schedulers(self, plan: Plan, placement, state):
+        return plan_schedulers(plan, self.profiles, placement, self._options, self._hop_us,
+                               state=state)

@@ -276,8 +276,7 @@ class RayServingRuntime(ServingRuntime):
         log.warning("worker %d (%s stage %d) down: %s", ev.worker_id, w.info.model,
                     w.info.stage, ev.reason)
         w.stop()  # a hung actor must not answer later
-        model = w.info.model
-        self.apply_decisions(model, self.scheduler(model).remove_worker(ev.worker_id, now), now)
+        self.remove_from_pools(w.info.model, ev.worker_id, now)
 
     def _readd(self, worker_id: int, now: float) -> None:
         model = self.worker(worker_id).info.model
@@ -286,7 +285,8 @@ class RayServingRuntime(ServingRuntime):
             if rec is not None:
                 rec.readded_us = now
             self.cluster.workers_readded += 1
-        self.apply_decisions(model, self.scheduler(model).add_worker(worker_id, now), now)
+        if worker_id in self.generation.placement.worker_ids:   # not retired by a swap
+            self.apply_decisions(model, self.scheduler(model).add_worker(worker_id, now), now)
 
     def _lost(self, ev: BatchLost, now: float) -> None:
         d = ev.dispatch
