@@ -204,10 +204,13 @@ async def status(request: Request) -> dict[str, Any]:
 
 
 class PlanSwapAnswer(BaseModel):
-    """What ``POST /v2/plan`` answers: the swap's report (times in seconds / ms)."""
+    """What ``POST /v2/plan`` answers: the swap's report (``switch_us``: the switch instant
+    on the server's monotonic clock, microseconds; ``prepare_s``: building the new plan's
+    schedulers and starting its added workers; ``switch_ms``: from the push to the switch)."""
 
     generation: int
     reason: str
+    switch_us: float
     prepare_s: float
     switch_ms: float
     requests_moved: int

@@ -101,6 +101,7 @@ class SwapReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"generation": self.generation, "reason": self.reason,
+                "switch_us": self.switch_us,
                 "prepare_s": round(self.prepare_s, 3), "switch_ms": round(self.switch_ms, 3),
                 "requests_moved": self.requests_moved,
                 "batches_in_flight_at_switch": self.batches_in_flight,
