@@ -11,14 +11,14 @@ time, the time it was sent, the time its answer came, the status and, for a 503/
 ``reason`` of the body.
 
 * **Overload** (``--overload-s``, default 60 s, at each of ``--overload-factors``, default 2
-  and 5 x the planned rate): ``--warmup-s`` at ``--normal-factor`` (0.8) x, the overload
+  and 5 x the planned rate): ``--warmup-s`` at ``--normal-factor`` (0.6) x, the overload
   window, then ``--recovery-s`` at the normal factor again.  Reports the p99 round trip of
   the accepted requests (200) against the SLO and the share of them within it, the p99
   round trip of the rejections (503/504) and their counts by reason, the RSS growth of the
   server over the window, and the recovery time: from the end of the overload to the start
   of the first 100 ms bin from which on the requests sent (to the end of the recovery
   window) meet their deadline >= 99 %.
-* **Soak** (``--soak-s``, default 600 s) at the normal factor x the planned rate, a mix of
+* **Soak** (``--soak-s``, default 600 s) at ``--soak-factor`` (0.8) x the planned rate, a mix of
   binary tensors, JSON tensors and bad requests (malformed JSON, wrong shape, unknown model)
   on the emulated model and, unless ``--no-frames``, JPEG frames at ``--frames-rps`` to a
   second server: ``demo_resnet`` served with real ONNX Runtime engines on this CPU (``ppipe
@@ -423,7 +423,7 @@ async def soak_phase(args, emu_base: str, model: str, rate_1: float, slo_ms: flo
     t1 = t0 + args.soak_s
     cpu = CpuShares(list(pids.values()))
     samp = asyncio.create_task(sampler(pids, args.sample_s, stop, t0, samples))
-    streams = [poisson(client, rng, args.normal_factor * rate_1, t0, t1, pick, reqs)]
+    streams = [poisson(client, rng, args.soak_factor * rate_1, t0, t1, pick, reqs)]
     if frames_base:
         jpeg = jpeg_frame()
         furl = f"{frames_base}/v2/models/{frames_model}/frames"
@@ -455,7 +455,7 @@ async def soak_phase(args, emu_base: str, model: str, rate_1: float, slo_ms: flo
     warm = min(args.soak_warmup_s, 0.2 * args.soak_s)
     return {
         "window_s": args.soak_s,
-        "rate_rps": args.normal_factor * rate_1,
+        "rate_rps": args.soak_factor * rate_1,
         "frames_rps": args.frames_rps if frames_base else 0.0,
         "warmup_s": warm,
         "sent": len(reqs),
@@ -556,7 +556,7 @@ def markdown(argv: list[str], info: dict, over: list[dict], soak: dict | None) -
                 "| other status | unanswered | accepted p50 / p99 ms (SLO) | accepted within SLO "
                 "| accepted within deadline (server /metrics) | rejection p50 / p99 ms "
                 "| rejections by reason | server RSS start -> max MiB (growth) "
-                "| within SLO before (0.8 x, client) | recovery s: to 99 % / to before "
+                "| within SLO before (normal load, client) | recovery s: to 99 % / to before "
                 "| CPU share: server / client / others |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for o in over:
@@ -578,7 +578,7 @@ def markdown(argv: list[str], info: dict, over: list[dict], soak: dict | None) -
     if soak:
         out += ["## Soak", "",
                 f"{soak['window_s']:g} s: {soak['rate_rps']:.1f} req/s "
-                f"({info['normal_factor']:g} x) to `{info['model']}` (EMULATED; 45 % binary, "
+                f"({info['soak_factor']:g} x) to `{info['model']}` (EMULATED; 45 % binary, "
                 f"45 % JSON, 10 % bad requests) and {soak['frames_rps']:g} frames/s (JPEG "
                 f"224x224) to `{info.get('frames_model') or '-'}` (real, ONNX Runtime on CPU"
                 f"{'' if soak['frames_rps'] else '; not run'}).  Sent {soak['sent']}, answered "
@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="googlenet-v3-pytorch", help="emulated model")
-    p.add_argument("--slo-ms", type=float, default=50.0)
+    p.add_argument("--slo-ms", type=float, default=60.0)
     p.add_argument("--gpu-class", default="T4")
     p.add_argument("--gpus", type=int, default=2, help="GPUs of the emulated cluster")
     p.add_argument("--profiles", type=Path, default=None,
@@ -675,7 +675,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overload-factors", default="2,5")
     p.add_argument("--warmup-s", type=float, default=5.0)
     p.add_argument("--recovery-s", type=float, default=10.0)
-    p.add_argument("--normal-factor", type=float, default=0.8)
+    p.add_argument("--normal-factor", type=float, default=0.6,
+                   help="load before and after the overload, x the planned rate (default 0.6: "
+                        "the 2-T4 plan holds 99.7 %% there in the simulator, 96-98 %% at 0.8 -- "
+                        "few workers, so the recovery to 99 %% is measurable only below)")
+    p.add_argument("--soak-factor", type=float, default=0.8,
+                   help="load of the soak, x the planned rate (default 0.8)")
+    p.add_argument("--deadline-margin-ms", type=float, default=5.0,
+                   help="the server's --deadline-margin-ms (default 5: the client measures "
+                        "through this host's loaded event loops, a few ms the server does "
+                        "not see)")
     p.add_argument("--soak-s", type=float, default=600.0)
     p.add_argument("--soak-warmup-s", type=float, default=60.0,
                    help="growth is measured after min(this, 20 %% of the soak)")
@@ -708,8 +717,9 @@ def run(args, argv: list[str]) -> int:
     (m,) = [m for m in plan["models"] if m["model"] == args.model]
     rate_1, slo_ms = float(m["throughput_rps"]), float(m["slo_ms"])
     emu, emu_base = start_server(args, ["--plan", str(plan_path), "--profiles",
-                                        str(args.profiles), "--emulate"], "emulated",
-                                 args.workdir)
+                                        str(args.profiles), "--emulate",
+                                        "--deadline-margin-ms", str(args.deadline_margin_ms)],
+                                 "emulated", args.workdir)
     print(f"emulated {args.model}: {rate_1:.1f} req/s planned on {args.gpus} {args.gpu_class},"
           f" SLO {slo_ms:g} ms; serving at {emu_base}", flush=True)
     frames = frames_base = None
@@ -744,7 +754,8 @@ def run(args, argv: list[str]) -> int:
             "cores": os.cpu_count(), "cpu": _cpu_name(), "code": code, "model": args.model,
             "gpu_class": args.gpu_class, "gpus": args.gpus, "slo_ms": slo_ms,
             "rate_1": rate_1, "warmup_s": args.warmup_s, "recovery_s": args.recovery_s,
-            "normal_factor": args.normal_factor, "sample_s": args.sample_s,
+            "normal_factor": args.normal_factor, "soak_factor": args.soak_factor,
+            "deadline_margin_ms": args.deadline_margin_ms, "sample_s": args.sample_s,
             "frames_model": args.frames_model if frames else None, "emulated": True}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(argv, info, over, soak)

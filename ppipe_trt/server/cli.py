@@ -84,6 +84,11 @@ def register(subparsers) -> None:
                    help="schedule batches to finish this fraction of the SLO before the "
                         "deadline when real compute runs (default 0.3; lower it on a host "
                         "dedicated to serving, raise it where compute times jitter more)")
+    p.add_argument("--deadline-margin-ms", type=float, default=None, metavar="MS",
+                   help="schedule every batch to finish this long before the deadline, on "
+                        "top of the fraction above (default 1 ms: the hand-offs the scheduler "
+                        "does not see); raise it when clients measure their latency through a "
+                        "loaded network or host")
     p.add_argument("--save-plan", type=Path, help="also write the plan in force here")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--cluster", default="local", metavar="local|ray[://ADDRESS]",
@@ -132,6 +137,11 @@ def serve_command(args) -> int:
     options = RuntimeOptions(policy=args.policy)
     if args.deadline_margin is not None:
         options = dataclasses.replace(options, deadline_margin_fraction=args.deadline_margin)
+    margin_ms = getattr(args, "deadline_margin_ms", None)
+    if margin_ms is not None:
+        if not 0.0 <= margin_ms < 1e6:
+            raise BadInputError(f"--deadline-margin-ms {margin_ms}; expected >= 0")
+        options = dataclasses.replace(options, deadline_margin_us=1e3 * margin_ms)
     factory = lambda: build_runtime(plan, profiles, built, options, info={"source": what})  # noqa: E731
     if getattr(args, "cluster", "local") != "local":  # ray backend (lazy: Ray imported there)
         from ppipe_trt.serving.ray_backend.cli import ray_runtime_factory

@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ppipe.serving")
 
+#: How long a swap waits for the previous swap's old plan to drain (its batches finish
+#: within their deadlines, normally well under a second).
+DRAIN_WAIT_S = 10.0
+
 
 @dataclass(slots=True)
 class Generation:
@@ -157,6 +161,15 @@ def prepare_swap(rt: "ServingRuntime", plan: Plan, reason: str) -> PreparedSwap:
     docstring).  Raises :class:`PlanSwapError` (or :class:`ConfigError` from the placement)
     when ``plan`` cannot replace the plan in force."""
     t0 = time.perf_counter()
+    # The carry-over places the new plan against the plan in force only: wait until an
+    # earlier plan's batches are done (their retiring workers then hold no GPU share).
+    deadline = t0 + DRAIN_WAIT_S
+    while rt.generation.number > 0 and rt.generation.drained_us is None:
+        if time.perf_counter() > deadline:
+            raise PlanSwapError(f"the previous plan (generation {rt.generation.number - 1}) "
+                                f"still has batches in flight after {DRAIN_WAIT_S:.0f} s; "
+                                "try again")
+        time.sleep(0.005)
     builder = rt.builder
     if builder is None:
         raise PlanSwapError("this runtime was assembled without a worker builder; plan swaps "
