@@ -307,6 +307,12 @@ async def frames(request: Request, model_name: str, top: int | None = None,
         raise BadInputError(f"mask must be 'png' or 'array', got {mask!r}")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            inflate(b"", encoding, limit)   # an unknown coding: the same 415 as elsewhere
+            raise UnsupportedMediaError(f"a multipart body cannot be sent with Content-"
+                                        f"Encoding {encoding!r}; send the image as the body "
+                                        "(image/jpeg or image/png) to compress it")
         data = await _multipart_image(request, limit)
     elif content_type in ("image/jpeg", "image/jpg", "image/png", "application/octet-stream", ""):
         data = await read_body(request, limit)

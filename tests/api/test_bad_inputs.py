@@ -130,6 +130,12 @@ BAD_INPUTS = [
      "content type 'text/plain' is not accepted"),
     ("frames: multipart without file", "POST", FRAMES,
      {"files": None}, 400, "multipart body has no file part"),
+    ("frames: multipart with an unknown Content-Encoding", "POST", FRAMES,
+     {"files": {"image": ("f.jpg", _image("JPEG"), "image/jpeg")},
+      "headers": {"Content-Encoding": "6-Dz"}}, 415, "Content-Encoding '6-dz' is not"),
+    ("frames: compressed multipart", "POST", FRAMES,
+     {"files": {"image": ("f.jpg", _image("JPEG"), "image/jpeg")},
+      "headers": {"Content-Encoding": "gzip"}}, 415, "multipart body cannot be sent"),
     ("frames: bad top", "POST", FRAMES + "?top=0",
      {"content": _image("PNG"), "headers": {"Content-Type": "image/png"}}, 400,
      "top must be in 1..1000"),
@@ -154,7 +160,7 @@ def client(engine_store, cpu_profiles, app_for):
                          ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_answered_with_status_and_message(client, case, method, path, kwargs,
                                                        status, message):
-    if "files" in kwargs:  # multipart form without a file part
+    if kwargs.get("files", 0) is None:  # multipart form without a file part
         r = client.post(path, headers={"Content-Type": "multipart/form-data; boundary=xyz"},
                         content=b"--xyz\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\n"
                                 b"no file\r\n--xyz--\r\n")
