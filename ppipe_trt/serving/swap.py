@@ -67,6 +67,7 @@ class Generation:
     kept: tuple[int, ...] = ()
     added: tuple[int, ...] = ()
     retired: tuple[int, ...] = ()
+    waits: dict[int, tuple[int, ...]] = field(default_factory=dict)
     first_batch_id: int = 0
     moved: int = 0
     in_flight_at_switch: int = 0
@@ -78,7 +79,12 @@ class Generation:
         return {"generation": self.number, "reason": self.reason,
                 "since_s": round((self.since_us - started_us) / 1e6, 6) if started_us else 0.0,
                 "workers_kept": list(self.kept), "workers_added": list(self.added),
-                "workers_retired": list(self.retired), "requests_moved": self.moved,
+                "workers_retired": list(self.retired),
+                # added workers on a GPU share still held by retiring workers: they start
+                # the new plan's batches only after those workers' last batch
+                "workers_waiting_for_retiring": {str(k): list(v)
+                                                 for k, v in self.waits.items()},
+                "requests_moved": self.moved,
                 "batches_in_flight_at_switch": self.in_flight_at_switch,
                 "prepare_s": round(self.prepare_s, 3),
                 "old_plan_drained_s": None if self.drained_us is None else
@@ -233,7 +239,8 @@ def apply_swap(rt: "ServingRuntime", prepared: PreparedSwap, now: float) -> Swap
     moved = sum(len(q) for q in queued.values())
     rt.generation = Generation(gen.number + 1, prepared.plan, carry.placement, prepared.state,
                                now, prepared.reason, carry.kept, carry.added, carry.retired,
-                               first_batch_id, moved, in_flight, prepared.prepare_s)
+                               dict(carry.waits), first_batch_id, moved, in_flight,
+                               prepared.prepare_s)
     rt.history.append(rt.generation)
     rt.plan_switched(prepared.plan, first_batch_id)
     for m, reqs in queued.items():

@@ -100,6 +100,12 @@ def test_swap_under_load_answers_everything_and_retires_workers(shared_profiles,
             ivs.sort()
             for (s0, f0), (s1, f1) in zip(ivs, ivs[1:]):
                 assert s1 >= f0 - 1e-6, f"worker {wid} double-booked"
+        # an added worker on a GPU share of retiring workers starts after their last batch
+        for added, waited in rt.generation.waits.items():
+            starts = [s for s, _ in per_worker.get(added, [])]
+            ends = [f for w in waited for _, f in per_worker.get(w, [])]
+            if starts and ends:
+                assert min(starts) >= max(ends) - 1e-6
         status = rt.status()
         assert status["plan_generation"]["generation"] == 1
         assert status["plan_generation"]["reason"].startswith("test")
