@@ -55,6 +55,8 @@ import bench_reliability as rel  # noqa: E402  (open-loop client, request record
 
 ROOT = dp.ROOT
 TARGET = 0.99
+#: How long the --adapt run waits for the server to notice the shift and swap.
+ADAPT_WAIT_S = 60.0
 #: Two models of the paper's group 1 whose plans on the 16-GPU testbed hold >= 99.8 % at
 #: load 0.8 in the simulator, before and after the shift (a scan of the groups' pairs and
 #: triples with x3 shifts: most 16-GPU plans hold 96-99 % at 0.8 -- few workers per stage).
@@ -103,14 +105,17 @@ def body_for(model: str) -> tuple[str, bytes, dict[str, str]]:
     return path, body, headers
 
 
-async def drive(args, base: str, rates_a: dict, rates_b: dict, plan_b: Path) -> dict:
-    """Phase 1 at ``rates_a``; push plan B; phase 2 at ``rates_b`` from the switch on."""
+async def drive(args, base: str, rates_a: dict, rates_b: dict, plan_b: Path,
+                adapt: bool = False) -> dict:
+    """Phase 1 at ``rates_a``; push plan B; phase 2 at ``rates_b`` from the switch on.
+    ``adapt``: no push -- the mix shifts after phase 1 and the server's ``--adapt`` loop has
+    to notice; the switch is seen by polling ``/v2/status``."""
     client = rel.Client(timeout_s=30.0)
     out: dict[str, list] = {m: [] for m in rates_a}
     bodies = {m: body_for(m) for m in rates_a}
     rng = random.Random(args.seed)
     t0 = time.monotonic() + 0.5
-    switch = {"at": None}
+    switch = {"at": None, "shift_at": t0 + args.phase_s if adapt else None}
     push_doc = {"plan": json.loads(plan_b.read_text()), "reason": "bench: mix shifted"}
 
     async def push() -> None:
@@ -124,19 +129,35 @@ async def drive(args, base: str, rates_a: dict, rates_b: dict, plan_b: Path) -> 
         switch["report"] = doc
         # the server's clock is this host's monotonic clock (microseconds)
         switch["at"] = doc["switch_us"] / 1e6 if r.status == 200 else time.monotonic()
+        switch["shift_at"] = switch["at"]
+
+    async def watch() -> None:
+        await asyncio.sleep(max(0.0, t0 + args.phase_s - time.monotonic()))
+        while time.monotonic() < t0 + args.phase_s + ADAPT_WAIT_S:
+            async with client.session.get(f"{base}/v2/status") as r:
+                doc = await r.json()
+            gen = doc["plan_generation"]
+            if gen["generation"] > 0:
+                switch.update(status=200, at=gen["since_us"] / 1e6, rtt_ms=0.0,
+                              report={**gen, "switch_ms": 1e3 * (gen["since_us"] / 1e6 -
+                                                                 switch["shift_at"]),
+                                      "batches_in_flight_at_switch":
+                                          gen["batches_in_flight_at_switch"]},
+                              decisions=doc.get("adapt", {}).get("decisions", []))
+                return
+            await asyncio.sleep(0.1)
+        switch.update(status=0, at=time.monotonic(), report={"error": "no swap"})
 
     async def arrivals(model: str) -> None:
         t = t0
-        end = t0 + 2 * args.phase_s + 30.0
         url = base + bodies[model][0]
         while True:
-            s_at = switch["at"]
-            phase_end = end if s_at is None else s_at + args.phase_s
-            rate = rates_a[model] if s_at is None or t < s_at else rates_b[model]
+            s_at, shift = switch["at"], switch["shift_at"]
+            rate = rates_b[model] if shift is not None and t >= shift else rates_a[model]
             t += rng.expovariate(rate)
-            if s_at is None and t > t0 + args.phase_s + 60:
-                raise SystemExit("the push did not finish within 60 s")
-            if s_at is not None and t >= phase_end:
+            if s_at is None and t > t0 + args.phase_s + ADAPT_WAIT_S + 5:
+                raise SystemExit("no switch within the wait")
+            if s_at is not None and t >= s_at + args.phase_s:
                 return
             delay = t - time.monotonic()
             if delay > 0:
@@ -144,7 +165,7 @@ async def drive(args, base: str, rates_a: dict, rates_b: dict, plan_b: Path) -> 
             client.fire(rel.Request(model, t), url, bodies[model][1], bodies[model][2],
                         out[model])
 
-    await asyncio.gather(push(), *(arrivals(m) for m in rates_a))
+    await asyncio.gather(watch() if adapt else push(), *(arrivals(m) for m in rates_a))
     await client.close()
     return {"requests": out, "t0": t0, **switch}
 
@@ -152,7 +173,7 @@ async def drive(args, base: str, rates_a: dict, rates_b: dict, plan_b: Path) -> 
 def analyse(run: dict, slo_ms: dict) -> dict:
     t0, s_at = run["t0"], run["at"]
     tight_s = min(slo_ms.values()) / 1e3
-    lo, hi = s_at - tight_s, s_at + tight_s
+    lo, hi = min(s_at, run.get("shift_at") or s_at) - tight_s, s_at + tight_s
     windows: dict[int, list[int]] = {}
     series: dict[int, dict] = {}
     statuses: dict[str, int] = {}
@@ -180,7 +201,7 @@ def analyse(run: dict, slo_ms: dict) -> dict:
     rep = run.get("report", {})
     return {"requests": sum(len(v) for v in run["requests"].values()), "lost": lost,
             "fivexx": fivexx, "statuses": statuses, "late_in_window": late_in_window,
-            "requests_in_window": in_window, "window_ms": 2e3 * tight_s,
+            "requests_in_window": in_window, "window_ms": 1e3 * (hi - lo),
             "windows_below_target": below, "worst_window": {"second": worst[1],
                                                              "attainment": worst[0]},
             "switch_s": s_at - t0, "switch_ms": rep.get("switch_ms"),
@@ -191,19 +212,24 @@ def analyse(run: dict, slo_ms: dict) -> dict:
             "workers_added": len(rep.get("workers_added", [])),
             "workers_retired": len(rep.get("workers_retired", [])),
             "push_status": run.get("status"),
+            "shift_s": (run.get("shift_at") or s_at) - t0,
+            "adapt_decisions": run.get("decisions"),
             "series": [{"second": s, **v} for s, v in sorted(series.items())]}
 
 
 def live_run(args, backend: str, plan_a: Path, plan_b: Path, rates_a: dict, rates_b: dict,
              slo_ms: dict, workdir: Path) -> dict:
     words = ["--plan", str(plan_a), "--emulate", "--profiles", str(args.profiles)]
-    if backend != "local":
+    adapt = backend == "local-adapt"
+    if adapt:
+        words += ["--adapt", *[w for kv in args.adapt_option for w in ("--adapt-option", kv)]]
+    elif backend != "local":
         words += ["--cluster", backend]
     proc, base = rel.start_server(args, words, f"serve-{backend}", workdir)
     try:
         status = json.loads(dp.http_get(f"{base}/v2/status"))
         assert status["plan_generation"]["generation"] == 0
-        run = asyncio.run(drive(args, base, rates_a, rates_b, plan_b))
+        run = asyncio.run(drive(args, base, rates_a, rates_b, plan_b, adapt))
         after = json.loads(dp.http_get(f"{base}/v2/status"))
     finally:
         dp.CHILDREN.stop(proc)
@@ -279,7 +305,11 @@ def markdown(argv, info: dict, live: list[dict], sim: dict | None, png: Path | N
             f"{r['workers_added']} / {r['workers_retired']} |")
     lines += ["", "switch_ms: from the push's arrival at the runtime to the switch (prepare "
               "included); the push's round trip adds HTTP and JSON parsing.  The switch window "
-              "is one SLO (the tightest) either side of the switch instant.  Statuses: " +
+              "is one SLO (the tightest) either side of the switch instant.  `local-adapt`: no "
+              "push; the mix shifts at the end of phase 1 and the server's `--adapt` loop must "
+              "notice it (EWMA windows, confirmation, MILP): its switch_ms is from the shift to "
+              "the switch, and its switch window runs from one SLO before the shift to one SLO "
+              "after the switch (plan A cannot carry the new mix meanwhile).  Statuses: " +
               "; ".join(f"{r['backend']} {r['statuses']}" for r in live) + "."]
     if png is not None:
         lines += ["", f"![attainment and offered load over time]({png.name})"]
@@ -307,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
                          "Ray runtime, an actor process per worker and actor calls per stage, "
                          "carries ~50-60 req/s; see docs/ray.md)")
     ap.add_argument("--phase-s", type=float, default=20.0)
-    ap.add_argument("--backends", default="local,ray")
+    ap.add_argument("--backends", default="local,ray,local-adapt",
+                    help="local: push on the local runtime; ray: push on --cluster ray; "
+                         "local-adapt: no push, the server's --adapt loop follows the shift")
+    ap.add_argument("--adapt-option", action="append",
+                    default=["window_s=0.5", "confirm_windows=2", "min_interval_s=5"],
+                    help="--adapt-option of the local-adapt server (repeatable)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--sim", action="store_true", help="also run the simulated comparison")
     ap.add_argument("--sim-args", default="", help="JSON object of compare_policies keywords")
@@ -328,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         models = list(tput_a)
         live = []
         for backend in [b for b in args.backends.split(",") if b]:
-            load = args.load if backend == "local" else args.ray_load
+            load = args.ray_load if backend.startswith("ray") else args.load
             rates_a = {m: load * tput_a[m] for m in models}
             rates_b = {m: load * tput_b[m] for m in models}
             print(f"[{backend}] serving plan A, {sum(rates_a.values()):.0f} req/s, push after "
@@ -356,9 +391,10 @@ def main(argv: list[str] | None = None) -> int:
             png = args.png or args.out.with_name("replan.png")
             plot(live, png)
         args.out.write_text(markdown(argv, info, live, sim, png))
+        pushed = [r for r in live if r["backend"] != "local-adapt"]
         summary = {"lost": sum(r["lost"] for r in live),
-                   "late_in_window": sum(r["late_in_window"] for r in live),
-                   "switch_ms": max((r["switch_ms"] for r in live), default=None),
+                   "late_in_window": sum(r["late_in_window"] for r in pushed),
+                   "switch_ms": max((r["switch_ms"] for r in pushed), default=None),
                    "adaptive_over_static": (sim or {}).get("adaptive_over_static"),
                    "adaptive_over_oracle": (sim or {}).get("adaptive_over_oracle"),
                    "live": {r["backend"]: {k: v for k, v in r.items() if k != "series"}

@@ -84,9 +84,12 @@ class ReplanPolicy:
         self._changed_us = now_us
         self._streak = 0
 
-    def observe(self, rates_rps: Mapping[str, float], now_us: float) -> ReplanRequest | None:
-        """Given the current rate estimates: a :class:`ReplanRequest` when the plan should
-        change, else ``None``."""
+    def observe(self, rates_rps: Mapping[str, float], now_us: float,
+                recent_rps: Mapping[str, float] | None = None) -> ReplanRequest | None:
+        """Given the current rate estimates (EWMA: they decide *whether*): a
+        :class:`ReplanRequest` when the plan should change, else ``None``.  Its weights are
+        ``recent_rps`` when given (the plain rates of the last windows: *what* to plan for,
+        the traffic as it is now rather than the lagging average), else the estimates."""
         o = self.options
         rates = {m: max(o.min_rate_rps, float(rates_rps.get(m, 0.0))) for m in self._weights}
         drift = mix_drift(rates, self._weights)
@@ -108,4 +111,7 @@ class ReplanPolicy:
                 (now_us - self._changed_us) / 1e6 < o.min_interval_s:
             return None
         self._streak = 0
-        return ReplanRequest(rates, reason, dict(rates_rps), now_us)
+        if recent_rps is not None:
+            rates = {m: max(o.min_rate_rps, float(recent_rps.get(m, 0.0)))
+                     for m in self._weights}
+        return ReplanRequest(rates, reason, dict(recent_rps or rates_rps), now_us)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Iterable, Mapping
 
 from ppipe_trt.errors import ConfigError
@@ -18,7 +19,8 @@ class RateEstimator:
     so a step in the rate is half taken in after ``half_life_s``.  The first window's rate
     is taken as it is."""
 
-    def __init__(self, models: Iterable[str], half_life_s: float = 5.0):
+    def __init__(self, models: Iterable[str], half_life_s: float = 5.0,
+                 recent_windows: int = 3):
         if not half_life_s > 0:
             raise ConfigError(f"half_life_s must be > 0, got {half_life_s!r}")
         self.half_life_s = float(half_life_s)
@@ -27,6 +29,7 @@ class RateEstimator:
         self._last_us = 0.0
         self._rates: dict[str, float] = {m: 0.0 for m in self._models}
         self._windows = 0
+        self._recent: deque[tuple[float, dict[str, int]]] = deque(maxlen=recent_windows + 1)
 
     def update(self, counts: Mapping[str, int], now_us: float) -> dict[str, float]:
         """Take the cumulative arrival ``counts`` at ``now_us``; returns the new estimates.
@@ -34,6 +37,7 @@ class RateEstimator:
         if self._last_counts is None:
             self._last_counts = {m: int(counts.get(m, 0)) for m in self._models}
             self._last_us = now_us
+            self._recent.append((now_us, dict(self._last_counts)))
             return dict(self._rates)
         span_s = (now_us - self._last_us) / 1e6
         if span_s <= 0:
@@ -47,7 +51,19 @@ class RateEstimator:
                 self._rates[m] + alpha * (rate - self._rates[m])
         self._windows += 1
         self._last_us = now_us
+        self._recent.append((now_us, dict(self._last_counts)))
         return dict(self._rates)
+
+    @property
+    def recent_rps(self) -> dict[str, float]:
+        """The plain rate over the last ``recent_windows`` windows (no smoothing): what the
+        traffic is now, once a drift was confirmed (the EWMA lags a step behind)."""
+        if len(self._recent) < 2:
+            return dict(self._rates)
+        (t0, c0), (t1, c1) = self._recent[0], self._recent[-1]
+        span_s = (t1 - t0) / 1e6
+        return {m: (c1[m] - c0[m]) / span_s for m in self._models} if span_s > 0 else \
+            dict(self._rates)
 
     @property
     def rates_rps(self) -> dict[str, float]:

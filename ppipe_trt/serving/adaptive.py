@@ -90,7 +90,8 @@ class AdaptiveController:
     def __init__(self, rt: "ServingRuntime", options: AdaptOptions | None = None):
         self.rt = rt
         self.options = options or AdaptOptions()
-        self.estimator = RateEstimator(rt.models, self.options.half_life_s)
+        self.estimator = RateEstimator(rt.models, self.options.half_life_s,
+                                       self.options.confirm_windows)
         self.policy = ReplanPolicy(rt.plan, self.options, rt.now_us())
         self._generation = rt.generation.number if rt.generation else 0
         self._stop = threading.Event()
@@ -133,7 +134,7 @@ class AdaptiveController:
         rates = self.estimator.update(counts, now)
         if not self.estimator.ready:
             return None
-        ask = self.policy.observe(rates, now)
+        ask = self.policy.observe(rates, now, self.estimator.recent_rps)
         if ask is None:
             return None
         t0 = time.perf_counter()

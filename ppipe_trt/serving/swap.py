@@ -78,6 +78,7 @@ class Generation:
         """JSON-ready (times in seconds since the runtime started)."""
         return {"generation": self.number, "reason": self.reason,
                 "since_s": round((self.since_us - started_us) / 1e6, 6) if started_us else 0.0,
+                "since_us": self.since_us,
                 "workers_kept": list(self.kept), "workers_added": list(self.added),
                 "workers_retired": list(self.retired),
                 # added workers on a GPU share still held by retiring workers: they start

@@ -101,3 +101,25 @@ def test_a_shifted_mix_makes_the_live_runtime_replan(shared_profiles, profiles_d
         assert st["enabled"] and st["decisions"][-1]["swapped"]
     finally:
         rt.stop()
+
+
+def test_replan_weights_are_the_recent_rates_not_the_lagging_average():
+    from types import SimpleNamespace as NS
+
+    est = RateEstimator(["a", "b"], half_life_s=3.0, recent_windows=2)
+    n = {"a": 0, "b": 0}
+    est.update(n, 0.0)
+    for s in range(1, 6):                      # 100 / 100 req/s
+        n = {"a": n["a"] + 100, "b": n["b"] + 100}
+        est.update(n, s * 1e6)
+    for s in range(6, 9):                      # then 100 / 300 req/s
+        n = {"a": n["a"] + 100, "b": n["b"] + 300}
+        est.update(n, s * 1e6)
+    assert est.recent_rps == {"a": pytest.approx(100.0), "b": pytest.approx(300.0)}
+    assert est.rates_rps["b"] < 260.0          # the EWMA still lags
+    plan = NS(models=[NS(model="a", weight=1.0, throughput_rps=1e4),
+                      NS(model="b", weight=1.0, throughput_rps=1e4)])
+    pol = ReplanPolicy(plan, AdaptOptions(confirm_windows=1, min_interval_s=0.0), 0.0)
+    ask = pol.observe(est.rates_rps, 9e6, est.recent_rps)
+    assert ask is not None and ask.weights == {"a": pytest.approx(100.0),
+                                               "b": pytest.approx(300.0)}
