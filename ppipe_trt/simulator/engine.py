@@ -268,6 +268,12 @@ def run_events(plan: Plan, profiles: ProfileSet, config: SimConfig,
         seq += 1
     events = 0
 
+    # Plan swaps: an added worker placed on the GPU share of retiring workers starts nothing
+    # until their queues are empty (``gate``: added id -> retiring ids; ``waiters``: retiring
+    # id -> added ids), as the live runtime's GPU share is free only once they stop.
+    gate: dict[int, list[int]] = {}
+    waiters: dict[int, list[int]] = {}
+
     def try_worker(wid: int, now: float) -> None:
         nonlocal seq
         if wbusy[wid]:
@@ -275,6 +281,10 @@ def run_events(plan: Plan, profiles: ProfileSet, config: SimConfig,
         q = wq[wid]
         if not q:
             return
+        if gate and wid in gate:
+            if any(wq[r] for r in gate[wid]):
+                return
+            del gate[wid]
         si = q[0]
         if si[3]:
             return
@@ -419,6 +429,12 @@ def run_events(plan: Plan, profiles: ProfileSet, config: SimConfig,
         for w in carry.placement.workers:
             w_server[w.worker_id] = w.server_id
         w_uplink.update(new_state.worker_uplink)
+        for wid, waited in carry.waits.items():
+            busy_ones = [r for r in waited if wq[r]]
+            if busy_ones:
+                gate[wid] = busy_ones
+                for r in busy_ones:
+                    waiters.setdefault(r, []).append(wid)
         placement, state, cur = carry.placement, new_state, new
         moved = 0
         for ep in cur:
@@ -430,7 +446,7 @@ def run_events(plan: Plan, profiles: ProfileSet, config: SimConfig,
                 apply(ep, ep.sched.on_arrivals(q, now), now)
         swap_log.append(SwapRecord(now, sw.decided_us, index, len(carry.kept),
                                    len(carry.added), len(carry.retired), moved, held,
-                                   sw.reason))
+                                   sw.reason, tuple(carry.added), tuple(carry.retired)))
         if controller is not None:
             controller.on_swapped(sw.plan, now)
 
@@ -442,6 +458,9 @@ def run_events(plan: Plan, profiles: ProfileSet, config: SimConfig,
             wbusy[wid] = False
             wq[wid].popleft()
             try_worker(wid, now)
+            if waiters and not wq[wid] and wid in waiters:   # a retiring worker has stopped
+                for w in waiters.pop(wid):
+                    try_worker(w, now)
             r = d.route[pos]
             if nxt is not None:
                 feed(nxt, now)

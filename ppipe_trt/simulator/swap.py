@@ -72,7 +72,8 @@ class PlanSwap:
 class SwapRecord:
     """What one swap did.  ``plan_index``: the plan's index in the run's plans (0 is the
     first plan); ``moved``: queued requests handed to the new schedulers; ``held_us``: the
-    latest time a kept or added worker was held until (old reservations still on it)."""
+    latest time a kept or added worker was held until (old reservations still on it);
+    ``added_ids`` / ``retired_ids``: the workers started / retired (ids are never reused)."""
 
     at_us: float
     decided_us: float
@@ -83,6 +84,8 @@ class SwapRecord:
     moved: int
     held_us: float
     reason: str = ""
+    added_ids: tuple[int, ...] = ()
+    retired_ids: tuple[int, ...] = ()
 
 
 def hand_over(old: Mapping[str, Scheduler], new: Mapping[str, Scheduler],
