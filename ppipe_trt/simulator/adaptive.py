@@ -183,6 +183,7 @@ class ScenarioResult:
     plans_solved: int
     wall_s: float
     events: int
+    replans: Mapping[str, int] = field(default_factory=dict)   # adaptive: asked/rejected/failed
     dispatch_log: list | None = field(default=None, repr=False)
     slots: Mapping | None = field(default=None, repr=False)
     busy: list | None = field(default=None, repr=False)
@@ -209,6 +210,7 @@ class ScenarioResult:
                         "kept": s.kept, "added": s.added, "retired": s.retired,
                         "moved": s.moved, "reason": s.reason} for s in self.swaps],
              "moved": self.moved, "plans_solved": self.plans_solved,
+             "replans": dict(self.replans),
              "wall_s": self.wall_s, "events": self.events}
         if windows:
             d["windows"] = self.windows.to_dict()
@@ -271,5 +273,7 @@ def simulate_scenario(plan: Plan, profiles: ProfileSet, scenario: Scenario, scal
         windows=WindowSeries(window_s, offered, tuple(att.tolist())),
         plans_solved=(cache.solves - solves0) if cache else 0,
         wall_s=time.perf_counter() - wall0, events=run.events,
+        replans={"asked": controller.requests, "rejected": controller.rejected,
+                 "failed": controller.failed} if controller else {},
         dispatch_log=run.dispatch_log if record else None,
         slots=dict(run.slots) if record else None, busy=run.busy if record else None)
