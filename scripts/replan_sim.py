@@ -48,30 +48,22 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None)
     args = ap.parse_args(argv)
 
-    from planner import plan_cluster
-    from ppipe_trt.cluster import load_paper_setting
-    from ppipe_trt.profiles import load_profiles
     from ppipe_trt.simulator.engine import SimConfig
-    from ppipe_trt.simulator.replan_compare import compare_policies
+    from ppipe_trt.simulator.replan_compare import compare_on_paper_cluster
     from ppipe_trt.simulator.swap import MEASURED_ORT_STARTUP_S, SwapCosts
 
     t0 = time.perf_counter()
-    setting = load_paper_setting(args.profiles)
-    models = setting.model_groups[args.group - 1]
-    profiles = load_profiles(args.profiles, models)
-    base = plan_cluster(profiles, setting.cluster(args.cluster),
-                        setting.workloads(args.group, profiles))
     costs = SwapCosts(solve_s=None if args.solve_s < 0 else args.solve_s,
                       worker_startup_s=MEASURED_ORT_STARTUP_S if args.startup_s is None
                       else args.startup_s)
-    out = compare_policies(profiles, base, scenario_name=args.scenario,
-                           duration_s=args.duration, search_time_scale=args.search_time_scale,
-                           search_steps=args.search_steps, full_steps=args.full_steps,
-                           costs=costs, config=SimConfig(seed=args.seed),
-                           progress=lambda m: print(m, file=sys.stderr, flush=True),
-                           keep_results=bool(args.plot))
+    out = compare_on_paper_cluster(args.profiles, group=args.group, cluster=args.cluster,
+                                   scenario_name=args.scenario, duration_s=args.duration,
+                                   search_time_scale=args.search_time_scale,
+                                   search_steps=args.search_steps, full_steps=args.full_steps,
+                                   costs=costs, config=SimConfig(seed=args.seed),
+                                   progress=lambda m: print(m, file=sys.stderr, flush=True),
+                                   keep_results=bool(args.plot))
     results = out.pop("results", {})
-    out["group"] = args.group
     out["command"] = " ".join(["scripts/replan_sim.py"] + (argv or sys.argv[1:]))
     out["total_wall_s"] = time.perf_counter() - t0
     out["host"] = platform.node()

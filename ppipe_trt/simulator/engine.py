@@ -51,8 +51,7 @@ from ppipe_trt.scheduler.links import LINK_MODELS
 from ppipe_trt.scheduler.placement import Placement
 from ppipe_trt.scheduler.tables import ClusterState, build_pipeline_tables
 from ppipe_trt.simulator.arrivals import ArrivalSpec, arrival_times_us
-from ppipe_trt.simulator.metrics import (ModelMetrics, SimResult, WorkerQueueing, busy_union_us,
-                                         percentiles)
+from ppipe_trt.simulator.metrics import SimResult, summarise_run
 from ppipe_trt.simulator.swap import PlanSwap, SwapRecord, hand_over
 
 _ARRIVAL, _WAKE, _DONE, _XFER, _TICK, _SWAP = 0, 1, 2, 3, 4, 5
@@ -93,13 +92,14 @@ class SwapController(Protocol):
 
 @dataclass(slots=True)
 class EventRun:
-    """The raw outcome of :func:`run_events` (summarised by :func:`_summarise` or the
-    adaptive module).  Per request (index = request id): ``req_model`` (model index),
+    """The raw outcome of :func:`run_events` (summarised by
+    :func:`~ppipe_trt.simulator.metrics.summarise_run` or the adaptive module).  Per request (index = request id): ``req_model`` (model index),
     ``req_arrival`` (us), ``outcome`` (``"ok"``, ``"late"``, a drop reason, or ``None`` if
     unresolved), ``finish_at`` (us).  Per worker id: ``busy`` intervals and ``waits``;
     ``slots`` every worker that ever ran (by id).  ``answered_twice`` counts requests
     resolved more than once (always 0 unless the engine or a scheduler is wrong);
-    ``dispatch_log`` (only with ``record=True``): ``(time_us, plan_index, Dispatch)``."""
+    ``dispatch_log`` (only with ``record=True``): ``(time_us, plan_index, Dispatch)``.
+    :func:`~ppipe_trt.simulator.metrics.summarise_run` turns it into a :class:`SimResult`."""
 
     plans: list
     req_model: list
@@ -152,7 +152,8 @@ def simulate(plan: Plan, profiles: ProfileSet, config: SimConfig = SimConfig(),
         rng = np.random.default_rng([config.seed, mi])
         arrivals.append(arrival_times_us(config.arrivals, rates[m], 0.0, end_us, rng, mi))
     run = run_events(plan, profiles, config, arrivals, end_us, wrap=wrap)
-    return _summarise(plan, config, run, rates, warm_us, end_us, time.perf_counter() - wall0)
+    return summarise_run(plan, config, run, rates, warm_us, end_us,
+                         time.perf_counter() - wall0)
 
 
 def check_config(config: SimConfig) -> None:
@@ -531,57 +532,3 @@ def run_events(plan: Plan, profiles: ProfileSet, config: SimConfig,
     return EventRun(plans, req_model, req_arrival, outcome, finish_at, batch_sizes, busy,
                     waits, slots, dict(placement.gpus_per_class), events, swap_log,
                     answered_twice, dispatch_log)
-
-
-def _summarise(plan, config, run: EventRun, rates, warm_us, end_us, wall_s):
-    models = plan.model_names
-    req_model, req_arrival, outcome = run.req_model, run.req_arrival, run.outcome
-    finish_at, batch_sizes, busy, waits = run.finish_at, run.batch_sizes, run.busy, run.waits
-    lat_by_model: list[list[float]] = [[] for _ in models]
-    counts = [dict() for _ in models]
-    for rid, mi in enumerate(req_model):
-        t = req_arrival[rid]
-        if t < warm_us or t >= end_us:
-            continue
-        o = outcome[rid] or "unresolved"
-        c = counts[mi]
-        c[o] = c.get(o, 0) + 1
-        if o == _OK or o == _LATE:
-            lat_by_model[mi].append(finish_at[rid] - t)
-    out = []
-    for mi, m in enumerate(models):
-        c = counts[mi]
-        n = sum(c.values())
-        p50, p90, p99, pmax = percentiles(lat_by_model[mi])
-        hist = dict(sorted(batch_sizes[mi].items()))
-        nb = sum(hist.values())
-        out.append(ModelMetrics(
-            model=m, offered_rps=rates[m], requests=n, completed=c.get(_OK, 0),
-            late=c.get(_LATE, 0),
-            dropped={k: v for k, v in c.items() if k not in (_OK, _LATE)},
-            attainment=c.get(_OK, 0) / n if n else 1.0,
-            latency_p50_us=p50, latency_p90_us=p90, latency_p99_us=p99, latency_max_us=pmax,
-            mean_batch=sum(k * v for k, v in hist.items()) / nb if nb else 0.0,
-            batch_histogram=hist))
-    span = end_us - warm_us
-    workers = [run.slots[k] for k in sorted(run.slots)]
-    gpu_util: dict[str, list[float]] = {c: [0.0] * n for c, n in run.gpus_per_class.items()}
-    per_gpu: dict[tuple[str, int], list] = {}
-    for w in workers:
-        per_gpu.setdefault((w.gpu_class, w.gpu_index), []).extend(busy[w.worker_id])
-    for (cls, gi), iv in per_gpu.items():
-        gpu_util[cls][gi] = busy_union_us(iv, warm_us, end_us) / span
-    util = {c: (sum(v) / len(v) if v else 0.0) for c, v in gpu_util.items()}
-    wq = []
-    for w in workers:
-        ws = waits[w.worker_id]
-        wq.append(WorkerQueueing(
-            w.worker_id, w.gpu_class, len(ws), sum(ws) / len(ws) if ws else 0.0,
-            max(ws) if ws else 0.0, busy_union_us(busy[w.worker_id], warm_us, end_us) / span))
-    return SimResult(
-        plan_scheduler=plan.scheduler, policy=config.policy, cluster=plan.cluster.label,
-        load_factor=config.load_factor, duration_s=config.duration_s,
-        warmup_s=config.warmup_s, seed=config.seed, arrivals=str(config.arrivals),
-        models=tuple(out), utilization=util,
-        gpu_utilization={c: tuple(v) for c, v in gpu_util.items()}, workers=tuple(wq),
-        events=run.events, wall_s=wall_s)

@@ -211,3 +211,26 @@ def _brief(r: ScenarioResult) -> dict:
     return {"attainment": r.attainment, "requests": r.requests, "swaps": len(r.swaps),
             "moved": r.moved, "answered_twice": r.answered_twice,
             "unresolved": r.outcomes.get("unresolved", 0), "wall_s": r.wall_s}
+
+
+def compare_on_paper_cluster(profiles_dir, *, group: int = 3, cluster: str = "L4-T4",
+                             **kw) -> dict:
+    """:func:`compare_policies` on a 100-GPU cluster of the paper's setting
+    (``eval_setting.json`` in ``profiles_dir``): model group ``group`` (1-based) with the
+    paper's weights and SLOs, planned with PPipe as the starting plan; further keywords go
+    to :func:`compare_policies`.  The result also holds ``group`` and ``base_plan_s`` (the
+    starting plan's solve wall time)."""
+    from planner import plan_cluster
+    from ppipe_trt.cluster import load_paper_setting
+    from ppipe_trt.profiles import load_profiles
+
+    setting = load_paper_setting(profiles_dir)
+    models = setting.model_groups[group - 1]
+    profiles = load_profiles(profiles_dir, models)
+    t0 = time.perf_counter()
+    base = plan_cluster(profiles, setting.cluster(cluster), setting.workloads(group, profiles))
+    plan_s = time.perf_counter() - t0
+    out = compare_policies(profiles, base, **kw)
+    out["group"] = group
+    out["base_plan_s"] = plan_s
+    return out
