@@ -29,6 +29,7 @@ Physical model (the truth the scheduler's reservations are checked against):
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import random
@@ -176,6 +177,24 @@ def run_events(plan: Plan, profiles: ProfileSet, config: SimConfig,
     asked every ``controller.window_us`` until ``end_us`` and may ask for more (see
     :mod:`.swap`).  ``config``'s load factor, rates, arrivals and duration are not used
     here (the caller drew ``arrivals``)."""
+    # The loop allocates millions of short-lived, acyclic records (stage and transfer
+    # items, requests, decisions); the cyclic collector finds nothing in them and cost about
+    # 20 % of the run (2026-11-30, 1.8 M requests: 36.9 k requests per CPU second with it,
+    # 45.5 k without), so it is paused for the loop and restored after.
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _run_events(plan, profiles, config, arrivals, end_us, swaps=swaps,
+                           controller=controller, wrap=wrap, record=record)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _run_events(plan: Plan, profiles: ProfileSet, config: SimConfig,
+                arrivals: Sequence[Sequence[float]], end_us: float, *,
+                swaps: Sequence[PlanSwap], controller: SwapController | None,
+                wrap: Callable[[Scheduler], Scheduler] | None, record: bool) -> EventRun:
     placement = place_workers(plan)
     state = ClusterState(placement, config.hop_overhead_us, config.link_model)
     models = plan.model_names
