@@ -95,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
     from ppipe_trt.simulator.metrics import format_table
     from ppipe_trt.simulator.search import search_load_factor
 
+    if (args.adapt or args.compare or args.scale is not None) and not args.scenario:
+        raise ConfigError("--adapt, --compare and --scale play a workload-shift scenario: "
+                          "add --scenario shifts|rotating|step|diurnal")
     plan = load_plan(args.plan)
     profiles = load_profiles(args.profiles, plan.model_names)
     ref = load_plan(args.reference_plan) if args.reference_plan else plan

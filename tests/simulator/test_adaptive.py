@@ -100,3 +100,5 @@ def test_cli_simulate_scenario_adapt(tmp_path, shared_profiles, profiles_dir, ca
     assert data["swaps"] and 15.0 <= data["swaps"][0]["decided_s"] <= 25.0
     assert len(data["windows"]["attainment"]) == 45
     assert data["answered_twice"] == 0 and "unresolved" not in data["outcomes"]
+    assert main(["simulate", str(path), "--profiles", str(profiles_dir), "--adapt"]) == 1
+    assert "add --scenario" in capsys.readouterr().err
