@@ -5,6 +5,15 @@
 
 Load factor 1.0 offers each model the throughput of the ``--reference-plan`` (the PPipe
 plan, as in the paper; default: PLAN itself).
+
+Workload shifts (issue #11): ``--scenario`` plays a rate curve over the plan's models
+(weights: the plan's), at ``--scale`` req/s (default: load factor x the plan's normalized
+throughput), for ``--duration``; ``--adapt`` re-plans on the way as ``ppipe serve --adapt``
+would (the MILP runs for real; swaps switch after ``--solve-s`` and ``--startup-s``);
+``--compare`` searches the goodput at ``--target`` of static, adaptive and oracle plans.
+
+    ppipe simulate plan.json --scenario shifts --duration 10m --adapt --json out.json
+    ppipe simulate plan.json --scenario shifts --duration 2h --compare
 """
 
 from __future__ import annotations
@@ -18,10 +27,10 @@ from ppipe_trt.errors import ConfigError
 
 
 def parse_duration_s(text: str) -> float:
-    """``30s``, ``500ms``, ``2m`` or a bare number of seconds."""
+    """``30s``, ``500ms``, ``2m``, ``2h`` or a bare number of seconds."""
     t = text.strip().lower()
     try:
-        for suffix, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0), ("m", 60.0)):
+        for suffix, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
             if t.endswith(suffix):
                 return float(t[: -len(suffix)]) * scale
         return float(t)
@@ -61,6 +70,20 @@ def register(subparsers) -> None:
                    help="search the load factor from 1.0 down by 0.05 to >= 99%% attainment")
     p.add_argument("--target", type=float, default=0.99, help="attainment target of --search")
     p.add_argument("--json", default=None, help="write the metrics to this JSON file")
+    p.add_argument("--scenario", default=None,
+                   choices=("shifts", "rotating", "step", "diurnal"),
+                   help="play a workload-shift scenario over the plan's models (its weights)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="scenario scale, req/s (default: load x the plan's normalized "
+                        "throughput)")
+    p.add_argument("--adapt", action="store_true",
+                   help="with --scenario: re-plan when the mix drifts (ppipe serve --adapt)")
+    p.add_argument("--compare", action="store_true",
+                   help="with --scenario: goodput at --target of static, adaptive, oracle")
+    p.add_argument("--solve-s", type=float, default=None,
+                   help="MILP solve time charged per swap, s (default: measured)")
+    p.add_argument("--startup-s", type=float, default=None,
+                   help="added workers' start-up, s (default: measured ONNX Runtime figure)")
     p.set_defaults(handler=run)
 
 
@@ -72,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
     from ppipe_trt.simulator.metrics import format_table
     from ppipe_trt.simulator.search import search_load_factor
 
+    if (args.adapt or args.compare or args.scale is not None) and not args.scenario:
+        raise ConfigError("--adapt, --compare and --scale play a workload-shift scenario: "
+                          "add --scenario shifts|rotating|step|diurnal")
     plan = load_plan(args.plan)
     profiles = load_profiles(args.profiles, plan.model_names)
     ref = load_plan(args.reference_plan) if args.reference_plan else plan
@@ -89,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
                        seed=args.seed, latency_cv=args.latency_cv,
                        hop_overhead_us=args.hop_overhead_us, rates_rps=rates,
                        link_model=args.link_model)
-    if args.search:
+    if args.scenario:
+        out = _run_scenario(args, plan, profiles, config)
+    elif args.search:
         def progress(f, res):
             print(f"load {f:.2f}: " + ", ".join(f"{m.model[:24]} {100 * m.attainment:.2f}%"
                                                  for m in res.models), file=sys.stderr)
@@ -113,3 +141,45 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
+
+
+def _run_scenario(args: argparse.Namespace, plan, profiles, config) -> dict:
+    from dataclasses import replace
+
+    from ppipe_trt.adapt import AdaptOptions
+    from ppipe_trt.simulator.adaptive import simulate_scenario
+    from ppipe_trt.simulator.replan_compare import compare_policies
+    from ppipe_trt.simulator.scenarios import build_scenario
+    from ppipe_trt.simulator.swap import MEASURED_ORT_STARTUP_S, SwapCosts
+
+    if args.adapt and args.compare:
+        raise ConfigError("--compare runs static, adaptive and oracle itself; drop --adapt")
+    costs = SwapCosts(solve_s=args.solve_s, worker_startup_s=MEASURED_ORT_STARTUP_S
+                      if args.startup_s is None else args.startup_s)
+    config = replace(config, warmup_s=0.0)
+    duration_s = parse_duration_s(args.duration)
+    scenario = build_scenario(args.scenario, plan.model_names,
+                              [plan.model(m).weight for m in plan.model_names], duration_s)
+    if args.compare:
+        out = compare_policies(profiles, plan, scenario=scenario, target=args.target,
+                               costs=costs, config=config,
+                               progress=lambda m: print(m, file=sys.stderr, flush=True))
+        g = out["goodput_rps"]
+        print(f"goodput at >= {100 * args.target:g}% attainment (mean offered req/s): "
+              + ", ".join(f"{k} {v:.1f}" if v else f"{k} n/a" for k, v in g.items()))
+        print(f"adaptive/static {out['adaptive_over_static']}, adaptive/oracle "
+              f"{out['adaptive_over_oracle']}, swaps {out['swaps']}")
+        return out
+    scale = args.scale if args.scale is not None else args.load * plan.normalized_throughput
+    res = simulate_scenario(plan, profiles, scenario, scale, config=config,
+                            adapt=AdaptOptions() if args.adapt else None, costs=costs)
+    print(f"scenario {scenario.name} ({scenario.shifts} shifts, {duration_s:g} s) at scale "
+          f"{scale:.1f} req/s, {'adaptive' if args.adapt else 'static plan'}: attainment "
+          f"{100 * res.attainment:.3f} % of {res.requests} requests "
+          f"({res.wall_s:.1f} s wall)")
+    for m, a in res.per_model_attainment.items():
+        print(f"  {m:<48} {100 * a:7.3f} %")
+    for s in res.swaps:
+        print(f"  swap at {s.at_us / 1e6:8.1f} s (asked {s.decided_us / 1e6:.1f} s): kept "
+              f"{s.kept}, added {s.added}, retired {s.retired}, moved {s.moved}: {s.reason}")
+    return res.to_dict(windows=True)

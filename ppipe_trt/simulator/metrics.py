@@ -149,3 +149,62 @@ def format_table(result: SimResult) -> str:
     if drops:
         lines.append("drops by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
     return "\n".join(lines)
+
+
+_OK_, _LATE_ = "ok", "late"
+
+
+def summarise_run(plan, config, run, rates, warm_us, end_us, wall_s) -> SimResult:
+    """A :class:`SimResult` of an engine run (``ppipe_trt.simulator.engine.EventRun``) over
+    the requests arriving in ``[warm_us, end_us)``."""
+    models = plan.model_names
+    req_model, req_arrival, outcome = run.req_model, run.req_arrival, run.outcome
+    finish_at, batch_sizes, busy, waits = run.finish_at, run.batch_sizes, run.busy, run.waits
+    lat_by_model: list[list[float]] = [[] for _ in models]
+    counts = [dict() for _ in models]
+    for rid, mi in enumerate(req_model):
+        t = req_arrival[rid]
+        if t < warm_us or t >= end_us:
+            continue
+        o = outcome[rid] or "unresolved"
+        c = counts[mi]
+        c[o] = c.get(o, 0) + 1
+        if o == _OK_ or o == _LATE_:
+            lat_by_model[mi].append(finish_at[rid] - t)
+    out = []
+    for mi, m in enumerate(models):
+        c = counts[mi]
+        n = sum(c.values())
+        p50, p90, p99, pmax = percentiles(lat_by_model[mi])
+        hist = dict(sorted(batch_sizes[mi].items()))
+        nb = sum(hist.values())
+        out.append(ModelMetrics(
+            model=m, offered_rps=rates[m], requests=n, completed=c.get(_OK_, 0),
+            late=c.get(_LATE_, 0),
+            dropped={k: v for k, v in c.items() if k not in (_OK_, _LATE_)},
+            attainment=c.get(_OK_, 0) / n if n else 1.0,
+            latency_p50_us=p50, latency_p90_us=p90, latency_p99_us=p99, latency_max_us=pmax,
+            mean_batch=sum(k * v for k, v in hist.items()) / nb if nb else 0.0,
+            batch_histogram=hist))
+    span = end_us - warm_us
+    workers = [run.slots[k] for k in sorted(run.slots)]
+    gpu_util: dict[str, list[float]] = {c: [0.0] * n for c, n in run.gpus_per_class.items()}
+    per_gpu: dict[tuple[str, int], list] = {}
+    for w in workers:
+        per_gpu.setdefault((w.gpu_class, w.gpu_index), []).extend(busy[w.worker_id])
+    for (cls, gi), iv in per_gpu.items():
+        gpu_util[cls][gi] = busy_union_us(iv, warm_us, end_us) / span
+    util = {c: (sum(v) / len(v) if v else 0.0) for c, v in gpu_util.items()}
+    wq = []
+    for w in workers:
+        ws = waits[w.worker_id]
+        wq.append(WorkerQueueing(
+            w.worker_id, w.gpu_class, len(ws), sum(ws) / len(ws) if ws else 0.0,
+            max(ws) if ws else 0.0, busy_union_us(busy[w.worker_id], warm_us, end_us) / span))
+    return SimResult(
+        plan_scheduler=plan.scheduler, policy=config.policy, cluster=plan.cluster.label,
+        load_factor=config.load_factor, duration_s=config.duration_s,
+        warmup_s=config.warmup_s, seed=config.seed, arrivals=str(config.arrivals),
+        models=tuple(out), utilization=util,
+        gpu_utilization={c: tuple(v) for c, v in gpu_util.items()}, workers=tuple(wq),
+        events=run.events, wall_s=wall_s)
