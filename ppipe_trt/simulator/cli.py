@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--load", type=float, default=1.0, help="load factor (default 1.0)")
     p.add_argument("--duration", default="30s", help="measured simulated time (default 30s)")
     p.add_argument("--warmup", default="2s", help="excluded warm-up before it (default 2s)")
-    p.add_argument("--arrivals", default="poisson", help="poisson | gamma:CV | trace:FILE")
+    p.add_argument("--arrivals", default="poisson", help="poisson | gamma:CV | mmpp[:ON_MS:OFF_MS] | trace:FILE | "
+                        "gamma-cv2 | gamma-cv4 (bursty stand-ins for the paper's Azure trace)")
     p.add_argument("--policy", default="reservation",
                    choices=("reservation", "reactive", "triton"))
     p.add_argument("--seed", type=int, default=0)
