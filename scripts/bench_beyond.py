@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Beyond PPipe (issue 13), on the simulator: low-load latency, goodput, bursty arrivals.
+
+Per configuration of the paper's 24 (6 model groups x 4 clusters), three variants:
+
+* ``ppipe``: today's PPipe plan (``planner.plan_cluster``, default options: 40 % SLO margin)
+  under today's reservation policy (PPipe's wait for a fuller batch);
+* ``ppipe+wc``: the same plan under the work-conserving reservation policy (the ablation
+  that isolates part 1);
+* ``beyond``: the plan chosen by simulation among SLO margins
+  (:func:`planner.tuning.plan_by_simulation`, selected on seed 1) under the
+  work-conserving policy.
+
+Measured for each (seed 0, Poisson, ``--duration`` s after ``--warmup`` s): the median
+latency of each model at 10 / 20 / 30 % of the plan's per-model capacity, next to the
+model's batch-1 execution + transfer time (its fastest pipeline's); the load factor at 99 %
+attainment (load 1.0 = the plan's per-model capacity, as in reproduce_paper.py); and the
+goodput: the largest total rate, models at their weights, with every model >= 99 %
+(:func:`ppipe_trt.simulator.goodput.search_goodput`).
+
+The bursty table reads reproduce_paper.py JSON files (one per arrival process, e.g.
+``scripts/reproduce_paper.py --arrivals mmpp --json DIR/mmpp.json``) from ``--bursty-dir``.
+
+    scripts/bench_beyond.py [--only 2:L4-T4 ...] [--plans-dir DIR] [--json PATH]
+                            [--doc docs/benchmarks/beyond.md] [--bursty-dir DIR] [--jobs 1]
+
+``--json`` rows: ``models``, ``cluster``, ``group``, ``variant``, ``goodput_rps``,
+``load_factor``, ``p50_ms_at_20pct`` (mean over the group's models), per model figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+LOW_LOADS = (0.1, 0.2, 0.3)
+VARIANTS = ("ppipe", "ppipe+wc", "beyond")
+ARRIVALS = ("poisson", "gamma-cv2", "gamma-cv4", "mmpp")
+
+
+def _beyond_plan(profiles_dir, group, cluster, plans_dir):
+    from ppipe_trt.cluster import load_paper_setting
+    from ppipe_trt.plan import load_plan, save_plan
+    from ppipe_trt.profiles import load_profiles
+    path = Path(plans_dir) / f"g{group}_{cluster}_beyond.json" if plans_dir else None
+    if path is not None and path.is_file():
+        return load_plan(path), None
+    from planner.tuning import plan_by_simulation
+    setting = load_paper_setting(profiles_dir)
+    profiles = load_profiles(profiles_dir)
+    tuned = plan_by_simulation(profiles, setting.cluster(cluster),
+                               setting.workloads(group, profiles))
+    if path is not None:
+        save_plan(tuned.plan, path)
+    return tuned.plan, tuned
+
+
+def batch1_work_ms(plan, profiles):
+    """Per model: the batch-1 execution + transfer time (ms) of its fastest pipeline."""
+    from ppipe_trt.scheduler import place_workers
+    from ppipe_trt.scheduler.tables import build_pipeline_tables
+    placement = place_workers(plan)
+    out = {}
+    for m in plan.models:
+        tables = build_pipeline_tables(plan, m, profiles, placement)
+        out[m.model] = min(sum(st.latency_us[1] + st.transfer_in_us[1] for st in pt.stages)
+                           for pt in tables) / 1e3
+    return out
+
+
+def _measure(job):
+    """All figures of one configuration (runs in a worker process)."""
+    from dataclasses import replace
+
+    from ppipe_trt.profiles import load_profiles
+    from ppipe_trt.simulator import SimConfig, search_load_factor, simulate
+    from ppipe_trt.simulator.goodput import search_goodput
+    from reproduce_paper import _plan
+    profiles_dir, group, cluster, plans_dir, sim = job
+    t0 = time.perf_counter()
+    today = _plan(profiles_dir, group, cluster, "ppipe", plans_dir)
+    beyond, tuned = _beyond_plan(profiles_dir, group, cluster, plans_dir)
+    profiles = load_profiles(profiles_dir, today.model_names)
+    base = SimConfig(duration_s=sim["duration_s"], warmup_s=sim["warmup_s"], seed=sim["seed"])
+    rows = []
+    for variant, plan, wc in (("ppipe", today, False), ("ppipe+wc", today, True),
+                              ("beyond", beyond, True)):
+        cfg = replace(base, policy_options={"work_conserving": wc})
+        work = batch1_work_ms(plan, profiles)
+        p50 = {}
+        for lf in LOW_LOADS:
+            res = simulate(plan, profiles, replace(cfg, load_factor=lf))
+            p50[f"{lf:.1f}"] = {m.model: m.latency_p50_us / 1e3 for m in res.models}
+        sr = search_load_factor(plan, profiles, cfg)
+        gp = search_goodput(plan, profiles, cfg, rel_tol=sim["rel_tol"])
+        at20 = p50["0.2"]
+        rows.append({
+            "group": group, "cluster": cluster, "models": list(plan.model_names),
+            "variant": variant, "work_conserving": wc,
+            "slo_margin": plan.params.get("slo_margin") if plan.params else None,
+            "planned_rps": plan.normalized_throughput * sum(m.weight for m in plan.models),
+            "goodput_rps": gp.goodput_rps,
+            "goodput_probes": [list(p) for p in gp.probes],
+            "load_factor": sr.load_factor,
+            "per_model_load_factor": dict(sr.per_model_load_factor),
+            "p50_ms_at_20pct": sum(at20.values()) / len(at20),
+            "p50_ms_by_load": p50,
+            "batch1_work_ms": work,
+            "p50_over_work_max": max(v / work[m] for d in p50.values() for m, v in d.items()),
+        })
+    for r in rows:
+        r["wall_s"] = time.perf_counter() - t0
+        if tuned is not None and r["variant"] == "beyond":
+            r["tuning"] = [{"slo_margin": t.slo_margin, "planned_rps": t.planned_rps,
+                            "goodput_rps_seed1": t.goodput_rps} for t in tuned.trials]
+    return rows
+
+
+def summarise(rows):
+    by = {}
+    for r in rows:
+        by.setdefault(r["variant"], {})[(r["group"], r["cluster"])] = r
+    out = {}
+    old, wc, new = by.get("ppipe", {}), by.get("ppipe+wc", {}), by.get("beyond", {})
+    keys = sorted(k for k in old if k in new and old[k]["goodput_rps"] > 0)
+    if keys:
+        ratios = [new[k]["goodput_rps"] / old[k]["goodput_rps"] for k in keys]
+        out["configs"] = len(keys)
+        out["goodput_ratio_geomean"] = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        out["goodput_ratio_min"] = min(ratios)
+        out["goodput_ratio_max"] = max(ratios)
+    for name, d in (("ppipe", old), ("ppipe+wc", wc), ("beyond", new)):
+        if d:
+            out[f"mean_load_factor_{name}"] = sum(r["load_factor"] for r in d.values()) / len(d)
+            out[f"p50_over_work_max_{name}"] = max(r["p50_over_work_max"] for r in d.values())
+    lk = [k for k in old if k in wc]
+    if lk:
+        out["load_factor_wc_ge_old_configs"] = sum(
+            wc[k]["load_factor"] >= old[k]["load_factor"] - 1e-9 for k in lk)
+    return out
+
+
+def bursty_table(bursty_dir):
+    """Rows of the bursty table from reproduce_paper.py JSON files named ARRIVALS.json."""
+    lines = []
+    for name in ARRIVALS:
+        path = Path(bursty_dir) / f"{name}.json"
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        s = data["summary"]
+        lines.append(
+            f"| {name} | {s.get('configs', '-')} | "
+            f"{100 * s.get('mean_load_factor_np', float('nan')):.1f} % | "
+            f"{100 * s.get('mean_load_factor_dart-r', float('nan')):.1f} % | "
+            f"{100 * s.get('mean_load_factor_ppipe', float('nan')):.1f} % | "
+            f"{100 * s.get('gain_over_np_mean_of_ratios', float('nan')):+.1f} % | "
+            f"{100 * s.get('gain_over_dart-r_mean_of_ratios', float('nan')):+.1f} % |")
+    if not lines:
+        return []
+    return (["| arrivals | configs | NP | DART-r | PPipe | PPipe gain over NP | over DART-r |",
+             "| --- | --- | --- | --- | --- | --- | --- |",
+             "| paper: Azure Functions 2021 trace | 24 | 61.1 % | 69.4 % | 90.3 % | +75.1 % "
+             "| +35.8 % |"] + lines)
+
+
+def report(rows, summary, bursty_dir, args, wall_s):
+    idx = {(r["variant"], r["group"], r["cluster"]): r for r in rows}
+    keys = sorted({(r["group"], r["cluster"]) for r in rows})
+    lines = ["# Beyond PPipe (simulator)", "",
+             f"Command: `scripts/bench_beyond.py {' '.join(args)}`  ",
+             f"{len(keys)} configurations, Poisson arrivals, seed 0, "
+             f"{rows[0]['_duration']:g} simulated seconds per run after a "
+             f"{rows[0]['_warmup']:g} s warm-up; wall time {wall_s:.0f} s.", "",
+             "| metric | value |", "| --- | --- |"]
+    for k, v in summary.items():
+        lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    lines += ["", "## Per configuration", "",
+              "p50 at 20 %: mean over the group's models of the median latency at 20 % of each "
+              "model's planned capacity (ms), old policy / work-conserving; work: the same "
+              "mean of the batch-1 execution + transfer time of each model's fastest "
+              "pipeline.  LF: load factor at 99 %, old policy / work-conserving (today's "
+              "plans).  Goodput: req/s, today's plans + old policy vs the new plans + "
+              "work-conserving policy.", "",
+              "| group | cluster | p50 @20 % old / new (ms) | work (ms) | LF old / new | "
+              "goodput ppipe / beyond (req/s) | ratio | margin |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for g, c in keys:
+        o, w, n = (idx.get((v, g, c)) for v in VARIANTS)
+        if not (o and w and n):
+            continue
+        work = sum(o["batch1_work_ms"].values()) / len(o["batch1_work_ms"])
+        ratio = n["goodput_rps"] / o["goodput_rps"] if o["goodput_rps"] else float("nan")
+        lines.append(f"| {g} | {c} | {o['p50_ms_at_20pct']:.1f} / {w['p50_ms_at_20pct']:.1f} | "
+                     f"{work:.1f} | {o['load_factor']:.3f} / {w['load_factor']:.3f} | "
+                     f"{o['goodput_rps']:.0f} / {n['goodput_rps']:.0f} | {ratio:.3f} | "
+                     f"{n['slo_margin']} |")
+    bt = bursty_table(bursty_dir) if bursty_dir else []
+    if bt:
+        lines += ["", "## Bursty arrivals (approximation of the paper's Azure Functions 2021 "
+                  "trace, which is not available here)", ""] + bt
+    return lines
+
+
+def main(argv=None) -> int:
+    from ppipe_trt.cluster import load_paper_setting
+    from ppipe_trt.profiles import default_profiles_dir
+    from reproduce_paper import _configs
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profiles", default=str(default_profiles_dir()))
+    ap.add_argument("--only", nargs="*", default=None, help="GROUP:CLUSTER, e.g. 2:L4-T4")
+    ap.add_argument("--plans-dir", default=None,
+                    help="reuse/save plans here (g{G}_{CLUSTER}_ppipe.json / _beyond.json)")
+    ap.add_argument("--json", default=None, help="write the rows and summary here")
+    ap.add_argument("--doc", default=None, help="write the markdown report here")
+    ap.add_argument("--bursty-dir", default=None,
+                    help="folder of reproduce_paper.py --json outputs named ARRIVALS.json")
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rel-tol", type=float, default=0.02, help="goodput search precision")
+    ap.add_argument("--jobs", type=int, default=1)
+    args = ap.parse_args(argv)
+    setting = load_paper_setting(args.profiles)
+    configs = _configs(setting, set(args.only) if args.only else None)
+    if not configs:
+        print(f"no configuration matches {args.only}", file=sys.stderr)
+        return 2
+    sim = {"duration_s": args.duration, "warmup_s": args.warmup, "seed": args.seed,
+           "rel_tol": args.rel_tol}
+    jobs = [(args.profiles, g, c, args.plans_dir, sim) for g, c in configs]
+    t0 = time.perf_counter()
+    rows = []
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as ex:
+        for out in ex.map(_measure, jobs):
+            for r in out:
+                r["_duration"], r["_warmup"] = args.duration, args.warmup
+            rows.extend(out)
+            o, w, n = out
+            print(f"{o['group']}:{o['cluster']:<9} p50@20% {o['p50_ms_at_20pct']:6.1f} -> "
+                  f"{w['p50_ms_at_20pct']:6.1f} ms  LF {o['load_factor']:.3f} -> "
+                  f"{w['load_factor']:.3f}  goodput {o['goodput_rps']:7.0f} -> "
+                  f"{n['goodput_rps']:7.0f} ({n['goodput_rps'] / max(o['goodput_rps'], 1e-9):.3f})"
+                  f"  {o['wall_s']:.0f} s", flush=True)
+    wall = time.perf_counter() - t0
+    summary = summarise(rows)
+    for k, v in summary.items():
+        print(f"{k:<36} {v:.4f}" if isinstance(v, float) else f"{k:<36} {v}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    lines = report(rows, summary, args.bursty_dir, sys.argv[1:] if argv is None else argv,
+                   wall)
+    if args.doc:
+        path = Path(args.doc)
+        existing = path.read_text() if path.is_file() else ""
+        notes = existing.split("<!-- notes -->", 1)[1] if "<!-- notes -->" in existing else "\n"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n\n<!-- notes -->" + notes)
+    else:
+        print("\n".join(lines[lines.index("## Per configuration"):]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
