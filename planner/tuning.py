@@ -35,7 +35,7 @@ class TuningOptions:
     ``rel_tol``, arrival process ``arrivals`` (a spec of
     :mod:`~ppipe_trt.simulator.arrivals`)."""
 
-    slo_margins: tuple[float, ...] = (0.4, 0.3, 0.25, 0.2, 0.15)
+    slo_margins: tuple[float, ...] = (0.4, 0.3, 0.25, 0.2)
     duration_s: float = 5.0
     warmup_s: float = 1.0
     seed: int = 1
