@@ -9,6 +9,12 @@ capacity.  Which margin is best depends on the models, the cluster and the arriv
 (:func:`~ppipe_trt.simulator.goodput.search_goodput`: the largest total rate, models at their
 weights, with every model at >= 99 % attainment) and returns the plan with the highest.
 
+With ``TuningOptions.adjust_weights``, the best plan is then adjusted once: its per-model load
+factors at 99 % (each model's sustainable share of its planned capacity, from the simulator)
+show which models lose most to queueing; the planner is run again at the same margin with each
+model's weight divided by its factor, so that it gives those models more capacity, and the
+re-plan is kept when its simulated goodput (at the real weights) is higher.
+
 The selection runs on its own seed (``TuningOptions.seed``), so an evaluation on another
 seed is not the selection's own sample.
 """
@@ -42,6 +48,7 @@ class TuningOptions:
     target: float = 0.99
     rel_tol: float = 0.02
     arrivals: str = "poisson"
+    adjust_weights: bool = False
 
     def __post_init__(self) -> None:
         if not self.slo_margins:
@@ -66,6 +73,7 @@ class TunedPlan:
     goodput_rps: float          # simulated, on the selection seed
     trials: tuple[MarginTrial, ...]
     wall_s: float
+    weights_adjusted: bool = False   # the kept plan was planned with adjusted weights
 
 
 def plan_by_simulation(profiles: ProfileSet, cluster: ClusterSpec,
@@ -109,4 +117,42 @@ def plan_by_simulation(profiles: ProfileSet, cluster: ClusterSpec,
     if best is None:
         raise InfeasiblePlanError("no candidate margin gives a plan that can be placed: "
                                   + "; ".join(errors))
-    return TunedPlan(best[2], best[1], best[0], tuple(trials), time.perf_counter() - started)
+    adjusted = False
+    if tuning.adjust_weights:
+        replanned = _replan_by_load_factor(best[2], profiles, cluster, workloads,
+                                           replace(options, slo_margin=best[1]), sim, tuning)
+        if replanned is not None and replanned[0] > best[0]:
+            best = (replanned[0], best[1], replanned[1])
+            adjusted = True
+    return TunedPlan(best[2], best[1], best[0], tuple(trials), time.perf_counter() - started,
+                     adjusted)
+
+
+def with_weights(plan: Plan, weights: dict[str, float]) -> Plan:
+    """``plan`` with its models' workload weights (and the normalized throughput, min over
+    models of ``throughput_rps / weight``) replaced."""
+    models = tuple(replace(m, weight=weights[m.model]) for m in plan.models)
+    return replace(plan, models=models,
+                   normalized_throughput=min(m.throughput_rps / m.weight for m in models))
+
+
+def _replan_by_load_factor(plan, profiles, cluster, workloads, options, sim, tuning):
+    """(goodput, plan) of the re-plan with weights divided by the simulated per-model load
+    factors of ``plan``; None when it cannot be planned or placed."""
+    from ppipe_trt.simulator.goodput import search_goodput
+    from ppipe_trt.simulator.search import search_load_factor
+
+    try:
+        factors = search_load_factor(plan, profiles, sim,
+                                     target=tuning.target).per_model_load_factor
+        scaled = [replace(w, weight=w.weight / max(factors.get(w.model, 1.0), 0.05))
+                  for w in workloads]
+        replanned = plan_cluster(profiles, cluster, scaled, "ppipe", options)
+        replanned = with_weights(replanned, {w.model: w.weight for w in workloads})
+        replanned = replace(replanned, params={
+            **replanned.params, "planned_weights": {w.model: w.weight for w in scaled}})
+        gp = search_goodput(replanned, profiles, sim, target=tuning.target,
+                            rel_tol=tuning.rel_tol).goodput_rps
+    except (InfeasiblePlanError, ConfigError):
+        return None
+    return gp, replanned
