@@ -56,6 +56,10 @@ def register(subparsers) -> None:
                    help="triton policy: longest a request waits for a fuller batch")
     p.add_argument("--strict-batch-fraction", type=float, default=None,
                    help="reservation policy: the public artifact's admission rule (e.g. 0.95)")
+    p.add_argument("--work-conserving", action="store_true",
+                   help="reservation policy: dispatch at once (or when the route frees) while "
+                        "the estimated rate is under half the capacity at the queue's batch "
+                        "size, instead of PPipe's wait for a fuller batch")
     p.add_argument("--reference-plan", default=None,
                    help="plan whose per-model throughput is load 1.0 (default: PLAN)")
     p.add_argument("--search", action="store_true",
@@ -84,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         options["max_queue_delay_us"] = args.max_queue_delay_us
     if args.strict_batch_fraction is not None:
         options["strict_batch_fraction"] = args.strict_batch_fraction
+    if args.work_conserving:
+        options["work_conserving"] = True
     config = SimConfig(load_factor=args.load, policy_options=options, duration_s=parse_duration_s(args.duration),
                        warmup_s=parse_duration_s(args.warmup),
                        arrivals=ArrivalSpec.parse(args.arrivals), policy=args.policy,

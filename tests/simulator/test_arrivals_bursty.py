@@ -51,3 +51,31 @@ def test_mmpp_is_seeded_and_named():
 def test_bad_bursty_specs_are_refused(text):
     with pytest.raises(ConfigError, match="arrivals"):
         ArrivalSpec.parse(text)
+
+
+def test_cli_simulates_mmpp_work_conserving(tmp_path, shared_profiles, profiles_dir, capsys):
+    import json
+
+    from ppipe_trt.cli import main
+    from ppipe_trt.cluster import ClusterSpec, GpuPool
+    from ppipe_trt.plan import save_plan
+    from ppipe_trt.simulator import ModelSpec, hand_plan
+
+    cluster = ClusterSpec((GpuPool("L4", 4, 4, 4, 10.0), GpuPool("T4", 4, 2, 4, 10.0)))
+    plan = hand_plan(shared_profiles, cluster, [ModelSpec("googlenet-v3-pytorch", 60.0, [
+        (4, [(0, 8, "L4", 2, 4), (9, 9, "T4", 2, 2)])])])
+    path = save_plan(plan, tmp_path / "plan.json")
+    lat = {}
+    for extra in ([], ["--work-conserving"]):
+        out = tmp_path / "m.json"
+        assert main(["simulate", str(path), "--profiles", str(profiles_dir), "--load", "0.1",
+                     "--duration", "2s", "--warmup", "200ms", "--arrivals", "mmpp",
+                     "--json", str(out), *extra]) == 0
+        data = json.loads(out.read_text())
+        assert data["arrivals"] == "mmpp:10:10"
+        m = data["models"][0]
+        assert m["requests"] > 0 and m["attainment"] == 1.0
+        lat[bool(extra)] = m["latency_p50_us"]
+    capsys.readouterr()
+    # at 10 % load PPipe holds a lone request for a batch of 4; work-conserving does not
+    assert lat[True] < 0.6 * lat[False]
