@@ -77,6 +77,63 @@ def batch1_work_ms(plan, profiles):
     return out
 
 
+def pipeline_work_ms(plan, profiles):
+    """Per model, per pipeline: batch-1 execution + transfer time (ms)."""
+    from ppipe_trt.scheduler import place_workers
+    from ppipe_trt.scheduler.tables import build_pipeline_tables
+    placement = place_workers(plan)
+    return {m.model: [sum(st.latency_us[1] + st.transfer_in_us[1] for st in pt.stages) / 1e3
+                      for pt in build_pipeline_tables(plan, m, profiles, placement)]
+            for m in plan.models}
+
+
+class DispatchRecorder:
+    """Wraps a scheduler (``simulate(wrap=...)``) and keeps, per request, its reserved
+    finish and pipeline (exact latencies: the reserved finish is the real one)."""
+
+    def __init__(self, inner, sink):
+        self._inner = inner
+        self._sink = sink
+
+    def _keep(self, dec):
+        for d in dec.dispatches:
+            if d.route[0].stage == 0:
+                for r in d.requests:
+                    self._sink.append((r.model, r.arrival_us, d.finish_us, d.pipeline))
+        return dec
+
+    def on_arrival(self, request, now_us):
+        return self._keep(self._inner.on_arrival(request, now_us))
+
+    def on_arrivals(self, requests, now_us):
+        return self._keep(self._inner.on_arrivals(requests, now_us))
+
+    def on_wake(self, now_us):
+        return self._keep(self._inner.on_wake(now_us))
+
+    def on_stage_finished(self, batch_id, stage, finish_us, now_us):
+        return self._keep(self._inner.on_stage_finished(batch_id, stage, finish_us, now_us))
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def own_pipeline_ratio(plan, profiles, cfg):
+    """Per model: median over measured requests of latency / (batch-1 execution + transfer
+    time of the pipeline that served it), and the run's median latency (ms)."""
+    from ppipe_trt.simulator import simulate
+    work = pipeline_work_ms(plan, profiles)
+    seen = []
+    res = simulate(plan, profiles, cfg, wrap=lambda s: DispatchRecorder(s, seen))
+    warm = cfg.warmup_s * 1e6
+    ratios = {}
+    for model, arrival, finish, p in seen:
+        if arrival >= warm:
+            ratios.setdefault(model, []).append((finish - arrival) / 1e3 / work[model][p])
+    med = {m: sorted(v)[len(v) // 2] for m, v in ratios.items()}
+    return med, {m.model: m.latency_p50_us / 1e3 for m in res.models}
+
+
 def _measure(job):
     """All figures of one configuration (runs in a worker process)."""
     from dataclasses import replace
@@ -96,10 +153,10 @@ def _measure(job):
                               ("beyond", beyond, True)):
         cfg = replace(base, policy_options={"work_conserving": wc})
         work = batch1_work_ms(plan, profiles)
-        p50 = {}
+        p50, own = {}, {}
         for lf in LOW_LOADS:
-            res = simulate(plan, profiles, replace(cfg, load_factor=lf))
-            p50[f"{lf:.1f}"] = {m.model: m.latency_p50_us / 1e3 for m in res.models}
+            own[f"{lf:.1f}"], p50[f"{lf:.1f}"] = own_pipeline_ratio(
+                plan, profiles, replace(cfg, load_factor=lf))
         sr = search_load_factor(plan, profiles, cfg)
         gp = search_goodput(plan, profiles, cfg, rel_tol=sim["rel_tol"])
         at20 = p50["0.2"]
@@ -116,6 +173,8 @@ def _measure(job):
             "p50_ms_by_load": p50,
             "batch1_work_ms": work,
             "p50_over_work_max": max(v / work[m] for d in p50.values() for m, v in d.items()),
+            "own_pipeline_ratio_p50_by_load": own,
+            "own_pipeline_ratio_p50_max": max(v for d in own.values() for v in d.values()),
         })
     for r in rows:
         r["wall_s"] = time.perf_counter() - t0
@@ -142,6 +201,8 @@ def summarise(rows):
         if d:
             out[f"mean_load_factor_{name}"] = sum(r["load_factor"] for r in d.values()) / len(d)
             out[f"p50_over_work_max_{name}"] = max(r["p50_over_work_max"] for r in d.values())
+            out[f"own_pipeline_ratio_p50_max_{name}"] = max(
+                r["own_pipeline_ratio_p50_max"] for r in d.values())
     lk = [k for k in old if k in wc]
     if lk:
         out["load_factor_wc_ge_old_configs"] = sum(
@@ -188,20 +249,24 @@ def report(rows, summary, bursty_dir, args, wall_s):
               "p50 at 20 %: mean over the group's models of the median latency at 20 % of each "
               "model's planned capacity (ms), old policy / work-conserving; work: the same "
               "mean of the batch-1 execution + transfer time of each model's fastest "
-              "pipeline.  LF: load factor at 99 %, old policy / work-conserving (today's "
+              "pipeline; own: the largest over the group's models of the median, over "
+              "requests, of latency / the batch-1 execution + transfer time of the pipeline "
+              "that served the request, at 20 % (old / work-conserving).  LF: load factor at 99 %, old policy / work-conserving (today's "
               "plans).  Goodput: req/s, today's plans + old policy vs the new plans + "
               "work-conserving policy.", "",
-              "| group | cluster | p50 @20 % old / new (ms) | work (ms) | LF old / new | "
-              "goodput ppipe / beyond (req/s) | ratio | margin |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| group | cluster | p50 @20 % old / new (ms) | work (ms) | own old / new | "
+              "LF old / new | goodput ppipe / beyond (req/s) | ratio | margin |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for g, c in keys:
         o, w, n = (idx.get((v, g, c)) for v in VARIANTS)
         if not (o and w and n):
             continue
         work = sum(o["batch1_work_ms"].values()) / len(o["batch1_work_ms"])
         ratio = n["goodput_rps"] / o["goodput_rps"] if o["goodput_rps"] else float("nan")
+        own_o = max(o["own_pipeline_ratio_p50_by_load"]["0.2"].values())
+        own_w = max(w["own_pipeline_ratio_p50_by_load"]["0.2"].values())
         lines.append(f"| {g} | {c} | {o['p50_ms_at_20pct']:.1f} / {w['p50_ms_at_20pct']:.1f} | "
-                     f"{work:.1f} | {o['load_factor']:.3f} / {w['load_factor']:.3f} | "
+                     f"{work:.1f} | {own_o:.2f} / {own_w:.2f} | {o['load_factor']:.3f} / {w['load_factor']:.3f} | "
                      f"{o['goodput_rps']:.0f} / {n['goodput_rps']:.0f} | {ratio:.3f} | "
                      f"{n['slo_margin']} |")
     bt = bursty_table(bursty_dir) if bursty_dir else []

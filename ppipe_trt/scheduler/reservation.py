@@ -46,6 +46,9 @@ from ppipe_trt.scheduler.work_conserving import WorkConservingRule
 #: Wake-ups are placed this much (us) before the exact last moment, so that rounding in
 #: ``now + slack`` can never make the batch miss its deadline when woken exactly on time.
 _WAKE_GUARD_US = 1e-3
+#: Under light traffic (work-conserving option), pipelines whose waiting is at most this (us)
+#: count as equally idle and the earliest finish among them is chosen.
+_IDLE_TIE_US = 1.0
 
 
 class ReservationScheduler(Scheduler):
@@ -327,12 +330,23 @@ class ReservationScheduler(Scheduler):
             best_p = -1
             best_key = INF
             best = None
+            # light traffic (work-conserving): among the pipelines that can start now, the
+            # one that answers the queued requests soonest, not the first in plan order
+            light = self._early is not None and self._early.allows(len(q), now)
+            best_fin_n = INF
             for p in range(npipes):
                 b = self._probe_data[p][0]
                 fin, work, picks = probe(p, b, now)
                 if fin == INF:
                     continue
                 key = fin - now - work
+                if light:
+                    key = key if key > _IDLE_TIE_US else 0.0
+                    n = len(q) if len(q) < b else b
+                    fin_n = fin if n == b else probe(p, n, now)[0]
+                    if key < best_key or (key == best_key and fin_n < best_fin_n):
+                        best_key, best_fin_n, best_p, best = key, fin_n, p, (b, fin, picks)
+                    continue
                 if key < best_key:
                     best_key, best_p, best = key, p, (b, fin, picks)
             if best is None:

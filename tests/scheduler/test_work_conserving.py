@@ -112,3 +112,25 @@ def test_rate_estimate_and_capacity():
 def test_bad_options_are_refused(bad):
     with pytest.raises(ConfigError, match="work_conserving"):
         schedulers(work_conserving=True, **bad)
+
+
+def test_light_traffic_takes_the_fastest_idle_pipeline():
+    """Pipeline 0 runs the model on L (6 ms at batch 1), pipeline 1 on H (2 ms): PPipe's
+    least-waiting rule ties (both idle) and takes pipeline 0; work-conserving under light
+    traffic takes the one that answers first."""
+    from ppipe_trt.scheduler import build_schedulers, place_workers
+    from ppipe_trt.simulator.handplan import ModelSpec, hand_plan
+    from toys import CLUSTER, toy_profiles
+
+    profiles = toy_profiles()
+    plan = hand_plan(profiles, CLUSTER, [ModelSpec("toy", SLO_MS, [
+        (1, [(0, 1, "L", 1, 2)]), (1, [(0, 1, "H", 1, 2)])])])
+    finish = {}
+    for wc in (False, True):
+        s = build_schedulers(plan, profiles, place_workers(plan),
+                             work_conserving=wc)["toy"]
+        dec = s.on_arrival(Request(1, "toy", 0.0, SLO_MS * 1000), 0.0)
+        assert len(dec.dispatches) == 1   # planned batch 1: no wait either way
+        finish[wc] = (dec.dispatches[0].pipeline, dec.dispatches[0].finish_us)
+    assert finish[False] == (0, 6000.0)
+    assert finish[True] == (1, 2000.0)
