@@ -276,6 +276,15 @@ def report(rows, summary, bursty_dir, args, wall_s):
     return lines
 
 
+def _write_doc(path, lines) -> None:
+    """Write the report above the doc's ``<!-- notes -->`` marker, keeping what follows it."""
+    path = Path(path)
+    existing = path.read_text() if path.is_file() else ""
+    notes = existing.split("<!-- notes -->", 1)[1] if "<!-- notes -->" in existing else "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n\n<!-- notes -->" + notes)
+
+
 def main(argv=None) -> int:
     from ppipe_trt.cluster import load_paper_setting
     from ppipe_trt.profiles import default_profiles_dir
@@ -295,7 +304,18 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rel-tol", type=float, default=0.02, help="goodput search precision")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--report-only", action="store_true",
+                    help="simulate nothing: rewrite --doc from the rows in --json (e.g. once "
+                         "the bursty runs are in --bursty-dir)")
     args = ap.parse_args(argv)
+    if args.report_only:
+        if not (args.json and args.doc):
+            print("--report-only needs --json (rows to read) and --doc", file=sys.stderr)
+            return 2
+        data = json.loads(Path(args.json).read_text())
+        _write_doc(args.doc, report(data["rows"], data["summary"], args.bursty_dir,
+                                    data.get("command", []), data.get("wall_s", 0.0)))
+        return 0
     setting = load_paper_setting(args.profiles)
     configs = _configs(setting, set(args.only) if args.only else None)
     if not configs:
@@ -323,15 +343,13 @@ def main(argv=None) -> int:
         print(f"{k:<36} {v:.4f}" if isinstance(v, float) else f"{k:<36} {v}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
-    lines = report(rows, summary, args.bursty_dir, sys.argv[1:] if argv is None else argv,
-                   wall)
+    command = sys.argv[1:] if argv is None else list(argv)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary,
+                                               "command": command, "wall_s": wall}, indent=1))
+    lines = report(rows, summary, args.bursty_dir, command, wall)
     if args.doc:
-        path = Path(args.doc)
-        existing = path.read_text() if path.is_file() else ""
-        notes = existing.split("<!-- notes -->", 1)[1] if "<!-- notes -->" in existing else "\n"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(lines) + "\n\n<!-- notes -->" + notes)
+        _write_doc(args.doc, lines)
     else:
         print("\n".join(lines[lines.index("## Per configuration"):]))
     return 0
