@@ -139,7 +139,7 @@ def _measure(job):
     from dataclasses import replace
 
     from ppipe_trt.profiles import load_profiles
-    from ppipe_trt.simulator import SimConfig, search_load_factor, simulate
+    from ppipe_trt.simulator import ArrivalSpec, SimConfig, search_load_factor
     from ppipe_trt.simulator.goodput import search_goodput
     from reproduce_paper import _plan
     profiles_dir, group, cluster, plans_dir, sim = job
@@ -147,7 +147,19 @@ def _measure(job):
     today = _plan(profiles_dir, group, cluster, "ppipe", plans_dir)
     beyond, tuned = _beyond_plan(profiles_dir, group, cluster, plans_dir)
     profiles = load_profiles(profiles_dir, today.model_names)
-    base = SimConfig(duration_s=sim["duration_s"], warmup_s=sim["warmup_s"], seed=sim["seed"])
+    base = SimConfig(duration_s=sim["duration_s"], warmup_s=sim["warmup_s"], seed=sim["seed"],
+                     arrivals=ArrivalSpec.parse(sim["arrivals"]))
+    if sim["goodput_only"]:
+        rows = []
+        for variant, plan, wc in (("ppipe", today, False), ("beyond", beyond, True)):
+            gp = search_goodput(plan, profiles, replace(base, policy_options={
+                "work_conserving": wc}), rel_tol=sim["rel_tol"])
+            rows.append({"group": group, "cluster": cluster, "models": list(plan.model_names),
+                         "variant": variant, "arrivals": sim["arrivals"],
+                         "goodput_rps": gp.goodput_rps,
+                         "goodput_probes": [list(p) for p in gp.probes],
+                         "wall_s": time.perf_counter() - t0})
+        return rows
     rows = []
     for variant, plan, wc in (("ppipe", today, False), ("ppipe+wc", today, True),
                               ("beyond", beyond, True)):
@@ -198,7 +210,7 @@ def summarise(rows):
         out["goodput_ratio_min"] = min(ratios)
         out["goodput_ratio_max"] = max(ratios)
     for name, d in (("ppipe", old), ("ppipe+wc", wc), ("beyond", new)):
-        if d:
+        if d and all("load_factor" in r for r in d.values()):
             out[f"mean_load_factor_{name}"] = sum(r["load_factor"] for r in d.values()) / len(d)
             out[f"p50_over_work_max_{name}"] = max(r["p50_over_work_max"] for r in d.values())
             out[f"own_pipeline_ratio_p50_max_{name}"] = max(
@@ -232,6 +244,24 @@ def bursty_table(bursty_dir):
              "| --- | --- | --- | --- | --- | --- | --- |",
              "| paper: Azure Functions 2021 trace | 24 | 61.1 % | 69.4 % | 90.3 % | +75.1 % "
              "| +35.8 % |"] + lines)
+
+
+def bursty_goodput_table(bursty_dir):
+    """Rows of the goodput table from ``goodput_ARRIVALS.json`` (``--goodput-only`` runs)."""
+    lines = []
+    for name in ARRIVALS:
+        path = Path(bursty_dir) / f"goodput_{name}.json"
+        if not path.is_file():
+            continue
+        s = json.loads(path.read_text())["summary"]
+        lines.append(f"| {name} | {s.get('configs', '-')} | "
+                     f"{s.get('goodput_ratio_geomean', float('nan')):.3f} | "
+                     f"{s.get('goodput_ratio_min', float('nan')):.3f} | "
+                     f"{s.get('goodput_ratio_max', float('nan')):.3f} |")
+    if not lines:
+        return []
+    return ["| arrivals | configs | goodput ratio geomean | min | max |",
+            "| --- | --- | --- | --- | --- |"] + lines
 
 
 def report(rows, summary, bursty_dir, args, wall_s):
@@ -269,6 +299,10 @@ def report(rows, summary, bursty_dir, args, wall_s):
                      f"{work:.1f} | {own_o:.2f} / {own_w:.2f} | {o['load_factor']:.3f} / {w['load_factor']:.3f} | "
                      f"{o['goodput_rps']:.0f} / {n['goodput_rps']:.0f} | {ratio:.3f} | "
                      f"{n['slo_margin']} |")
+    gt = bursty_goodput_table(bursty_dir) if bursty_dir else []
+    if gt:
+        lines += ["", "## Goodput under bursty arrivals (today's plans + PPipe's wait vs the new "
+                  "plans + work-conserving; plans tuned under Poisson)", ""] + gt
     bt = bursty_table(bursty_dir) if bursty_dir else []
     if bt:
         lines += ["", "## Bursty arrivals (approximation of the paper's Azure Functions 2021 "
@@ -304,6 +338,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rel-tol", type=float, default=0.02, help="goodput search precision")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--arrivals", default="poisson", choices=ARRIVALS,
+                    help="arrival process of every run (default poisson)")
+    ap.add_argument("--goodput-only", action="store_true",
+                    help="only the goodput of today's plans vs the new ones (e.g. under bursty "
+                         "--arrivals); rows go to --json, the doc is not written")
     ap.add_argument("--report-only", action="store_true",
                     help="simulate nothing: rewrite --doc from the rows in --json (e.g. once "
                          "the bursty runs are in --bursty-dir)")
@@ -322,12 +361,20 @@ def main(argv=None) -> int:
         print(f"no configuration matches {args.only}", file=sys.stderr)
         return 2
     sim = {"duration_s": args.duration, "warmup_s": args.warmup, "seed": args.seed,
-           "rel_tol": args.rel_tol}
+           "rel_tol": args.rel_tol, "arrivals": args.arrivals,
+           "goodput_only": args.goodput_only}
     jobs = [(args.profiles, g, c, args.plans_dir, sim) for g, c in configs]
     t0 = time.perf_counter()
     rows = []
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as ex:
         for out in ex.map(_measure, jobs):
+            if args.goodput_only:
+                rows.extend(out)
+                o, n = out
+                print(f"{o['group']}:{o['cluster']:<9} {args.arrivals} goodput "
+                      f"{o['goodput_rps']:7.0f} -> {n['goodput_rps']:7.0f} "
+                      f"({n['goodput_rps'] / max(o['goodput_rps'], 1e-9):.3f})", flush=True)
+                continue
             for r in out:
                 r["_duration"], r["_warmup"] = args.duration, args.warmup
             rows.extend(out)
@@ -338,6 +385,16 @@ def main(argv=None) -> int:
                   f"{n['goodput_rps']:7.0f} ({n['goodput_rps'] / max(o['goodput_rps'], 1e-9):.3f})"
                   f"  {o['wall_s']:.0f} s", flush=True)
     wall = time.perf_counter() - t0
+    if args.goodput_only:
+        summary = summarise(rows)
+        summary["arrivals"] = args.arrivals
+        print(json.dumps(summary))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary,
+                                                   "command": sys.argv[1:] if argv is None
+                                                   else list(argv), "wall_s": wall}, indent=1))
+        return 0
     summary = summarise(rows)
     for k, v in summary.items():
         print(f"{k:<36} {v:.4f}" if isinstance(v, float) else f"{k:<36} {v}")
