@@ -10,6 +10,7 @@ attainment with the reservation scheduler, plus the PPipe plan under the reactiv
                                [--csv PATH] [--plots-dir DIR] [--doc docs/benchmarks/reproduction.md]
                                [--link-model duplex|sender|channel] [--schedulers ppipe,np,dart-r]
                                [--isolate-models] [--load-basis capacity|objective]
+                               [--arrivals poisson|gamma-cv2|gamma-cv4|mmpp]
 
 ``--link-model sender`` runs the simulator and scheduler with a transfer occupying only the
 sender's uplink; ``--link-model channel`` with the public artifact's exact model (only the
@@ -17,7 +18,10 @@ sending worker's channel of ``gpus_per_server x mps_share`` workers of its stage
 ``--schedulers`` restricts the plans searched; ``--isolate-models`` searches each model of a
 group alone (as the artifact's simulator runs them); ``--load-basis objective`` offers each
 model ``weight x`` the PPipe plan's normalized throughput at load 1.0 instead of its own
-planned capacity (see :func:`reference_rates`).
+planned capacity (see :func:`reference_rates`); ``--arrivals`` replaces the Poisson arrivals
+with a bursty process (gamma inter-arrivals of CV 2 or 4, or an on/off MMPP: an
+approximation of the paper's Azure Functions 2021 trace, which is not available here; see
+:mod:`ppipe_trt.simulator.arrivals`).
 
 Writes JSON rows (``models``, ``cluster``, ``scheduler``, ``policy``,
 ``per_model_load_factor``, ``load_factor``, ``utilization``), a CSV, PNG plots in the paper's
@@ -91,7 +95,7 @@ def reference_rates(ref, basis: str) -> dict:
 def _search(job):
     profiles_dir, group, cluster, plan_policy, sched_policy, plans_dir, sim = job
     from ppipe_trt.profiles import load_profiles
-    from ppipe_trt.simulator import SimConfig, search_load_factor
+    from ppipe_trt.simulator import ArrivalSpec, SimConfig, search_load_factor
     t0 = time.perf_counter()
     ref = _plan(profiles_dir, group, cluster, "ppipe", plans_dir)
     plan = ref if plan_policy == "ppipe" else _plan(profiles_dir, group, cluster, plan_policy,
@@ -100,7 +104,8 @@ def _search(job):
     rates = reference_rates(ref, sim.get("load_basis", "capacity"))
     cfg = SimConfig(duration_s=sim["duration_s"], warmup_s=sim["warmup_s"], seed=sim["seed"],
                     policy=sched_policy, rates_rps=rates,
-                    link_model=sim.get("link_model", "duplex"))
+                    link_model=sim.get("link_model", "duplex"),
+                    arrivals=ArrivalSpec.parse(sim.get("arrivals", "poisson")))
     if sim.get("isolate"):
         return _search_isolated(plan, profiles, cfg, group, cluster, plan_policy, sched_policy,
                                 sim, t0)
@@ -111,6 +116,7 @@ def _search(job):
         "plan": plan_policy, "policy": sched_policy,
         "link_model": sim.get("link_model", "duplex"),
         "load_basis": sim.get("load_basis", "capacity"),
+        "arrivals": sim.get("arrivals", "poisson"),
         "per_model_load_factor": dict(sr.per_model_load_factor),
         "load_factor": sr.load_factor,
         "utilization": dict(sr.utilization),
@@ -229,7 +235,7 @@ def plot(rows, plots_dir):
 def write_doc(path, rows, summary, args, wall_s):
     lines = ["# Reproduction of the paper's main comparison (simulator)", "",
              f"Command: `scripts/reproduce_paper.py {' '.join(args)}`  ",
-             f"{summary['configs']} configurations, Poisson arrivals, "
+             f"{summary['configs']} configurations, {_arrivals_label(args)}, "
              "30 simulated seconds per load step after a 2 s warm-up (excluded), seed 0; "
              f"wall time {wall_s:.0f} s.", "",
              "| metric | ours | paper |", "| --- | --- | --- |"]
@@ -275,6 +281,20 @@ def write_doc(path, rows, summary, args, wall_s):
     Path(path).write_text("\n".join(lines) + "\n\n<!-- notes -->" + notes)
 
 
+def _arrivals_label(args) -> str:
+    """How the doc names the arrival process of a run with command-line ``args``."""
+    name = "poisson"
+    for i, a in enumerate(args):
+        if a == "--arrivals" and i + 1 < len(args):
+            name = args[i + 1]
+        elif a.startswith("--arrivals="):
+            name = a.split("=", 1)[1]
+    if name == "poisson":
+        return "Poisson arrivals"
+    return (f"{name} arrivals (bursty; an approximation of the paper's Azure Functions 2021 "
+            "trace, which is not available here)")
+
+
 def main(argv=None) -> int:
     from ppipe_trt.cluster import load_paper_setting
     from ppipe_trt.profiles import default_profiles_dir
@@ -304,6 +324,10 @@ def main(argv=None) -> int:
                     help="load factor 1.0 = each model's planned capacity in the PPipe plan "
                          "(default) or weight x the plan's normalized throughput (what the "
                          "max-min objective guarantees; see reference_rates)")
+    ap.add_argument("--arrivals", default="poisson",
+                    choices=("poisson", "gamma-cv2", "gamma-cv4", "mmpp"),
+                    help="arrival process of every model (default poisson; the others are "
+                         "bursty stand-ins for the paper's Azure Functions 2021 trace)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     from tqdm import tqdm
@@ -325,7 +349,7 @@ def main(argv=None) -> int:
                 _plan(args.profiles, g, c, pol, args.plans_dir)
     sim = {"duration_s": args.duration, "warmup_s": args.warmup, "seed": args.seed,
            "link_model": args.link_model, "isolate": args.isolate_models,
-           "load_basis": args.load_basis}
+           "load_basis": args.load_basis, "arrivals": args.arrivals}
     jobs = [(args.profiles, g, c, pol, "reservation", args.plans_dir, sim)
             for g, c in configs for pol in plan_policies]
     if not args.no_reactive and "ppipe" in plan_policies:

@@ -31,7 +31,8 @@ def build_schedulers(plan: Plan, profiles: ProfileSet, placement: Placement,
     (the public artifact's exact semantics, see :func:`~ppipe_trt.scheduler.tables.
     sender_channels`); a given ``state`` must
     have been made with the same model.  Further keywords go to the policy: ``wake_lead_us``,
-    ``strict_batch_fraction``, ``max_queue`` (reservation); ``max_queue_delay_us`` (triton).
+    ``strict_batch_fraction``, ``max_queue``, ``work_conserving`` (+ ``_max_load``,
+    ``_window_us``) (reservation); ``max_queue_delay_us`` (triton).
     """
     if policy not in POLICIES:
         raise ConfigError(f"unknown scheduling policy {policy!r}; expected one of {POLICIES}")
@@ -44,7 +45,8 @@ def build_schedulers(plan: Plan, profiles: ProfileSet, placement: Placement,
     for m in plan.models:
         tables = build_pipeline_tables(plan, m, profiles, placement, hop_overhead_us)
         if policy == "reservation":
-            allowed = {"wake_lead_us", "strict_batch_fraction", "max_queue"}
+            allowed = {"wake_lead_us", "strict_batch_fraction", "max_queue", "work_conserving",
+                       "work_conserving_max_load", "work_conserving_window_us"}
             _check_kw(kw, allowed, policy)
             sched: Scheduler = ReservationScheduler(m.model, tables, state, **kw)
         elif policy == "reactive":

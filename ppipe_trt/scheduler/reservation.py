@@ -41,10 +41,14 @@ from ppipe_trt.scheduler.interface import (Decisions, Dispatch, Drop, DropReason
                                            Scheduler, StageReservation)
 from ppipe_trt.scheduler.links import RESERVE_TRANSFER, common_free, first_free, is_free
 from ppipe_trt.scheduler.tables import INF, ClusterState, PipelineTable
+from ppipe_trt.scheduler.work_conserving import WorkConservingRule
 
 #: Wake-ups are placed this much (us) before the exact last moment, so that rounding in
 #: ``now + slack`` can never make the batch miss its deadline when woken exactly on time.
 _WAKE_GUARD_US = 1e-3
+#: Under light traffic (work-conserving option), pipelines whose waiting is at most this (us)
+#: count as equally idle and the earliest finish among them is chosen.
+_IDLE_TIE_US = 1.0
 
 
 class ReservationScheduler(Scheduler):
@@ -54,11 +58,21 @@ class ReservationScheduler(Scheduler):
     admission rule: the first time a request is at the head of the queue, only batch sizes
     of at least ``round(fraction * planned)`` are tried and the request is dropped if none
     meets its deadline; ``max_queue`` bounds the queue (``QUEUE_FULL`` drops beyond it).
+
+    ``work_conserving`` (off by default: PPipe's behaviour): when fewer requests are queued
+    than the chosen batch and the estimated arrival rate is at most
+    ``work_conserving_max_load`` of what the model serves at batches of the queue's size
+    (:class:`~ppipe_trt.scheduler.work_conserving.WorkConservingRule`, rate decayed over
+    ``work_conserving_window_us``), the queued requests are dispatched at once when their
+    route is free now, else the scheduler wakes when it frees (never later than PPipe's
+    last moment) instead of waiting for a fuller batch.
     """
 
     def __init__(self, model: str, pipelines: Sequence[PipelineTable], state: ClusterState,
                  *, wake_lead_us: float = 0.0, strict_batch_fraction: float | None = None,
-                 max_queue: int | None = None):
+                 max_queue: int | None = None, work_conserving: bool = False,
+                 work_conserving_max_load: float = 0.5,
+                 work_conserving_window_us: float = 100_000.0):
         self.model = model
         self.pipelines = tuple(pipelines)
         self._state = state
@@ -103,6 +117,10 @@ class ReservationScheduler(Scheduler):
         self._retried: set[int] = set()
         self._wake_at: float | None = None
         self._last_now = -INF
+        self.work_conserving = bool(work_conserving)
+        self._early = (WorkConservingRule(self.pipelines, work_conserving_max_load,
+                                          work_conserving_window_us)
+                       if work_conserving else None)
 
     # ---- inspection (tests, metrics) ------------------------------------------------------
 
@@ -132,6 +150,9 @@ class ReservationScheduler(Scheduler):
         self._tick(now_us)
         q = self._queue
         dec = Decisions()
+        if self._early is not None:
+            for request in requests:
+                self._early.observe(min(request.arrival_us, now_us))
         for request in requests:
             if self.max_queue is not None and len(q) >= self.max_queue:
                 self._schedule(now_us, dec)
@@ -180,8 +201,9 @@ class ReservationScheduler(Scheduler):
         if stage == len(wids) - 1:
             del self._batches[batch_id]
         dec = Decisions()
-        if late and self._queue:
-            self._schedule(now_us, dec)   # the last moment to wait may have moved earlier
+        if (late or self._early is not None) and self._queue:
+            # the last moment to wait may have moved earlier (late), or a route freed early
+            self._schedule(now_us, dec)
         else:
             dec.wake_at_us = self._wake_at
         return dec
@@ -329,12 +351,23 @@ class ReservationScheduler(Scheduler):
             best_p = -1
             best_key = INF
             best = None
+            # light traffic (work-conserving): among the pipelines that can start now, the
+            # one that answers the queued requests soonest, not the first in plan order
+            light = self._early is not None and self._early.allows(len(q), now)
+            best_fin_n = INF
             for p in range(npipes):
                 b = self._probe_data[p][0]
                 fin, work, picks = probe(p, b, now)
                 if fin == INF:
                     continue
                 key = fin - now - work
+                if light:
+                    key = key if key > _IDLE_TIE_US else 0.0
+                    n = len(q) if len(q) < b else b
+                    fin_n = fin if n == b else probe(p, n, now)[0]
+                    if key < best_key or (key == best_key and fin_n < best_fin_n):
+                        best_key, best_fin_n, best_p, best = key, fin_n, p, (b, fin, picks)
+                    continue
                 if key < best_key:
                     best_key, best_p, best = key, p, (b, fin, picks)
             if best is None:
@@ -367,7 +400,13 @@ class ReservationScheduler(Scheduler):
                 self._dispatch(best_p, b, picks, dec)
                 continue
             n = len(q)
-            fin_n, _, picks_n = probe(best_p, n, now)
+            fin_n, work_n, picks_n = probe(best_p, n, now)
+            early_at = INF
+            if self._early is not None and self._early.allows(n, now):
+                early_at = fin_n - work_n   # the route is free for the batch from then on
+                if early_at <= now + _WAKE_GUARD_US and fin_n <= deadline:
+                    self._dispatch(best_p, n, picks_n, dec)
+                    continue
             slack = deadline - fin_n
             if slack <= _WAKE_GUARD_US + self.wake_lead_us:
                 self._dispatch(best_p, n, picks_n, dec)
@@ -385,6 +424,8 @@ class ReservationScheduler(Scheduler):
                 if wake - now <= _WAKE_GUARD_US:
                     self._dispatch(best_p, n, picks_n, dec)
                     continue
+            if early_at < wake:
+                wake = early_at
             self._wake_at = wake
             break
         dec.wake_at_us = self._wake_at

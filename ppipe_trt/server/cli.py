@@ -63,6 +63,10 @@ def register(subparsers) -> None:
     p.add_argument("--slo-ms", type=float, help="SLO of every served model (ms)")
     p.add_argument("--policy", default="reservation",
                    help="scheduling policy: reservation (default), reactive, triton")
+    p.add_argument("--no-work-conserving", dest="work_conserving", action="store_false",
+                   help="reservation policy: keep PPipe's wait for a fuller batch even when "
+                        "the pipeline is idle and traffic is light (default: a lone request "
+                        "on an idle pipeline at low load is dispatched at once)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--grpc-port", type=int, default=8001,
@@ -135,6 +139,9 @@ def serve_command(args) -> int:
     if args.save_plan:
         save_plan(plan, args.save_plan)
     options = RuntimeOptions(policy=args.policy)
+    if args.policy == "reservation":
+        options = dataclasses.replace(
+            options, scheduler_kwargs={"work_conserving": getattr(args, "work_conserving", True)})
     if args.deadline_margin is not None:
         options = dataclasses.replace(options, deadline_margin_fraction=args.deadline_margin)
     margin_ms = getattr(args, "deadline_margin_ms", None)

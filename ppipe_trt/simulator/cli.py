@@ -47,7 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--load", type=float, default=1.0, help="load factor (default 1.0)")
     p.add_argument("--duration", default="30s", help="measured simulated time (default 30s)")
     p.add_argument("--warmup", default="2s", help="excluded warm-up before it (default 2s)")
-    p.add_argument("--arrivals", default="poisson", help="poisson | gamma:CV | trace:FILE")
+    p.add_argument("--arrivals", default="poisson", help="poisson | gamma:CV | mmpp[:ON_MS:OFF_MS] | trace:FILE | "
+                        "gamma-cv2 | gamma-cv4 (bursty stand-ins for the paper's Azure trace)")
     p.add_argument("--policy", default="reservation",
                    choices=("reservation", "reactive", "triton"))
     p.add_argument("--seed", type=int, default=0)
@@ -64,6 +65,10 @@ def register(subparsers) -> None:
                    help="triton policy: longest a request waits for a fuller batch")
     p.add_argument("--strict-batch-fraction", type=float, default=None,
                    help="reservation policy: the public artifact's admission rule (e.g. 0.95)")
+    p.add_argument("--work-conserving", action="store_true",
+                   help="reservation policy: dispatch at once (or when the route frees) while "
+                        "the estimated rate is under half the capacity at the queue's batch "
+                        "size, instead of PPipe's wait for a fuller batch")
     p.add_argument("--reference-plan", default=None,
                    help="plan whose per-model throughput is load 1.0 (default: PLAN)")
     p.add_argument("--search", action="store_true",
@@ -109,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         options["max_queue_delay_us"] = args.max_queue_delay_us
     if args.strict_batch_fraction is not None:
         options["strict_batch_fraction"] = args.strict_batch_fraction
+    if args.work_conserving:
+        options["work_conserving"] = True
     config = SimConfig(load_factor=args.load, policy_options=options, duration_s=parse_duration_s(args.duration),
                        warmup_s=parse_duration_s(args.warmup),
                        arrivals=ArrivalSpec.parse(args.arrivals), policy=args.policy,

@@ -1,0 +1,96 @@
+"""When waiting for a fuller batch cannot help: the reservation policy's work-conserving test.
+
+PPipe's reservation policy (Alg. 1-2) holds a request that is alone in its queue until the
+last moment at which a batch with it still meets the deadline.  Under load that wait forms
+the planned batches; at low load it only adds latency.  :class:`WorkConservingRule` decides,
+from an arrival-rate estimate and the model's capacity per batch size, whether the queued
+requests may be dispatched now (or as soon as their route is free) instead:
+
+    dispatch the ``n`` queued requests early  iff  rate <= max_load x capacity(n)
+
+``capacity(n)`` (req/s) is what the model's pipelines serve if every batch has ``n``
+requests (per pipeline the bottleneck stage's ``workers x n / latency(n)``, ``n`` capped at
+the pipeline's planned batch; summed over pipelines).  With ``max_load`` well below 1 the
+pools stay far from saturation even when every batch is as small as the queue is now, so the
+early dispatch takes no capacity that later requests need; near the planned load
+(``rate ~ capacity(planned)``, above ``max_load x capacity(n)`` for every ``n``) the rule
+never fires and the policy is PPipe's.
+
+The rate is an exponentially decayed count of arrivals (time constant ``window_us``):
+``level <- level x exp(-dt / window) + 1`` per arrival, ``rate = level / window``.  It is
+told the arrival times; it never reads a clock.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from ppipe_trt.errors import ConfigError
+from ppipe_trt.scheduler.tables import PipelineTable
+
+
+def capacity_by_batch_rps(pipelines: Sequence[PipelineTable]) -> list[float]:
+    """``out[n]`` (req/s, ``n`` = 1 .. largest planned batch; ``out[0]`` = 0): what the
+    pipelines serve together when every batch holds ``n`` requests."""
+    b_max = max((pt.planned_batch for pt in pipelines), default=0)
+    out = [0.0] * (b_max + 1)
+    for n in range(1, b_max + 1):
+        total = 0.0
+        for pt in pipelines:
+            b = min(n, pt.planned_batch)
+            cap = math.inf
+            for st in pt.stages:
+                lat = st.latency_us[b]
+                if lat > 0:
+                    cap = min(cap, len(st.worker_ids) * b * 1e6 / lat)
+            total += 0.0 if cap == math.inf else cap
+        out[n] = total
+    return out
+
+
+class WorkConservingRule:
+    """Arrival-rate estimate and the early-dispatch test of one model (see module doc).
+
+    ``max_load``: fraction of ``capacity(n)`` below which ``n`` queued requests may go early.
+    ``window_us``: time constant of the rate estimate (microseconds).
+    """
+
+    __slots__ = ("max_load", "window_us", "_capacity_rps", "_level", "_level_at_us")
+
+    def __init__(self, pipelines: Sequence[PipelineTable], max_load: float = 0.5,
+                 window_us: float = 100_000.0):
+        if not 0.0 < max_load <= 1.0:
+            raise ConfigError(f"work_conserving_max_load must be in (0, 1], got {max_load!r}")
+        if not window_us > 0:
+            raise ConfigError(f"work_conserving_window_us must be > 0, got {window_us!r}")
+        self.max_load = float(max_load)
+        self.window_us = float(window_us)
+        self._capacity_rps = capacity_by_batch_rps(pipelines)
+        self._level = 0.0
+        self._level_at_us = -math.inf
+
+    def observe(self, arrival_us: float) -> None:
+        """Count one arrival at ``arrival_us`` (call in non-decreasing time order; an
+        earlier time counts as the latest seen)."""
+        if arrival_us > self._level_at_us:
+            if self._level:
+                self._level *= math.exp((self._level_at_us - arrival_us) / self.window_us)
+            self._level_at_us = arrival_us
+        self._level += 1.0
+
+    def rate_rps(self, now_us: float) -> float:
+        """The estimated arrival rate (req/s) at ``now_us``."""
+        level = self._level
+        if level and now_us > self._level_at_us:
+            level *= math.exp((self._level_at_us - now_us) / self.window_us)
+        return level * 1e6 / self.window_us
+
+    def capacity_rps(self, n: int) -> float:
+        """``capacity(n)`` (req/s); ``n`` beyond the largest planned batch counts as it."""
+        caps = self._capacity_rps
+        return caps[min(n, len(caps) - 1)] if n > 0 else 0.0
+
+    def allows(self, queued: int, now_us: float) -> bool:
+        """Whether ``queued`` requests may be dispatched before their batch is full."""
+        return self.rate_rps(now_us) <= self.max_load * self.capacity_rps(queued)
