@@ -388,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             r = live_run(args, backend, pa, pb, rates_a, rates_b, slo_ms, workdir)
             r["load"] = load
             live.append(r)
+            print(f"[{backend}] per second (offered / on time): " + " ".join(
+                f"{p['second']}:{p['offered']}/{p['ok']}" for p in r["series"]), flush=True)
             print(f"[{backend}] requests {r['requests']}, lost {r['lost']}, 5xx {r['fivexx']}, "
                   f"worst window {100 * r['worst_window']['attainment']:.2f} %, windows < 99 % "
                   f"{r['windows_below_target']}, late in switch window {r['late_in_window']} "

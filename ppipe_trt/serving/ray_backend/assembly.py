@@ -73,6 +73,8 @@ class RayOptions:
 #: GPU share is then held twice until the old plan drains; the schedulers never reserve a
 #: share for both plans at once, see ppipe_trt.scheduler.carry_over).
 SWAP_HEADROOM = 2.0
+#: Actors a plan swap starts at once (see RayWorkerBuilder.build).
+SWAP_PARALLEL_STARTS = 1
 
 
 def emulated_resources(plan: Plan) -> dict[str, float]:
@@ -353,8 +355,13 @@ class RayWorkerBuilder:
                 f"the new plan's added workers need {need} but the Ray cluster has only "
                 f"{ {k: free.get(k, 0.0) for k in need} } free while the old plan runs; "
                 "declare more of those resources, or swap in two smaller steps")
-        created = [self._launcher.create(s.worker_id) for s in specs]
-        proxies = [self._launcher.finish(h, info) for h, info in created]
+        # One actor process starting at a time: the old plan is serving meanwhile, and a
+        # starting process (interpreter, imports, engine) takes a core while it loads.
+        proxies = []
+        for start in range(0, len(specs), SWAP_PARALLEL_STARTS):
+            created = [self._launcher.create(s.worker_id)
+                       for s in specs[start:start + SWAP_PARALLEL_STARTS]]
+            proxies += [self._launcher.finish(h, info) for h, info in created]
         for p in proxies:
             self._transport.set_handle(p.worker_id, p.handle)
         live = {w.worker_id: w for w in self._runtime.workers if w.alive}
