@@ -15,8 +15,10 @@ binary tensors).  Errors become status codes in :mod:`api.errors`, nowhere here.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import threading
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -200,7 +202,11 @@ async def repository_index(request: Request) -> list[dict[str, str]]:
 
 @router.get("/v2/status", responses=error_responses(503))
 async def status(request: Request) -> dict[str, Any]:
-    return _service(request).status()
+    doc = _service(request).status()
+    # this process, for leak checks (a soak compares them at idle before and after)
+    doc["process"] = {"threads": threading.active_count(),
+                      "asyncio_tasks": len(asyncio.all_tasks())}
+    return doc
 
 
 class PlanSwapAnswer(BaseModel):

@@ -415,6 +415,8 @@ async def soak_phase(args, emu_base: str, model: str, rate_1: float, slo_ms: flo
         path, body, headers = bodies[kind]
         return kind, emu_base + path, body, headers
 
+    bases = {"emulated": emu_base, **({"frames": frames_base} if frames_base else {})}
+    idle_before = await asyncio.to_thread(idle_counts, bases)
     client = Client(args.client_timeout_s)
     reqs: list[Request] = []
     samples: dict[str, list[ProcSample]] = {}
@@ -435,6 +437,8 @@ async def soak_phase(args, emu_base: str, model: str, rate_1: float, slo_ms: flo
     stop.set()
     await samp
     shares = cpu.stop()
+    await asyncio.sleep(1.0)   # every answer given: the servers are idle again
+    idle_after = await asyncio.to_thread(idle_counts, bases)
 
     per_kind: dict[str, dict] = {}
     for kind in ["binary", "json", "frames", *BAD_KINDS]:
@@ -471,10 +475,23 @@ async def soak_phase(args, emu_base: str, model: str, rate_1: float, slo_ms: flo
                            "other_fds": growth(s, "other_fds", warm),
                            "threads": growth(s, "threads", warm),
                            "processes": growth(s, "processes", warm),
+                           "idle_before": idle_before.get(name),
+                           "idle_after": idle_after.get(name),
                            "samples": [asdict(x) for x in s]}
                     for name, s in samples.items()},
         **shares,
     }
+
+
+def idle_counts(bases: dict[str, str]) -> dict[str, dict]:
+    """Per server, its threads and asyncio tasks (``/v2/status`` ``process``) at idle."""
+    out = {}
+    for name, base in bases.items():
+        try:
+            out[name] = json.loads(dp.http_get(f"{base}/v2/status")).get("process")
+        except Exception as exc:  # noqa: BLE001 - reported as missing, not fatal
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
 
 
 def _reasons(reqs: list[Request]) -> dict[str, int]:
@@ -612,8 +629,14 @@ def markdown(argv: list[str], info: dict, over: list[dict], soak: dict | None) -
                        f"{k['at_warmup']} -> {k['end']} | {o['at_warmup']} -> {o['end']}: "
                        f"{pct(o['growth_end'])} ({pct(o['growth_max'])}) | "
                        f"{t['at_warmup']} -> {t['end']} (max {t['max']}) | {p['end']} |")
-        out += ["", "asyncio tasks: not measured (the server exposes no task count; /v2/status "
-                "has none)."]
+        out += ["", "At idle (`/v2/status` `process`: this server process's threads and asyncio "
+                "tasks) before the soak and 1 s after its last answer:", "",
+                "| server | threads before -> after | asyncio tasks before -> after |",
+                "|---|---|---|"]
+        for name, s in soak["servers"].items():
+            b, a = s.get("idle_before") or {}, s.get("idle_after") or {}
+            out.append(f"| {name} | {b.get('threads', '?')} -> {a.get('threads', '?')} | "
+                       f"{b.get('asyncio_tasks', '?')} -> {a.get('asyncio_tasks', '?')} |")
     out += ["", "## Against the goals", ""] + goals(over, soak)
     return "\n".join(out) + "\n"
 
@@ -651,6 +674,13 @@ def goals(over: list[dict], soak: dict | None) -> list[str]:
              f"soak: 5xx other than 503/504: {soak['status_5xx_not_503_504']}")
         line(all(k["unexpected"] == 0 for k in soak["per_kind"].values()),
              "soak: every kind answered with its expected status (or a 503/504 drop)")
+        for name, srv in soak["servers"].items():
+            b, a = srv.get("idle_before") or {}, srv.get("idle_after") or {}
+            if "asyncio_tasks" in b and "asyncio_tasks" in a:
+                line(a["asyncio_tasks"] <= b["asyncio_tasks"] and a["threads"] <= b["threads"],
+                     f"soak {name}: no task or thread leak (at idle: asyncio tasks "
+                     f"{b['asyncio_tasks']} -> {a['asyncio_tasks']}, threads {b['threads']} -> "
+                     f"{a['threads']})")
         for name, s in soak["servers"].items():
             for key, what in (("rss_kib", "RSS"), ("fds", "open FD"),
                               ("other_fds", "open FDs but sockets")):

@@ -42,5 +42,8 @@ def test_bench_reliability_tiny_windows(tmp_path, profiles_dir):
         assert k["sent"] == k["answered"] and k["unexpected"] == 0, (kind, k)
     assert soak["servers"]["emulated"]["rss_kib"]["end"] > 0
     assert soak["servers"]["emulated"]["fds"]["end"] > 0
+    for when in ("idle_before", "idle_after"):   # /v2/status process counts at idle
+        counts = soak["servers"]["emulated"][when]
+        assert counts["threads"] >= 1 and counts["asyncio_tasks"] >= 1, counts
     text = out.read_text()
     assert "EMULATED" in text and "## Overload and recovery" in text and "## Soak" in text
