@@ -204,7 +204,11 @@ async def repository_index(request: Request) -> list[dict[str, str]]:
 async def status(request: Request) -> dict[str, Any]:
     doc = _service(request).status()
     # this process, for leak checks (a soak compares them at idle before and after)
-    doc["process"] = {"threads": threading.active_count(),
+    names: dict[str, int] = {}
+    for t in threading.enumerate():   # by name, numbers dropped: "AnyIO worker thread": 3
+        key = t.name.rstrip("0123456789 -_").split(" (")[0] or "thread"
+        names[key] = names.get(key, 0) + 1
+    doc["process"] = {"threads": threading.active_count(), "threads_by_name": names,
                       "asyncio_tasks": len(asyncio.all_tasks())}
     return doc
 
