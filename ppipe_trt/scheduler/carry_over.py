@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from ppipe_trt.errors import ConfigError
 from ppipe_trt.plan import Plan
-from ppipe_trt.scheduler.placement import Placement, WorkerSlot
+from ppipe_trt.scheduler.placement import Placement, WorkerSlot, check_stage
 
 Role = tuple[str, str, int, int, int]   # model, gpu_class, mps_share, first_block, last_block
 
@@ -76,11 +76,7 @@ def carry_over(plan: Plan, previous: Placement, first_new_id: int) -> CarryOver:
     for m in plan.models:
         for pi, pipe in enumerate(m.pipelines):
             for si, st in enumerate(pipe.stages):
-                pool = cluster.pool(st.gpu_class)
-                if not 1 <= st.mps_share <= pool.max_mps:
-                    raise ConfigError(
-                        f"{m.model} pipeline {pi} stage {si}: MPS share {st.mps_share} on "
-                        f"{st.gpu_class}; the cluster allows 1..{pool.max_mps}")
+                check_stage(cluster, m.model, pi, si, st)
                 role = (m.model, st.gpu_class, st.mps_share, st.first_block, st.last_block)
                 for _ in range(st.workers):
                     old = free_roles.get(role)

@@ -130,6 +130,18 @@ class Placement:
                 f"{self.gpus_per_class}, {len(self.servers)} servers)")
 
 
+def check_stage(cluster, model: str, pi: int, si: int, st) -> None:
+    """Raise :class:`ConfigError` unless stage ``si`` of pipeline ``pi`` can be placed: its MPS
+    share within the class's limit, at least one worker."""
+    pool = cluster.pool(st.gpu_class)
+    if not 1 <= st.mps_share <= pool.max_mps:
+        raise ConfigError(f"{model} pipeline {pi} stage {si}: MPS share {st.mps_share} on "
+                          f"{st.gpu_class}; the cluster allows 1..{pool.max_mps}")
+    if st.workers < 1:
+        raise ConfigError(f"{model} pipeline {pi} stage {si}: {st.workers} workers; "
+                          "expected >= 1")
+
+
 def _id_ranges(ids: list[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0..2, 5"``."""
     if not ids:
@@ -161,14 +173,7 @@ def place_workers(plan: Plan) -> Placement:
     for m in plan.models:
         for pi, pipe in enumerate(m.pipelines):
             for si, st in enumerate(pipe.stages):
-                pool = cluster.pool(st.gpu_class)
-                if not 1 <= st.mps_share <= pool.max_mps:
-                    raise ConfigError(
-                        f"{m.model} pipeline {pi} stage {si}: MPS share {st.mps_share} on "
-                        f"{st.gpu_class}; the cluster allows 1..{pool.max_mps}")
-                if st.workers < 1:
-                    raise ConfigError(f"{m.model} pipeline {pi} stage {si}: {st.workers} "
-                                      "workers; expected >= 1")
+                check_stage(cluster, m.model, pi, si, st)
                 # busy fraction of the links one worker of this stage causes at plan rate
                 batches_per_s = pipe.throughput_rps / pipe.batch_size / st.workers
                 up = batches_per_s * st.transfer_us / 1e6
