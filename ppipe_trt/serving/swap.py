@@ -168,6 +168,10 @@ def prepare_swap(rt: "ServingRuntime", plan: Plan, reason: str) -> PreparedSwap:
     docstring).  Raises :class:`PlanSwapError` (or :class:`ConfigError` from the placement)
     when ``plan`` cannot replace the plan in force."""
     t0 = time.perf_counter()
+    builder = rt.builder
+    if builder is None or rt.generation is None:
+        raise PlanSwapError("this runtime was assembled without a worker builder and a "
+                            "placement; plan swaps need build_runtime (or the Ray assembly)")
     # The carry-over places the new plan against the plan in force only: wait until an
     # earlier plan's batches are done (their retiring workers then hold no GPU share).
     deadline = t0 + DRAIN_WAIT_S
@@ -177,10 +181,6 @@ def prepare_swap(rt: "ServingRuntime", plan: Plan, reason: str) -> PreparedSwap:
                                 f"still has batches in flight after {DRAIN_WAIT_S:.0f} s; "
                                 "try again")
         time.sleep(0.005)
-    builder = rt.builder
-    if builder is None:
-        raise PlanSwapError("this runtime was assembled without a worker builder; plan swaps "
-                            "need build_runtime (or the Ray assembly)")
     gen = rt.generation
     if set(plan.model_names) != set(rt.models):
         raise PlanSwapError(f"the new plan serves {sorted(plan.model_names)}, the server "
