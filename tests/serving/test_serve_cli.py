@@ -25,27 +25,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_serve(args: list[str], timeout_s: float = 90.0) -> tuple[subprocess.Popen, str]:
+    """``ppipe serve *args`` (which must name ``--port``) as a real process, once ready: the
+    process (stdout piped, text) and its base URL.  The caller stops it."""
+    port = args[args.index("--port") + 1]
+    proc = subprocess.Popen([sys.executable, "-m", "ppipe_trt.cli", "serve", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() >= deadline:
+            proc.kill()
+            raise AssertionError("server did not become ready")
+        time.sleep(0.3)
+
+
 def test_serve_without_arguments_serves_the_demo_model(cpu_builds):
     from PIL import Image
 
     cpu_builds["demo_resnet"]  # engines already built: the command reuses them
     port, grpc_port = _free_port(), _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ppipe_trt.cli", "serve", "--engines", str(cpu_builds.root),
-         "--port", str(port), "--grpc-port", str(grpc_port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc, url = start_serve(["--engines", str(cpu_builds.root), "--port", str(port),
+                             "--grpc-port", str(grpc_port)])
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.3)
         buf = io.BytesIO()
         Image.new("RGB", (320, 240), (90, 90, 200)).save(buf, format="JPEG")
         r = httpx.post(f"{url}/v2/models/demo_resnet/frames", content=buf.getvalue(),

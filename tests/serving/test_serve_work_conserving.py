@@ -4,48 +4,24 @@ default); ``--no-work-conserving`` keeps the wait.  Real processes on free ports
 from __future__ import annotations
 
 import io
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.serving.test_serve_cli import _free_port, start_serve
+
 SLO_MS = 50.0   # demo_resnet's
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _server_latency_ms(root, extra) -> float:
     """Mean accepted -> answered time (ms) of 5 frames sent one at a time, 50 ms apart."""
     from PIL import Image
 
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ppipe_trt.cli", "serve", "--engines", str(root), "--port",
-         str(port), "--grpc-port", "0", *extra], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc, url = start_serve(["--engines", str(root), "--port", str(_free_port()),
+                             "--grpc-port", "0", *extra])
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.3)
         buf = io.BytesIO()
         Image.new("RGB", (224, 224), (90, 90, 200)).save(buf, format="JPEG")
         for _ in range(5):
