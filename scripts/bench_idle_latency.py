@@ -9,6 +9,12 @@ the Triton statistics endpoint: accepted -> answered), each over the model's exe
 (ONNX Runtime on the same file, batch 1, one intra-op thread as the stage workers use, median
 of ``--exec-runs``).
 
+With the default (work-conserving) policy it also breaks the client's round trip down, each
+the median over the same number of idle requests: ``GET /v2/health/ready`` (the HTTP round
+trip of this host at idle, nothing else), the frame with ``?raw=false`` (``top_k`` only, no
+1000 raw floats in JSON), the preprocessed tensor sent to ``/infer`` in binary (no JPEG
+decode), and the frame's decode + preprocessing in this process (``api.frames.decode_frame``).
+
     scripts/bench_idle_latency.py [--engines DIR] [--frames 40] [--gap-ms 100] [--port 18123]
 """
 
@@ -77,7 +83,55 @@ def _ready_connection(port: int, deadline: float) -> http.client.HTTPConnection:
         time.sleep(0.2)
 
 
-def serve_and_measure(extra: list[str], args) -> dict:
+def _idle_rtt(conn, args, method: str, path: str, body=None, headers=None) -> float:
+    """Median round trip (ms) of ``--frames`` idle requests (``--gap-ms`` apart)."""
+    rtt = []
+    for i in range(args.frames + args.warmup_frames):
+        t = time.perf_counter()
+        conn.request(method, path, body, headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"{method} {path} answered {resp.status}: {data[:200]!r}")
+        if i >= args.warmup_frames:
+            rtt.append((time.perf_counter() - t) * 1e3)
+        time.sleep(args.gap_ms / 1e3)
+    return statistics.median(rtt)
+
+
+def _binary_infer(body: bytes) -> tuple[bytes, dict]:
+    """The frame's preprocessed tensor as a binary KServe v2 request, and its headers."""
+    from api.frames import decode_frame
+    from ppipe_trt.repository import load_model_entry
+
+    entry = load_model_entry(ROOT / "examples" / "model_repository" / MODEL)
+    x = decode_frame(body, entry.image)
+    header = json.dumps({"inputs": [{"name": entry.image.input_name, "shape": list(x.shape),
+                                     "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "outputs": [{"name": o.name, "parameters": {"binary_data": True}}
+                                     for o in entry.outputs]}).encode()
+    return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header)),
+                                  "Content-Type": "application/octet-stream"}
+
+
+def decode_ms(body: bytes, runs: int) -> float:
+    """Median time (ms) of the frame's decode + preprocessing in this process."""
+    from api.frames import decode_frame
+    from ppipe_trt.repository import load_model_entry
+
+    spec = load_model_entry(ROOT / "examples" / "model_repository" / MODEL).image
+    for _ in range(5):
+        decode_frame(body, spec)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        decode_frame(body, spec)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def serve_and_measure(extra: list[str], args, breakdown: bool = False) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "ppipe_trt.cli", "serve", "--engines", str(args.engines),
            "--port", str(args.port), "--grpc-port", "0", *extra]
@@ -109,9 +163,18 @@ def serve_and_measure(extra: list[str], args) -> dict:
         conn.request("GET", f"/v2/models/{MODEL}/stats")
         stats = json.loads(conn.getresponse().read())["model_stats"][0]["inference_stats"]
         ok = stats["success"]
-        return {"client_p50_ms": statistics.median(rtt), "client_p90_ms":
-                sorted(rtt)[int(0.9 * len(rtt))],
-                "server_mean_ms": ok["ns"] / ok["count"] / 1e6, "frames": len(rtt)}
+        out = {"client_p50_ms": statistics.median(rtt), "client_p90_ms":
+               sorted(rtt)[int(0.9 * len(rtt))],
+               "server_mean_ms": ok["ns"] / ok["count"] / 1e6, "frames": len(rtt)}
+        if breakdown:
+            out["http_ready_p50_ms"] = _idle_rtt(conn, args, "GET", "/v2/health/ready")
+            out["frame_top_k_only_p50_ms"] = _idle_rtt(
+                conn, args, "POST", f"/v2/models/{MODEL}/frames?raw=false", body,
+                {"Content-Type": "image/jpeg"})
+            tensor, headers = _binary_infer(body)
+            out["binary_tensor_p50_ms"] = _idle_rtt(conn, args, "POST",
+                                                    f"/v2/models/{MODEL}/infer", tensor, headers)
+        return out
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -131,14 +194,27 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     exec_ms = execution_ms(args.exec_runs)
     out = {"execution_ms": exec_ms}
+    out["decode_ms"] = decode_ms(_jpeg(), args.exec_runs)
     for name, extra in (("ppipe_wait", ["--no-work-conserving"]), ("work_conserving", [])):
-        out[name] = serve_and_measure(extra, args)
+        out[name] = serve_and_measure(extra, args, breakdown=name == "work_conserving")
     print(f"execution (ONNX Runtime, batch 1, 1 thread): {exec_ms:.2f} ms")
     print(f"{'policy':<16} {'client p50 ms':>14} {'x exec':>7} {'server mean ms':>15} {'x exec':>7}")
     for name in ("ppipe_wait", "work_conserving"):
         r = out[name]
         print(f"{name:<16} {r['client_p50_ms']:>14.2f} {r['client_p50_ms'] / exec_ms:>7.2f} "
               f"{r['server_mean_ms']:>15.2f} {r['server_mean_ms'] / exec_ms:>7.2f}")
+    wc = out["work_conserving"]
+    print(f"\nwhere the work-conserving frame's round trip goes (medians, ms; idle requests "
+          f"{args.gap_ms:.0f} ms apart):")
+    rows = [("HTTP round trip at idle (GET /v2/health/ready)", wc["http_ready_p50_ms"]),
+            ("frame decode + preprocessing (in process)", out["decode_ms"]),
+            ("model execution (ONNX Runtime, batch 1)", exec_ms),
+            ("server: accepted -> answered (mean)", wc["server_mean_ms"]),
+            ("frame, default answer (outputs + top_k)", wc["client_p50_ms"]),
+            ("frame, ?raw=false (top_k only)", wc["frame_top_k_only_p50_ms"]),
+            ("preprocessed tensor, binary /infer (no decode)", wc["binary_tensor_p50_ms"])]
+    for label, ms in rows:
+        print(f"  {label:<50} {ms:>7.2f} {ms / exec_ms:>6.2f}x exec")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
