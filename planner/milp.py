@@ -15,6 +15,13 @@ Constraints::
     sum_{i,s} G[i,s,c] <= GPUs of class c
     weight[i] * t <= sum_p x[p]
 
+With ``whole_gpus_per_level`` (the planner's fallback when placement would need more GPUs
+than the cluster has, see ``planner.planning``), also what placement needs: a GPU hosts MPS
+shares of one level only (a profile at share ``m`` assumes ``m`` co-runners), so::
+
+    sum_{all stages on c at level m} w[p,s] / m <= H[c,m]     H integer
+    sum_m H[c,m] <= GPUs of class c
+
 Phase 1 maximises ``t``.  Phase 2 (``tie_break``) keeps ``t`` and phase 1's workers (they can
 only grow) and maximises the sum of normalized throughputs minus a small penalty per newly
 opened pipeline, so that GPUs phase 1 left idle go to the models without opening many
@@ -79,16 +86,18 @@ class _Built:
     models: list[str]
     class_rows: dict[str, int]
     g_cols: dict[tuple[int, int, str], int]
+    h_cols: dict[tuple[str, int], int]
 
 
 def _build(sets: Sequence[CandidateSet], workloads: Sequence[Workload],
-           gpu_limits: Mapping[str, int]) -> _Built:
+           gpu_limits: Mapping[str, int], whole_gpus_per_level: bool = False) -> _Built:
     mm = MilpModel()
     t = mm.add_col("t", cost=1.0)
     x_terms: list[list[tuple[int, float]]] = []
     pipe_cols: list[list[tuple[PipelineCandidate, list[int], int | None]]] = []
     gpu_cols: dict[str, list[int]] = {c: [] for c in gpu_limits}
     g_cols: dict[tuple[int, int, str], int] = {}
+    level_usage: dict[tuple[str, int], dict[int, float]] = {}
     for i, (cset, wl) in enumerate(zip(sets, workloads)):
         terms: list[tuple[int, float]] = []
         pipes = []
@@ -100,6 +109,8 @@ def _build(sets: Sequence[CandidateSet], workloads: Sequence[Workload],
                 col = mm.add_col(f"w_{i}_{j}_{s}", upper=float(ub), integer=True)
                 wcols.append(col)
                 usage.setdefault((s, st.gpu_class), {})[col] = 1.0 / st.mps_share
+                level_usage.setdefault((st.gpu_class, st.mps_share), {})[col] = \
+                    1.0 / st.mps_share
             if len(cand.stages) == 1:
                 terms.append((wcols[0], cand.stages[0].capacity_rps))
                 xcol = None
@@ -123,8 +134,19 @@ def _build(sets: Sequence[CandidateSet], workloads: Sequence[Workload],
     for cls, cols in gpu_cols.items():
         if cols:
             class_rows[cls] = mm.add_row({c: 1.0 for c in cols}, upper=float(gpu_limits[cls]))
+    h_cols: dict[tuple[str, int], int] = {}
+    if whole_gpus_per_level:
+        for (cls, level), row in sorted(level_usage.items()):
+            h = mm.add_col(f"H_{cls}_{level}", upper=float(gpu_limits.get(cls, 0)),
+                           integer=True)
+            h_cols[(cls, level)] = h
+            mm.add_row({**row, h: -1.0}, upper=0.0)
+        for cls in gpu_cols:
+            hs = [h for (c, _), h in h_cols.items() if c == cls]
+            if hs:
+                mm.add_row({h: 1.0 for h in hs}, upper=float(gpu_limits[cls]))
     return _Built(mm, t, x_terms, pipe_cols, gpu_limits, [w.model for w in workloads],
-                  class_rows, g_cols)
+                  class_rows, g_cols, h_cols)
 
 
 def solve_allocation(sets: Sequence[CandidateSet], workloads: Sequence[Workload],
@@ -132,14 +154,17 @@ def solve_allocation(sets: Sequence[CandidateSet], workloads: Sequence[Workload]
                      mip_rel_gap: float, tie_break: bool = True, pipeline_penalty: float = 1e-3,
                      gurobi_max_vars: int = 2000, gurobi_max_constraints: int = 2000,
                      start: Mapping[str, Sequence[Allocation]] | None = None,
-                     first_time_limit_s: float | None = None) -> MilpOutcome:
+                     first_time_limit_s: float | None = None,
+                     whole_gpus_per_level: bool = False) -> MilpOutcome:
     """Choose integer workers for the candidates of every model (see the module docstring).
 
     ``start``: a feasible allocation (over candidates present in ``sets``) the solver starts
-    from, so the result is never worse.  ``first_time_limit_s`` overrides the time limit of the
-    main solve.
+    from, so the result is never worse (ignored when it breaks ``whole_gpus_per_level``).
+    ``first_time_limit_s`` overrides the time limit of the main solve.
+    ``whole_gpus_per_level``: also count whole GPUs per class and MPS level, as placement
+    packs them (see the module docstring).
     """
-    built = _build(sets, workloads, gpu_limits)
+    built = _build(sets, workloads, gpu_limits, whole_gpus_per_level)
     kw = dict(time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap,
               gurobi_max_vars=gurobi_max_vars, gurobi_max_constraints=gurobi_max_constraints)
     start_values = _start_values(built, start, workloads) if start else None
@@ -236,7 +261,7 @@ def candidate_key(c: PipelineCandidate) -> tuple:
 
 
 def _start_values(built: _Built, start: Mapping[str, Sequence[Allocation]],
-                  workloads: Sequence[Workload]) -> list[float]:
+                  workloads: Sequence[Workload]) -> list[float] | None:
     values = [0.0] * built.model.num_cols
     usage: dict[tuple[int, int, str], Fraction] = {}
     for i, (model, pipes) in enumerate(zip(built.models, built.pipe_cols)):
@@ -253,6 +278,20 @@ def _start_values(built: _Built, start: Mapping[str, Sequence[Allocation]],
                 values[xcol] = alloc.throughput_rps
     for key, frac in usage.items():
         values[built.g_cols[key]] = float(math.ceil(frac))
+    if built.h_cols:
+        per_level: dict[tuple[str, int], Fraction] = {}
+        for cset_pipes in built.pipe_cols:
+            for cand, wcols, _ in cset_pipes:
+                for st, col in zip(cand.stages, wcols):
+                    key2 = (st.gpu_class, st.mps_share)
+                    per_level[key2] = per_level.get(key2, Fraction(0)) + \
+                        Fraction(int(values[col]), st.mps_share)
+        per_class: dict[str, int] = {}
+        for key2, frac in per_level.items():
+            values[built.h_cols[key2]] = float(math.ceil(frac))
+            per_class[key2[0]] = per_class.get(key2[0], 0) + math.ceil(frac)
+        if any(n > built.gpu_limits.get(c, 0) for c, n in per_class.items()):
+            return None   # the start needs more whole GPUs than the cluster has
     values[built.t] = _normalized_from(built, values, workloads)
     return values
 

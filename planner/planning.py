@@ -8,12 +8,14 @@ Steps (paper semantics):
    (planner.candidates); NP allows one stage and MPS share 1, PPipe up to ``max_stages``
    stages and every MPS share the cluster allows.
 3. Solve one MILP (planner.milp) over all models; DART-r is built from the NP plan
-   (planner.baselines).
+   (planner.baselines).  If placement would need more whole GPUs than the cluster has (mixed
+   MPS levels), solve again counting whole GPUs per MPS level.
 4. Re-check the plan outside the solver (planner.verify) before returning it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from typing import Mapping, Sequence
@@ -22,6 +24,7 @@ from ppipe_trt.cluster import ClusterSpec, Workload
 from ppipe_trt.errors import BadInputError, InfeasiblePlanError
 from ppipe_trt.plan import Plan
 from ppipe_trt.profiles.types import ProfileSet
+from ppipe_trt.scheduler.placement import packed_gpus
 
 from planner.assemble import build_plan
 from planner.baselines import plan_dart_r
@@ -29,6 +32,12 @@ from planner.candidates import CandidateSet, enumerate_candidates
 from planner.milp import MilpOutcome, candidate_key, screen_candidates, solve_allocation
 from planner.options import POLICIES, PlannerOptions
 from planner.verify import verify_plan
+
+log = logging.getLogger("ppipe.planner")
+
+#: Time limit of the second solve with whole GPUs per MPS level (see ``_solve_policy``): its
+#: extra integer rounding makes optimality slow to prove while good plans come early.
+WHOLE_GPU_TIME_LIMIT_S = 10.0
 
 
 def plan_cluster(profiles: ProfileSet, cluster: ClusterSpec, workloads: Sequence[Workload],
@@ -141,7 +150,8 @@ def candidate_sets(profiles: ProfileSet, cluster: ClusterSpec, workloads: Sequen
 
 def _solve_sets(sets: Sequence[CandidateSet], workloads: Sequence[Workload],
                 limits: Mapping[str, int], options: PlannerOptions,
-                cluster: ClusterSpec, start: MilpOutcome | None = None) -> MilpOutcome:
+                cluster: ClusterSpec, start: MilpOutcome | None = None,
+                whole_gpus_per_level: bool = False) -> MilpOutcome:
     outcome = solve_allocation(
         sets, workloads, limits, solver=options.solver, time_limit_s=options.time_limit_s,
         mip_rel_gap=options.mip_rel_gap, tie_break=options.tie_break,
@@ -149,7 +159,8 @@ def _solve_sets(sets: Sequence[CandidateSet], workloads: Sequence[Workload],
         gurobi_max_constraints=options.gurobi_max_constraints,
         start=start.allocations if start is not None else None,
         first_time_limit_s=(min(options.time_limit_s, options.deep_time_limit_s)
-                            if start is not None else None))
+                            if start is not None else None),
+        whole_gpus_per_level=whole_gpus_per_level)
     starved = [w.model for w in workloads if not outcome.allocations.get(w.model)]
     if starved or outcome.normalized_throughput <= 0:
         # GPUs are whole per (model, stage index, class): a model needs one per stage at least.
@@ -180,13 +191,39 @@ def _solve_policy(policy: str, profiles: ProfileSet, cluster: ClusterSpec,
         sets, shallow = _deep_candidate_sets(profiles, cluster, workloads, limits, options,
                                              rates)
     outcome = _solve_sets(sets, workloads, limits, options, cluster, start=shallow)
-    params = _params(policy, options, rates, limits, outcome, estimate_s, outcome.solve_s)
+    solve_s = outcome.solve_s
+    over = _over_packed(cluster, workloads, outcome, limits, policy)
+    if over:
+        # The MILP counts MPS shares as fractions of a GPU per (model, stage, class); placement
+        # puts shares of one level only on a GPU, so mixed levels can need more whole GPUs
+        # than the cluster has.  Solve again counting whole GPUs per level as placement does.
+        log.info("plan needs %s once MPS shares are packed; solving again with whole GPUs "
+                 "per MPS level", over)
+        outcome = _solve_sets(sets, workloads, limits,
+                              replace(options, time_limit_s=min(options.time_limit_s,
+                                                                WHOLE_GPU_TIME_LIMIT_S)),
+                              cluster, start=shallow, whole_gpus_per_level=True)
+        solve_s += outcome.solve_s
+    params = _params(policy, options, rates, limits, outcome, estimate_s, solve_s)
     params["candidates"] = {s.model: {"enumerated": s.enumerated, "kept": len(s.candidates)}
                             for s in sets}
+    if over:
+        params["whole_gpus_per_mps_level"] = {"reason": f"first solution needed {over}"}
     plan = build_plan(policy, cluster, workloads, outcome.allocations, solver=outcome.solver,
                       mip_gap=outcome.mip_gap, solve_s=time.perf_counter() - started,
                       params=params, profiles_source=profiles.source)
-    return plan, outcome, outcome.solve_s
+    return plan, outcome, solve_s
+
+
+def _over_packed(cluster: ClusterSpec, workloads: Sequence[Workload], outcome: MilpOutcome,
+                 limits: Mapping[str, int], policy: str) -> str:
+    """What the outcome's workers need beyond ``limits`` once placement packs MPS shares
+    (e.g. "26 V100 GPUs (limit 25)"), or "" when it fits."""
+    trial = build_plan(policy, cluster, workloads, outcome.allocations, solver=outcome.solver,
+                       mip_gap=outcome.mip_gap, solve_s=0.0, params={}, profiles_source="")
+    return ", ".join(f"{n} {cls} GPUs (limit {limits.get(cls, 0)})"
+                     for cls, n in sorted(packed_gpus(trial).items())
+                     if n > limits.get(cls, 0))
 
 
 def _deep_candidate_sets(profiles: ProfileSet, cluster: ClusterSpec,

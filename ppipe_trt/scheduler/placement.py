@@ -157,6 +157,21 @@ def _id_ranges(ids: list[int]) -> str:
     return ", ".join(out)
 
 
+def packed_gpus(plan: Plan) -> dict[str, int]:
+    """Whole GPUs per class that :func:`place_workers` packs ``plan``'s workers into: per MPS
+    level ``m``, ``ceil(workers at m / m)`` (a GPU hosts shares of one level only)."""
+    workers: dict[tuple[str, int], int] = {}
+    for m in plan.models:
+        for pipe in m.pipelines:
+            for st in pipe.stages:
+                key = (st.gpu_class, st.mps_share)
+                workers[key] = workers.get(key, 0) + st.workers
+    out: dict[str, int] = {}
+    for (cls, level), n in workers.items():
+        out[cls] = out.get(cls, 0) + -(-n // level)
+    return out
+
+
 def place_workers(plan: Plan) -> Placement:
     """Assign every worker of ``plan`` a GPU and a server (see the module docstring).
 

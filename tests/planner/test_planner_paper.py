@@ -103,3 +103,34 @@ def test_tie_break_gives_spare_gpus_to_other_models(shared_profiles, setting):
     assert tied.normalized_throughput >= plain.normalized_throughput * (1 - 1e-6)
     assert sum(m.throughput_rps / m.weight for m in tied.models) >= \
         sum(m.throughput_rps / m.weight for m in plain.models) - 1e-6
+
+
+def test_mixed_mps_levels_are_planned_onto_whole_gpus(shared_profiles, setting, monkeypatch):
+    """Group 2 on V100-P4 at a 25 % SLO margin: the MILP's first solution counts MPS shares as
+    GPU fractions and needs 26 V100 once placement packs one level per GPU (25 exist); the
+    planner solves again with whole GPUs per level: the plan places, at the same objective."""
+    from ppipe_trt.scheduler.placement import packed_gpus, place_workers
+
+    import planner.planning as planning
+
+    cluster = setting.cluster("V100-P4")
+    workloads = setting.workloads(2, shared_profiles)
+    options = PlannerOptions(solver="highs", slo_margin=0.25)
+    plan = plan_cluster(shared_profiles, cluster, workloads, "ppipe", options)
+    assert "whole_gpus_per_mps_level" in plan.params
+    assert "26 V100" in plan.params["whole_gpus_per_mps_level"]["reason"]
+    place_workers(plan)   # raised ConfigError before the fallback existed
+    assert all(n <= cluster.pool(c).count for c, n in packed_gpus(plan).items())
+    verify_plan(plan, shared_profiles)
+
+    # without the fallback: the same objective, but more V100 than the cluster has
+    monkeypatch.setattr(planning, "_over_packed", lambda *a, **k: "")
+    first = plan_cluster(shared_profiles, cluster, workloads, "ppipe", options)
+    assert packed_gpus(first)["V100"] > cluster.pool("V100").count
+    assert plan.normalized_throughput >= first.normalized_throughput * (1 - 1e-3)
+
+
+def test_default_plans_never_take_the_whole_gpu_fallback(shared_profiles, setting):
+    plan = plan_cluster(shared_profiles, setting.cluster("V100-P4"),
+                        setting.workloads(2, shared_profiles), "ppipe", HIGHS)
+    assert "whole_gpus_per_mps_level" not in plan.params
