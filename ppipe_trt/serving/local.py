@@ -52,16 +52,18 @@ def local_plan(profiles: ProfileSet, models: Sequence[str], gpu_class: str, slot
 
 def emulated_plan(profiles: ProfileSet, cluster: ClusterSpec, models: Sequence[str],
                   slo_ms: Mapping[str, float] | None = None, policy: str = "ppipe",
-                  time_limit_s: float = 60.0, weights: Mapping[str, float] | None = None) -> Plan:
+                  time_limit_s: float = 60.0, weights: Mapping[str, float] | None = None,
+                  options=None) -> Plan:
     """Plan ``models`` on an emulated ``cluster`` from ``profiles`` (weights by model,
-    default 1)."""
+    default 1); ``options``: :class:`planner.PlannerOptions` (default: the defaults with
+    ``time_limit_s``)."""
     from planner import PlannerOptions, plan_cluster
 
     slo_ms, weights = dict(slo_ms or {}), dict(weights or {})
     workloads = [Workload(m, slo_ms.get(m) or default_slo_ms(profiles, m), weights.get(m, 1.0))
                  for m in models]
     return plan_cluster(profiles, cluster, workloads, policy,
-                        PlannerOptions(time_limit_s=time_limit_s))
+                        options or PlannerOptions(time_limit_s=time_limit_s))
 
 
 def pipeline_plan(profiles: ProfileSet, model: str, cuts: Sequence[int], gpu_class: str,
