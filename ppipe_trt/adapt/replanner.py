@@ -20,9 +20,11 @@ def replan(plan: Plan, profiles: ProfileSet, weights: Mapping[str, float],
     """A new plan for ``plan``'s cluster and models (same SLOs, same planner policy and
     options as recorded in ``plan.params``) with the given ``weights``.
 
-    ``arrival_rates_rps``: the rates the planner assumes for the batching delay (default:
-    ``weights`` when they look like rates, i.e. observed req/s).  Runs the MILP: call it off
-    the serving thread.  Raises :class:`BadInputError` for a weight of a model the plan
+    ``arrival_rates_rps``: the rates (req/s) the planner assumes for the batching delay:
+    pass the observed rates when the weights are them (the control loop); default: the
+    planner's own estimate, as ``ppipe plan`` makes it (weights are relative shares, e.g.
+    an operator's ``{"a": 1, "b": 3}``, not req/s).  Runs the MILP: call it off the serving
+    thread.  Raises :class:`BadInputError` for a weight of a model the plan
     does not serve, :class:`~ppipe_trt.errors.InfeasiblePlanError` when no plan fits."""
     from planner import PlannerOptions, plan_cluster
 
@@ -34,9 +36,8 @@ def replan(plan: Plan, profiles: ProfileSet, weights: Mapping[str, float],
                  for m in plan.models]
     params = plan.params or {}
     kw = {k: params[k] for k in _REUSED if params.get(k) is not None}
-    if arrival_rates_rps is None:
-        arrival_rates_rps = {w.model: w.weight for w in workloads}
-    kw["arrival_rates_rps"] = dict(arrival_rates_rps)
+    if arrival_rates_rps is not None:
+        kw["arrival_rates_rps"] = dict(arrival_rates_rps)
     policy = params.get("policy", "ppipe")
     return plan_cluster(profiles, plan.cluster, workloads, policy=policy,
                         options=PlannerOptions(**kw))

@@ -138,7 +138,8 @@ class AdaptiveController:
         if ask is None:
             return None
         t0 = time.perf_counter()
-        plan = replan(rt.plan, rt.builder.profiles, ask.weights)
+        plan = replan(rt.plan, rt.builder.profiles, ask.weights,
+                      arrival_rates_rps=ask.weights)   # the weights are observed req/s
         solve_s = time.perf_counter() - t0
         gain = swap_gain(rt.plan, plan, ask.weights)
         record = {"at_s": round((now - rt.started_us) / 1e6, 3), "reason": ask.reason,

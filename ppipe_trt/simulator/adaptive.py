@@ -74,7 +74,8 @@ class PlanCache:
             self.hits += 1
             return hit
         t0 = time.perf_counter()
-        plan = replan(self.base, self.profiles, rounded)
+        plan = replan(self.base, self.profiles, rounded,
+                      arrival_rates_rps=rounded)   # the weights are (rounded) req/s
         solve_s = time.perf_counter() - t0
         self.solves += 1
         self.solve_wall_s += solve_s
