@@ -451,7 +451,11 @@ def main(argv: list[str] | None = None) -> int:
         if live:
             png = args.png or args.out.with_name("replan.png")
             plot(live, png)
-        args.out.write_text(markdown(argv, info, live, sim, png))
+        text = markdown(argv, info, live, sim, png)
+        # notes written by hand below the marker survive a re-run (as in bench_dataplane)
+        old = args.out.read_text() if args.out.exists() else ""
+        notes = old.split(dp.NOTES_MARKER, 1)[1] if dp.NOTES_MARKER in old else "\n"
+        args.out.write_text(text + "\n" + dp.NOTES_MARKER + notes)
         pushed = [r for r in live if r["backend"] != "local-adapt"]
         summary = {"lost": sum(r["lost"] for r in live),
                    "late_in_window": sum(r["late_in_window"] for r in pushed),
