@@ -209,7 +209,9 @@ def place_workers(plan: Plan) -> Placement:
     for p in cluster.pools:
         if next_gpu[p.gpu_class] > p.count:
             raise ConfigError(f"plan needs {next_gpu[p.gpu_class]} {p.gpu_class} GPUs once MPS "
-                              f"shares are packed; the cluster has {p.count}")
+                              f"shares are packed (a GPU hosts shares of one level); the "
+                              f"cluster has {p.count}.  Plan again with `ppipe plan`: it "
+                              "counts whole GPUs per MPS level")
     servers: list[ServerSlot] = []
     gpu_of: dict[tuple[str, int], int] = {}   # (class, vgpu) -> gpu index
     server_base: dict[str, int] = {}

@@ -109,6 +109,7 @@ def test_mixed_mps_levels_are_planned_onto_whole_gpus(shared_profiles, setting, 
     """Group 2 on V100-P4 at a 25 % SLO margin: the MILP's first solution counts MPS shares as
     GPU fractions and needs 26 V100 once placement packs one level per GPU (25 exist); the
     planner solves again with whole GPUs per level: the plan places, at the same objective."""
+    from ppipe_trt.errors import ConfigError
     from ppipe_trt.scheduler.placement import packed_gpus, place_workers
 
     import planner.planning as planning
@@ -127,6 +128,8 @@ def test_mixed_mps_levels_are_planned_onto_whole_gpus(shared_profiles, setting, 
     monkeypatch.setattr(planning, "_over_packed", lambda *a, **k: "")
     first = plan_cluster(shared_profiles, cluster, workloads, "ppipe", options)
     assert packed_gpus(first)["V100"] > cluster.pool("V100").count
+    with pytest.raises(ConfigError, match="Plan again with `ppipe plan`"):
+        place_workers(first)   # an old plan: serving it says what to do
     assert plan.normalized_throughput >= first.normalized_throughput * (1 - 1e-3)
 
 
