@@ -5,8 +5,9 @@
   solve the MILP (:func:`ppipe_trt.adapt.replan`) once per distinct mix.
 * :class:`AdaptiveController`: the control loop of ``ppipe serve --adapt`` on the virtual
   clock -- every window it feeds the arrival counts to a
-  :class:`~ppipe_trt.adapt.RateEstimator`, asks the :class:`~ppipe_trt.adapt.ReplanPolicy`,
-  re-plans with the observed rates as weights and, when the new plan is better by
+  :class:`~ppipe_trt.adapt.RateEstimator`, asks the :class:`~ppipe_trt.adapt.ReplanPolicy`
+  (the EWMA decides whether), re-plans for the plain rates of the last windows (as the live
+  loop does) and, when the new plan is better by
   ``min_gain`` (:func:`~ppipe_trt.adapt.swap_gain`), asks for a swap that switches after
   the solve and the added workers' start-up (:class:`~ppipe_trt.simulator.swap.SwapCosts`).
 * :func:`simulate_scenario`: one run of a :class:`~ppipe_trt.simulator.scenarios.Scenario`
@@ -106,7 +107,9 @@ class AdaptiveController:
         rates = self.estimator.update(counts, now_us)
         if self.pending or not self.estimator.ready:
             return None
-        req = self.policy.observe(rates, now_us)
+        # as the live loop (ppipe_trt.serving.adaptive): the EWMA decides whether, the
+        # plain rates of the last windows what to plan for
+        req = self.policy.observe(rates, now_us, self.estimator.recent_rps)
         if req is None:
             return None
         self.requests += 1
