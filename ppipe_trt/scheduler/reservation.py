@@ -294,6 +294,10 @@ class ReservationScheduler(Scheduler):
             best = INF
             pick = None
             next_net = next_row[b] if next_row is not None else 0.0
+            # No group of a stage can finish before t + lat (it starts at t at the earliest):
+            # once one does, later groups can only tie, and a tie never replaces the pick,
+            # so the scan stops there (same pick, fewer groups looked at when some are idle).
+            floor = t + lat
             if s == 0:
                 for srv, link, tills, gw in groups:
                     m = min(tills)
@@ -307,6 +311,8 @@ class ReservationScheduler(Scheduler):
                     if key < best:
                         best = key
                         pick = (tills, m, t, t, start, end, srv, -1, gw, link)
+                        if best <= floor:
+                            break
             else:
                 net = net_row[b]
                 up = uplinks[prev_link]
@@ -332,6 +338,8 @@ class ReservationScheduler(Scheduler):
                     if key < best:
                         best = key
                         pick = (tills, m, ts, te, start, end, srv, prev_link, gw, link)
+                        if best <= floor:
+                            break
             if pick is None or pick[1] == INF:
                 return INF, 0.0, None
             work += lat + (pick[3] - pick[2])
