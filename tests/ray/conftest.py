@@ -16,6 +16,28 @@ import pytest
 #: Emulated GPU classes declared on the local instance (units = GPUs of the class).
 LOCAL_RESOURCES = {"gpu_class:cpu": 16.0, "gpu_class:T4": 8.0, "gpu_class:L4": 4.0}
 
+# Ray waits 30 s for a new head's GCS to report its port; once in a full suite run on a busy
+# 2-core host it did not (2026-11-30, not reproduced in isolation).  Ray's documented override
+# gives a slow start more time; gcs_logs() below says what the GCS did if it fails again.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+
+
+def gcs_logs(temp_dir: str, lines: int = 40) -> str:
+    """The tails of the GCS server's logs of the Ray sessions under ``temp_dir`` (for a
+    failed start's report)."""
+    out = []
+    for root, _, files in os.walk(temp_dir):
+        for name in sorted(files):
+            if name.startswith("gcs_server") and name.endswith((".out", ".err", ".log")):
+                path = os.path.join(root, name)
+                try:
+                    with open(path, errors="replace") as f:
+                        tail = f.read().splitlines()[-lines:]
+                except OSError:
+                    continue
+                out.append(f"--- {path}\n" + "\n".join(tail))
+    return "\n".join(out) or f"(no GCS logs under {temp_dir})"
+
 
 @pytest.fixture(scope="module")
 def ray_local():
@@ -25,8 +47,11 @@ def ray_local():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     tmp = tempfile.mkdtemp(prefix="ppipe-raytest-", dir="/tmp")
     try:
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, resources=LOCAL_RESOURCES,
-                 log_to_driver=False, configure_logging=False)
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp,
+                     resources=LOCAL_RESOURCES, log_to_driver=False, configure_logging=False)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{gcs_logs(tmp)}") from exc
         yield ray
     finally:
         ray.shutdown()

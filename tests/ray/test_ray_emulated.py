@@ -13,6 +13,8 @@ from concurrent.futures import wait
 import numpy as np
 import pytest
 
+from tests.ray.conftest import gcs_logs
+
 pytestmark = pytest.mark.ray
 
 MODEL = "colorization-v2"
@@ -33,8 +35,11 @@ def test_emulated_cluster_on_its_own_local_ray_instance(shared_profiles):
     classes = {s.gpu_class for p in plan.models[0].pipelines for s in p.stages}
     tmp = tempfile.mkdtemp(prefix="ppipe-raytest-", dir="/tmp")
     try:
-        rt = build_ray_runtime(plan, profiles, None,
-                               ray_options=RayOptions(num_cpus=2, temp_dir=tmp))
+        try:
+            rt = build_ray_runtime(plan, profiles, None,
+                                   ray_options=RayOptions(num_cpus=2, temp_dir=tmp))
+        except RuntimeError as exc:  # Ray's own start failed: say what its GCS did
+            raise RuntimeError(f"{exc}\n{gcs_logs(tmp)}") from exc
         have = ray.cluster_resources()
         declared = emulated_resources(plan)
         assert set(declared) == {f"gpu_class:{c}" for c in classes}
