@@ -16,19 +16,23 @@ import pytest
 #: Emulated GPU classes declared on the local instance (units = GPUs of the class).
 LOCAL_RESOURCES = {"gpu_class:cpu": 16.0, "gpu_class:T4": 8.0, "gpu_class:L4": 4.0}
 
-# Ray waits 30 s for a new head's GCS to report its port; once in a full suite run on a busy
-# 2-core host it did not (2026-11-30, not reproduced in isolation).  Ray's documented override
-# gives a slow start more time; gcs_logs() below says what the GCS did if it fails again.
+# A local head waits 30 s for its GCS to report its port and 30 s for its raylet to register;
+# twice in full suite runs on this busy 2-core host (2026-11-30) one of them did not, never in
+# isolation (a start takes ~4 s).  Ray's documented override gives the GCS more time, and no
+# prestarted task workers (the runtime only starts actors) makes the start's burst of Python
+# processes smaller (~3.2 s instead of ~4.1 s with one core busy elsewhere); gcs_logs() below
+# says what the GCS did if it fails again.
 os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+os.environ.setdefault("RAY_prestart_worker_first_driver", "false")
 
 
 def gcs_logs(temp_dir: str, lines: int = 40) -> str:
-    """The tails of the GCS server's logs of the Ray sessions under ``temp_dir`` (for a
-    failed start's report)."""
+    """The tails of the GCS server's and the raylet's logs of the Ray sessions under
+    ``temp_dir`` (for a failed start's report)."""
     out = []
     for root, _, files in os.walk(temp_dir):
         for name in sorted(files):
-            if name.startswith("gcs_server") and name.endswith((".out", ".err", ".log")):
+            if name.startswith(("gcs_server", "raylet")) and name.endswith((".out", ".err")):
                 path = os.path.join(root, name)
                 try:
                     with open(path, errors="replace") as f:
@@ -36,7 +40,7 @@ def gcs_logs(temp_dir: str, lines: int = 40) -> str:
                 except OSError:
                     continue
                 out.append(f"--- {path}\n" + "\n".join(tail))
-    return "\n".join(out) or f"(no GCS logs under {temp_dir})"
+    return "\n".join(out) or f"(no GCS or raylet logs under {temp_dir})"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,7 @@ def ray_local():
         try:
             ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp,
                      resources=LOCAL_RESOURCES, log_to_driver=False, configure_logging=False)
-        except RuntimeError as exc:
+        except Exception as exc:  # Ray's start failed (it raises RuntimeError or Exception)
             raise RuntimeError(f"{exc}\n{gcs_logs(tmp)}") from exc
         yield ray
     finally:

@@ -38,7 +38,7 @@ def test_emulated_cluster_on_its_own_local_ray_instance(shared_profiles):
         try:
             rt = build_ray_runtime(plan, profiles, None,
                                    ray_options=RayOptions(num_cpus=2, temp_dir=tmp))
-        except RuntimeError as exc:  # Ray's own start failed: say what its GCS did
+        except Exception as exc:  # Ray's own start failed: say what its GCS and raylet did
             raise RuntimeError(f"{exc}\n{gcs_logs(tmp)}") from exc
         have = ray.cluster_resources()
         declared = emulated_resources(plan)
