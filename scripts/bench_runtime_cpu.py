@@ -167,12 +167,17 @@ def run(args) -> list[dict]:
             drops = sum(s["dropped"] for s in runs)
             rows.append({"load_factor": lf, "tree": str(t), "cpu_us_per_request": med,
                          "null_cpu_us_per_request": null, "net_cpu_us_per_request": net,
-                         "ratio_to_first_tree": net / first if first else None,
+                         "ratio_to_first_tree": net / first if first > 0 else None,
                          "samples": [round(s["cpu_us_per_request"], 1) for s in runs],
                          "answered": [s["answered"] for s in runs],
                          "dropped_fraction": drops / max(1, sum(s["ok"] + s["dropped"]
                                                                 for s in runs))})
     return rows
+
+
+def fmt_ratio(ratio: float | None) -> str:
+    """A ratio to the first tree; "-" when the first tree's net cost was not above zero."""
+    return "-" if ratio is None else f"{ratio:.3f}"
 
 
 def markdown(args, rows: list[dict], wall_s: float) -> str:
@@ -194,7 +199,7 @@ def markdown(args, rows: list[dict], wall_s: float) -> str:
         lines.append(
             f"| {r['load_factor']:g} | `{r['tree']}` | {r['cpu_us_per_request']:.1f} "
             f"| {r['null_cpu_us_per_request']:.1f} | **{r['net_cpu_us_per_request']:.1f}** "
-            f"| {r['ratio_to_first_tree']:.3f} | {', '.join(map(str, r['samples']))} "
+            f"| {fmt_ratio(r['ratio_to_first_tree'])} | {', '.join(map(str, r['samples']))} "
             f"| {100 * r['dropped_fraction']:.2f} % |")
     lines += ["", "CPU us/request: the process's CPU time over the window / requests answered "
               "in it (results and drops).  null: the same generator and event loop answering "
