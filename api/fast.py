@@ -23,10 +23,10 @@ import zlib
 from typing import Any
 
 from api.binary import HEADER_LENGTH
-from api.codec import build_infer_response, parse_infer_request
+from api.codec import ParsedInfer, build_infer_response, parse_infer_request
 from api.errors import BodyTooLargeError, UnsupportedMediaError, status_for
 from api.metrics import AppMetrics
-from api.service import InferenceService
+from api.service import InferenceService, InferOutcome
 from ppipe_trt.errors import BadInputError, PPipeError, RequestRejectedError
 from ppipe_trt.serving.runtime import ServedModel
 
@@ -73,6 +73,12 @@ async def infer_answer(service: InferenceService, model: ServedModel, body: byte
     else:
         parsed = parse_infer_request(body, header_length, model)
     outcome = await service.infer(model, parsed)
+    return render_answer(model, parsed, outcome)
+
+
+def render_answer(model: ServedModel, parsed: ParsedInfer, outcome: InferOutcome
+                  ) -> tuple[bytes, list[tuple[str, str]]]:
+    """The response body and headers of an answered request (see :func:`infer_answer`)."""
     payload, json_length = build_infer_response(model, parsed, outcome.outputs)
     headers = [("X-PPipe-Latency-Ms", f"{outcome.worst_latency_us / 1000.0:.3f}"),
                ("X-PPipe-Batch-Size", str(outcome.worst_batch_size))]

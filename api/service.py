@@ -268,6 +268,53 @@ class InferenceService:
         the model's SLO) plus ``answer_grace_s``; the first error any sample gets is raised
         (``RequestRejectedError`` for a drop, with its reason), ``AnswerTimeoutError`` past
         the wait."""
+        waiter, budget_s = self._submit(model, parsed)
+        # The runtime answers every request (a result, a drop, a failure); this guard only
+        # bounds the wait if it ever did not.  One timer, not asyncio.wait_for's task.
+        timed_out: list[bool] = []
+        guard = asyncio.get_running_loop().call_later(budget_s, _expire, waiter, timed_out)
+        try:
+            answer = await waiter
+        except asyncio.CancelledError:
+            if timed_out:
+                raise self._timeout(model, budget_s) from None
+            raise
+        finally:
+            guard.cancel()
+        return self._outcome(model, parsed, answer)
+
+    def infer_soon(self, model: ServedModel, parsed: ParsedInfer,
+                   done: Callable[[InferOutcome | None, BaseException | None], None]) -> None:
+        """:meth:`infer` without a coroutine, for a caller on the event loop that answers
+        from a callback (the HTTP protocol's fast path, :mod:`api.http_protocol`): submits
+        now, then calls ``done(outcome, None)`` or ``done(None, error)`` exactly once, on the
+        event loop, with what :meth:`infer` would have returned or raised (the same guard
+        against a missing answer).  Raises at once what :meth:`infer` raises before it waits
+        (not ready, not found)."""
+        waiter, budget_s = self._submit(model, parsed)
+        timed_out: list[bool] = []
+        guard = asyncio.get_running_loop().call_later(budget_s, _expire, waiter, timed_out)
+
+        def finished(fut: asyncio.Future) -> None:
+            guard.cancel()
+            if fut.cancelled():
+                error: BaseException = (self._timeout(model, budget_s) if timed_out
+                                        else asyncio.CancelledError())
+                return done(None, error)
+            error = fut.exception()
+            if error is not None:
+                return done(None, error)
+            try:
+                outcome = self._outcome(model, parsed, fut.result())
+            except Exception as exc:  # noqa: BLE001 - given to the caller, as infer raises it
+                return done(None, exc)
+            done(outcome, None)
+
+        waiter.add_done_callback(finished)
+
+    def _submit(self, model: ServedModel, parsed: ParsedInfer) -> tuple[asyncio.Future, float]:
+        """Submit every sample of ``parsed``: the future of their answers (one result, or a
+        list for a batch) and how long to wait for it (deadline + grace), in seconds."""
         rt = self.runtime()
         name = model.name
         if parsed.batch_size == 1:  # the common case: no slicing, no gathering future
@@ -278,19 +325,16 @@ class InferenceService:
                                 parsed.timeout_us) for i in range(parsed.batch_size)])
         budget_s = (parsed.timeout_us if parsed.timeout_us is not None
                     else model.slo_us) / 1e6 + self.answer_grace_s
-        # The runtime answers every request (a result, a drop, a failure); this guard only
-        # bounds the wait if it ever did not.  One timer, not asyncio.wait_for's task.
-        timed_out: list[bool] = []
-        guard = asyncio.get_running_loop().call_later(budget_s, _expire, waiter, timed_out)
-        try:
-            answer = await waiter
-        except asyncio.CancelledError:
-            if timed_out:
-                raise AnswerTimeoutError(f"no answer from model {name!r} within "
-                                         f"{budget_s * 1000:.0f} ms (deadline + grace)") from None
-            raise
-        finally:
-            guard.cancel()
+        return waiter, budget_s
+
+    @staticmethod
+    def _timeout(model: ServedModel, budget_s: float) -> AnswerTimeoutError:
+        return AnswerTimeoutError(f"no answer from model {model.name!r} within "
+                                  f"{budget_s * 1000:.0f} ms (deadline + grace)")
+
+    def _outcome(self, model: ServedModel, parsed: ParsedInfer, answer: Any) -> InferOutcome:
+        """The outcome of a request whose samples were all answered (``answer``: what the
+        future of :meth:`_submit` gave)."""
         results = [answer] if parsed.batch_size == 1 else list(answer)
         outputs = {}
         for want in parsed.outputs:

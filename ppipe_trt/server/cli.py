@@ -177,8 +177,11 @@ def serve_command(args) -> int:
     url = f"http://{args.host}:{args.port}"
     grpc_url = f"{args.host}:{args.grpc_port}" if args.grpc_port else None
     print(describe(plan, what, url, built, grpc_url), file=sys.stderr)
+    from api.http_protocol import http_protocol_for
+
+    http = http_protocol_for(app)  # the infer routes answered in uvicorn's protocol
     if link is None:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, http=http)
         return 0
     from ppipe_trt.server.frontends import shared_socket, start_frontends
 
@@ -187,7 +190,8 @@ def serve_command(args) -> int:
                     args.max_body_mb, args.log_level, token)
     print(f"front ends: this process and {frontends - 1} more on the same ports "
           f"(runtime link {link})", file=sys.stderr)
-    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level,
+                                  http=http)).run(sockets=[sock])
     return 0
 
 

@@ -119,8 +119,11 @@ def frontend_main(argv: list[str] | None = None) -> int:
                                  grpc_host=args.host, grpc_port=args.grpc_port or None,
                                  reuse_port=True,
                                  auth_token=os.environ.get(AUTH_TOKEN_ENV) or None))
+    from api.http_protocol import http_protocol_for
+
     sock = shared_socket(args.host, args.port)
-    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level,
+                                  http=http_protocol_for(app))).run(sockets=[sock])
     return 0
 
 

@@ -58,14 +58,20 @@ def free_port() -> int:
 
 
 class UvicornThread:
-    """A real uvicorn server on 127.0.0.1:<free port>, in a thread (for external clients)."""
+    """A real uvicorn server on 127.0.0.1:<free port>, in a thread (for external clients),
+    with the HTTP protocol ``ppipe serve`` runs (:func:`api.http_protocol.http_protocol_for`:
+    the infer routes answered in the protocol; ``asgi=True``: uvicorn's own, every route
+    through ASGI)."""
 
-    def __init__(self, app):
+    def __init__(self, app, asgi: bool = False):
         import uvicorn
 
+        from api.http_protocol import http_protocol_for
+
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning",
+            http="auto" if asgi else http_protocol_for(app)))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "UvicornThread":
