@@ -34,9 +34,10 @@ import time
 import urllib.parse
 from typing import Any
 
-from api.fast import (OFFLOAD_BYTES, error_body, inflate, infer_answer, _json, _match,
-                      refuse_declared_oversize, render_answer)
+from api.codec import parse_infer_request
 from api.errors import BodyTooLargeError
+from api.fast import (OFFLOAD_BYTES, _json, _match, error_body, infer_answer, inflate,
+                      refuse_declared_oversize, render_answer)
 from ppipe_trt.errors import PPipeError
 
 log = logging.getLogger("ppipe.api")
@@ -182,8 +183,6 @@ class InferHttpProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
             body = inflate(body, exchange.encoding, fast.limit)
             if len(body) > OFFLOAD_BYTES:  # parsed in a thread: the ASGI-style coroutine
                 return self._answer_in_task(exchange, body)
-            from api.codec import parse_infer_request
-
             parsed = parse_infer_request(body, exchange.header_length, model)
 
             def done(outcome, error) -> None:
