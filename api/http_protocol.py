@@ -1,12 +1,14 @@
 """The infer routes answered inside uvicorn's HTTP protocol, without an ASGI cycle.
 
-Under uvicorn, an ASGI request costs more CPU than everything our infer route does: a scope
-dict, an :class:`asyncio.Event`, a request-response cycle object, a task running the app, the
+Under uvicorn, an ASGI request has a CPU cost of its own: a scope dict, an
+:class:`asyncio.Event`, a request-response cycle object, a task running the app, the
 ``receive``/``send`` messages and their checks.  Measured on this project's 2-core machine
 (``scripts/bench_dataplane.py``'s echo floor, perf_analyzer over HTTP at 1,830 req/s): an
 ASGI echo costs ~145-157 us of server CPU per request, the same echo answered from the
 protocol's parser callbacks ~92-101 us, and ~117-122 us when its answer comes 35 ms later as
-an inference's does (an ASGI echo answering 35 ms later: ~179-194 us).
+an inference's does (an ASGI echo answering 35 ms later: ~179-194 us).  On ``ppipe serve``
+(an emulated 100-GPU plan) it cut the server's CPU per request by 6-10 %
+(``docs/benchmarks/dataplane.md``).
 
 :class:`InferHttpProtocol` is uvicorn's own httptools protocol (parsing, keep-alive, flow
 control, pipelining and every other route stay uvicorn's) with one change: a ``POST`` to an
