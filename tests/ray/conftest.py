@@ -102,15 +102,19 @@ def _free_port() -> int:
 
 
 class HttpServer:
-    """``with HttpServer(app) as srv:`` a real uvicorn server on 127.0.0.1 in a thread."""
+    """``with HttpServer(app) as srv:`` a real uvicorn server on 127.0.0.1 in a thread, with
+    the HTTP protocol ``ppipe serve`` runs (:func:`api.http_protocol.http_protocol_for`)."""
 
     def __init__(self, app):
         import uvicorn
 
+        from api.http_protocol import http_protocol_for
+
         self.app = app
         self.port = _free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+                                                    log_level="warning",
+                                                    http=http_protocol_for(app)))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "HttpServer":
