@@ -609,6 +609,76 @@ def abort_reason(log_path: Path) -> str:
     return "exit"
 
 
+class OpenLoopLoad:
+    """``scripts/loadgen.py`` driving every model at once (``--load-generator open-loop``):
+    independent Poisson arrivals per model at a fixed rate for the whole point, kept through
+    errors (perf_analyzer gives up at the first one), every answer logged with its status."""
+
+    def __init__(self, args, port: int, protocol: str, rates: dict[str, float],
+                 duration_s: float, workdir: Path, tag: str):
+        self.out = workdir / f"{tag}-loadgen.json"
+        self.log_path = workdir / f"{tag}-loadgen.log"
+        self.out.unlink(missing_ok=True)
+        self.cmd = [sys.executable, str(ROOT / "scripts" / "loadgen.py"), "--url",
+                    f"127.0.0.1:{port}", "--protocol", protocol, "--duration-s",
+                    f"{duration_s:.3f}", "--drain-s", f"{args.drain_s:g}", "--out", str(self.out),
+                    *[a for m, r in rates.items() for a in ("--model", f"{m}={r:.3f}")]]
+        self.proc: subprocess.Popen | None = None
+        self.error: str | None = None  # it raises instead (finish)
+
+    def start(self) -> None:
+        self.proc = CHILDREN.start(self.cmd, self.log_path)
+
+    def cpu_s(self) -> dict[int, float]:
+        """CPU seconds so far (all its threads), keyed like ``ModelLoad.cpu_s``."""
+        try:
+            return {self.proc.pid: process_cpu_s(self.proc.pid, with_reaped_children=False)}
+        except (OSError, ValueError):
+            return {}
+
+    def finish(self, timeout_s: float) -> dict:
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            Children.stop(self.proc)
+            raise SystemExit(f"the load generator ran past its end by {timeout_s:.0f} s; see "
+                             f"{self.log_path}:\n{tail(self.log_path, 5)}") from None
+        if rc != 0 or not self.out.is_file():
+            raise SystemExit(f"the load generator failed (exit {rc}); see {self.log_path}:\n"
+                             f"{tail(self.log_path, 15)}")
+        return json.loads(self.out.read_text())
+
+
+def open_loop_stats(result: dict, t0_ns: int, t1_ns: int, slo_ms: dict[str, float]) -> dict:
+    """From a load generator's log, the requests it sent in [t0, t1): per model how many
+    (offered), their round trips (answers with a result), how many were answered with a
+    result within the model's SLO, and the errors by status and first message."""
+    sent, on_time, latencies, errors = {}, {}, [], {}
+    for m, r in result["models"].items():
+        n = ok = 0
+        for ts, ms, status in zip(r["sent_ns"], r["latency_ms"], r["status"]):
+            if not t0_ns <= ts < t1_ns:
+                continue
+            n += 1
+            if status == 200:
+                latencies.append(ms)
+                ok += ms <= slo_ms[m]
+            else:
+                why = r["errors"].get(str(status), "") if status > 0 else "no answer"
+                key = f"{status} {_short_reason(why)}".strip() if status != -1 else "no answer"
+                errors[key] = errors.get(key, 0) + 1
+        sent[m], on_time[m] = n, ok
+    lag_p99 = max(r["send_lag_ms"]["p99"] for r in result["models"].values())
+    return {"sent": sent, "on_time": on_time, "latencies": latencies, "errors": errors,
+            "kept_rate": bool(result.get("kept_rate")), "lag_p99_ms": lag_p99}
+
+
+def _short_reason(text: str) -> str:
+    """'request dropped (deadline_unreachable)' out of an error body or gRPC details."""
+    m = re.search(r"\(([a-z_]+)\)", text)
+    return f"({m.group(1)})" if m else text[:40]
+
+
 def read_export(path: Path, t0_ns: int, t1_ns: int) -> tuple[int | None, list[float]]:
     """From a finished perf_analyzer run's export: when it sent its first request (epoch
     ns), and the round trips (ms) of the requests it sent in [t0, t1)."""
@@ -684,6 +754,7 @@ class Measurement:
     loadgen_aborts: dict[str, int]
     loadgen_startup_s: float         # typical start-to-first-request of perf_analyzer
     counters_wait_s: float           # how long the closing /metrics (or stats) call took
+    loadgen: str = "perf_analyzer"   # or "open-loop" (scripts/loadgen.py)
 
 
 def measure(args, target: str, protocol: str, load_factor: float, rates: dict[str, float],
@@ -695,30 +766,43 @@ def measure(args, target: str, protocol: str, load_factor: float, rates: dict[st
     start = time.monotonic()
     window_end = start + args.warmup_s + args.window_s
     stop_at = window_end + 1.0  # the load goes on a little past the window's end
-    loads = [ModelLoad(args, m, infer_port, protocol, r, window_end, stop_at, workdir, tag)
-             for m, r in rates.items()]
+    if args.load_generator == "open-loop":
+        loads = [OpenLoopLoad(args, infer_port, protocol, rates, stop_at - start, workdir,
+                              tag)]
+    else:
+        loads = [ModelLoad(args, m, infer_port, protocol, r, window_end, stop_at, workdir, tag)
+                 for m, r in rates.items()]
+    open_loop: dict | None = None
     try:
         for load in loads:
             load.start()
         time.sleep(args.warmup_s)
+        w0 = time.time_ns()  # the open-loop window: sends between the two counter scrapes
         c0 = counters()
         t0_ns, s0 = time.time_ns(), tree_cpu_s(server_pid)
         g0 = {k: v for load in loads for k, v in load.cpu_s().items()}
         t0 = time.monotonic()
         time.sleep(max(0.0, t0 + args.window_s - time.monotonic()))
-        scrape_start = time.monotonic()
+        scrape_start, w1 = time.monotonic(), time.time_ns()
         c1 = counters()  # as at t0, each CPU sample follows its counter snapshot
         scrape_s = time.monotonic() - scrape_start
         g1 = {k: v for load in loads for k, v in load.cpu_s().items()}
         s1, t1_ns = tree_cpu_s(server_pid), time.time_ns()
         elapsed_s = time.monotonic() - t0
+        if args.load_generator == "open-loop":
+            open_loop = open_loop_stats(
+                loads[0].finish(max(0.0, stop_at - time.monotonic()) + args.drain_s + 30.0),
+                w0, w1, slo_ms)
         for load in loads:  # each run is asked for requests up to stop_at; then it drains
-            load.join(max(0.0, stop_at - time.monotonic()) + args.drain_s)
+            if isinstance(load, ModelLoad):
+                load.join(max(0.0, stop_at - time.monotonic()) + args.drain_s)
     finally:
         for load in loads:
-            load.stop()
+            if isinstance(load, ModelLoad):
+                load.stop()
         for load in loads:
-            load.join(15.0)
+            if isinstance(load, ModelLoad):
+                load.join(15.0)
     errors = [load.error for load in loads if load.error]
     if errors:
         raise SystemExit("\n".join(errors))
@@ -729,33 +813,41 @@ def measure(args, target: str, protocol: str, load_factor: float, rates: dict[st
     arrived, completed = delta(c0.arrived, c1.arrived), delta(c0.completed, c1.completed)
     errs = delta(c0.errors, c1.errors)
     answered = sum(completed.values()) + sum(errs.values())
-    latencies, aborts, runs = [], {}, 0
-    timed, on_time = dict.fromkeys(rates, 0), dict.fromkeys(rates, 0)
-    first_request: dict[int, float] = {}  # id(run) -> monotonic time of its first request
-    for load in loads:
-        for run in load.runs:
-            runs += 1
-            if run.returncode == 0:
-                first_ns, got = read_export(run.export_path, t0_ns, t1_ns)
-                if first_ns is not None:
-                    delay_s = (first_ns - run.started_wall_ns) / 1e9
-                    delays.add(protocol, delay_s)
-                    first_request[id(run)] = run.started + delay_s
-                latencies += got
-                timed[load.model] += len(got)
-                on_time[load.model] += sum(1 for x in got if x <= slo_ms[load.model])
-            elif run.gave_up or run.returncode not in (-9, None):  # -9 alone: by us, after
-                reason = abort_reason(run.log_path)
-                aborts[reason] = aborts.get(reason, 0) + 1
-    # Offered: what each model's load generator was asked for while one of its perf_analyzer
-    # processes was sending (restarts after an abort leave gaps that are not the server's).
-    # A run without an export (aborted) is taken to start as fast as any did: an upper bound.
-    t1, fastest_s = t0 + elapsed_s, delays.shortest_s(protocol)
-    offered = {load.model: load.rate_rps * sum(
-        max(0.0, min(t1, r.gave_up or r.ended or t1)
-            - max(t0, first_request.get(id(r), r.started + fastest_s)))
-        for r in load.runs)
-        for load in loads}
+    if open_loop is not None:  # one process, every request logged with its send time
+        offered = {m: float(n) for m, n in open_loop["sent"].items()}
+        latencies, aborts, runs = open_loop["latencies"], open_loop["errors"], 1
+        on_time, timed = open_loop["on_time"], open_loop["sent"]
+        if not open_loop["kept_rate"]:
+            aborts[f"generator behind (send lag p99 {open_loop['lag_p99_ms']:.0f} ms)"] = 1
+    else:
+        latencies, aborts, runs = [], {}, 0
+        timed, on_time = dict.fromkeys(rates, 0), dict.fromkeys(rates, 0)
+        first_request: dict[int, float] = {}  # id(run) -> monotonic time of its first request
+        for load in loads:
+            for run in load.runs:
+                runs += 1
+                if run.returncode == 0:
+                    first_ns, got = read_export(run.export_path, t0_ns, t1_ns)
+                    if first_ns is not None:
+                        delay_s = (first_ns - run.started_wall_ns) / 1e9
+                        delays.add(protocol, delay_s)
+                        first_request[id(run)] = run.started + delay_s
+                    latencies += got
+                    timed[load.model] += len(got)
+                    on_time[load.model] += sum(1 for x in got if x <= slo_ms[load.model])
+                elif run.gave_up or run.returncode not in (-9, None):  # -9 alone: by us
+                    reason = abort_reason(run.log_path)
+                    aborts[reason] = aborts.get(reason, 0) + 1
+        # Offered: what each model's load generator was asked for while one of its
+        # perf_analyzer processes was sending (restarts after an abort leave gaps that are
+        # not the server's).  A run without an export (aborted) is taken to start as fast as
+        # any did: an upper bound.
+        t1, fastest_s = t0 + elapsed_s, delays.shortest_s(protocol)
+        offered = {load.model: load.rate_rps * sum(
+            max(0.0, min(t1, r.gave_up or r.ended or t1)
+                - max(t0, first_request.get(id(r), r.started + fastest_s)))
+            for r in load.runs)
+            for load in loads}
     attainment = runtime_attainment = None
     per_model = {}
     if target == "live":
@@ -763,9 +855,11 @@ def measure(args, target: str, protocol: str, load_factor: float, rates: dict[st
         # Out of what?  Normally the requests that arrived (or the answers, when requests in
         # flight at the window's edges make them more).  But requests the front end has not
         # passed on yet never arrive: when arrivals fall short of the offered count by more
-        # than Poisson noise (2 sigma), the noise-reduced offered count stands in.
+        # than Poisson noise (2 sigma), the noise-reduced offered count stands in.  The
+        # open-loop generator logs every request it sent: its count is exact, no noise.
+        noise = 0.0 if open_loop is not None else 2.0
         base = {m: max(1.0, arrived[m], completed[m] + errs[m],
-                       offered[m] - 2.0 * math.sqrt(offered[m])) for m in rates}
+                       offered[m] - noise * math.sqrt(offered[m])) for m in rates}
         per_model = {m: within[m] / base[m] for m in rates}
         attainment = sum(within.values()) / sum(base.values())
         runtime_attainment = sum(within.values()) / max(1.0, sum(arrived.values()), answered)
@@ -788,9 +882,10 @@ def measure(args, target: str, protocol: str, load_factor: float, rates: dict[st
         answered / elapsed_s, attainment, per_model, runtime_attainment,
         server_cpu * per_req, server_cpu / (elapsed_s * cores), loadgen_cpu / (elapsed_s * cores),
         loadgen_cpu * per_req, quantile(latencies, 0.5), quantile(latencies, 0.99),
-        len(latencies), sum(on_time.values()) / len(latencies) if latencies else None,
+        len(latencies),
+        sum(on_time.values()) / sum(timed.values()) if sum(timed.values()) else None,
         {m: on_time[m] / timed[m] if timed[m] else None for m in rates}, runtime_p50,
-        runtime_p99, runs, aborts, delays.typical_s(protocol), scrape_s)
+        runtime_p99, runs, aborts, delays.typical_s(protocol), scrape_s, args.load_generator)
 
 
 # ---- plan, simulator, servers -------------------------------------------------------------------
@@ -993,6 +1088,7 @@ def build_rows(measured: list[Measurement], sim: dict | None, models: list[str]
                 "server_cpu_share": live.server_cpu_share,
                 "loadgen_cpu_share": live.loadgen_cpu_share,
                 "loadgen_cpu_us_per_request": live.loadgen_cpu_us_per_request,
+                "loadgen": live.loadgen,
                 "loadgen_runs": live.loadgen_runs, "loadgen_aborts": live.loadgen_aborts,
                 "loadgen_startup_s": live.loadgen_startup_s,
                 "counters_wait_s": live.counters_wait_s,
@@ -1029,6 +1125,23 @@ def findings(rows: list[dict], planned_rps: float) -> list[str]:
     return out
 
 
+OPEN_LOOP_NOTES = {
+    "offered": [
+        "* offered = the requests the open-loop generator (`scripts/loadgen.py`) sent between "
+        "the two counter scrapes: every send is logged, so it is exact (no bounds).  It never "
+        "stops at an error: it offers what the simulator offers.  arrived = requests that "
+        "reached the runtime (`ppipe_requests_total`); answered = results + drops + failures "
+        "(`/metrics`, before and after the window)."],
+    "p50": [
+        "* p50 / p99: client round trip of the results, over the requests sent in the window.  "
+        "client on time: of those requests, the fraction answered with a result within the "
+        "model's SLO (errors and unanswered requests count as misses).  The last column of "
+        "the details counts the answers by status and reason, and says when the generator "
+        "itself fell behind its schedule (send lag p99 > 5 ms).  The runtime's histogram "
+        "(arrival to last stage, interpolated in its buckets) is given for every live row."],
+}
+
+
 def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict,
              wall_s: float, planned_rps: float) -> str:
     lines = ["# Data-plane CPU per request (`scripts/bench_dataplane.py`)", "",
@@ -1043,7 +1156,10 @@ def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict
     for r in rows:
         f = r["floor"] or {}
         share = (lambda v: "-" if v is None else f"{100 * v:.0f} %")
-        bound = ("<= ", ">= ") if r["loadgen_aborts"] else ("", "")
+        # perf_analyzer's aborts leave gaps whose start is not known; the open-loop
+        # generator logs every send, its errors are answers like any other
+        bound = (("<= ", ">= ") if r["loadgen_aborts"] and r["loadgen"] == "perf_analyzer"
+                 else ("", ""))
         lines.append(
             f"| {r['protocol']} | {r['load_factor']:g} | {bound[0]}{r['offered_rps']:.0f} | "
             f"{r['arrived_rps']:.0f} | {r['answered_rps']:.0f} | "
@@ -1056,7 +1172,7 @@ def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict
               "| protocol | load | target req/s | runtime attainment | sim attainment "
               "| client on time (samples) | runtime p50 / p99 ms | floor offered / answered req/s "
               "| floor p50 / p99 ms | loadgen CPU us/req (live / floor) "
-              "| perf_analyzer runs (aborts by reason) |",
+              "| load generator runs (aborts or errors, by reason) |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r["floor"] or {}
@@ -1086,6 +1202,7 @@ def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict
                      f"{fmt(s.get('live_over_sim_grid'), '.3f')} | "
                      f"{s['live_client_load_factor']:.3f} |")
     cores = os.cpu_count() or 1
+    open_loop = any(r.get("loadgen") == "open-loop" for r in rows)
     lines += ["", "## In short", "", *findings(rows, planned_rps), "", "## How to read it", "",
               "* **EMULATED**: timing-only workers hold each batch for its profiled latency; "
               "no GPU, no tensor math.  The CPU measured is the data plane's own: protocol, "
@@ -1097,34 +1214,39 @@ def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict
               "`grpc.aio` servicer on tritonclient's `service_pb2_grpc` (ModelInfer and the "
               "metadata calls perf_analyzer makes), both echoing a 4-byte output.  "
               "ratio = live / floor.",
-              "* offered = each model's target rate x the part of the window in which one of its "
-              "perf_analyzer processes was sending: from its first request until it finished "
-              "or printed that a request failed (it is then replaced at once and left to wait "
-              "for its requests in flight).  Target req/s is in the details.  An aborted run "
-              "leaves no record of its first request (its start plus the shortest start-up "
-              "seen is used), and some of its threads stop at the failed request, before it "
-              "says so: on rows with aborts, offered is an upper bound and attainment a lower "
-              "bound (marked <= and >=), and runtime attainment an upper bound.  arrived = "
-              "requests "
-              "that reached the runtime (`ppipe_requests_total`); answered = results + drops "
-              "+ failures (`/metrics`, before and after the window).",
+              *(OPEN_LOOP_NOTES["offered"] if open_loop else [
+                  "* offered = each model's target rate x the part of the window in which one of "
+                  "its perf_analyzer processes was sending: from its first request until it "
+                  "finished or printed that a request failed (it is then replaced at once and left "
+                  "to wait for its requests in flight).  Target req/s is in the details.  An "
+                  "aborted run leaves no record of its first request (its start plus the shortest "
+                  "start-up seen is used), and some of its threads stop at the failed request, "
+                  "before it says so: on rows with aborts, offered is an upper bound and attainment"
+                  " a lower bound (marked <= and >=), and runtime attainment an upper bound.  "
+                  "arrived = requests that reached the runtime (`ppipe_requests_total`); answered ="
+                  " results + drops + failures (`/metrics`, before and after the window).",
+              ]),
               "* attainment = results by the deadline (the runtime's latency, as "
               "`bench_serve.py` counts it) / offered (or arrived or answered where larger: the "
               "window's edges): a request stuck in the front end counts as a miss.  runtime "
               "attainment = the same over arrived, i.e. `bench_serve.py`'s figure, blind to "
               "the front end's backlog.  sim attainment: the simulator on the same plan and "
-              "load factor.  client on time: of the requests perf_analyzer timed (below), the "
-              "fraction whose round trip was within the model's SLO.",
-              "* p50 / p99: client round trip as perf_analyzer saw it, over requests sent in the "
-              "window by perf_analyzer runs that finished.  perf_analyzer gives up at the first "
-              "failed request, and the live server drops (503) requests whose deadline it "
-              "cannot meet: such a run is replaced (a gap in that model's load: the "
-              "replacement's start-up, tens of ms, or seconds when its metadata calls queue "
-              "behind a backlogged server) and its requests are not timed.  Rows "
-              "whose runs all aborted have no client figures; the runtime's histogram "
-              "(arrival to last stage, interpolated in its buckets) is given for every live row.",
-              f"* CPU shares are of all {cores} cores.  The load generator (one perf_analyzer "
-              "per model) runs on the **same cores** as the server, and so do other people's "
+              "load factor.  client on time: of the requests the load generator timed (below), "
+              "the fraction whose round trip was within the model's SLO.",
+              *(OPEN_LOOP_NOTES["p50"] if open_loop else [
+                  "* p50 / p99: client round trip as perf_analyzer saw it, over requests sent in "
+                  "the window by perf_analyzer runs that finished.  perf_analyzer gives up at the "
+                  "first failed request, and the live server drops (503) requests whose deadline it"
+                  " cannot meet: such a run is replaced (a gap in that model's load: the "
+                  "replacement's start-up, tens of ms, or seconds when its metadata calls queue "
+                  "behind a backlogged server) and its requests are not timed.  Rows whose runs all"
+                  " aborted have no client figures; the runtime's histogram (arrival to last stage,"
+                  " interpolated in its buckets) is given for every live row.",
+              ]),
+              f"* CPU shares are of all {cores} cores.  The load generator ("
+              + ("one `scripts/loadgen.py` process" if open_loop else "one perf_analyzer per "
+                 "model")
+              + ") runs on the **same cores** as the server, and so do other people's "
               "jobs: figures are noisy, and past the point where server + load generator need "
               "every core, the server is starved rather than slow.",
               "* live max load factor: per model, the largest measured load factor at which its "
@@ -1135,7 +1257,8 @@ def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict
               "applies the live rule to the simulator's attainment at the measured load "
               "factors.",
               "* perf_analyzer seeds its Poisson schedule the same way in every process: each "
-              "model's arrivals are a time-scaled copy of the others'.", ""]
+              "model's arrivals are a time-scaled copy of the others'." if not open_loop else
+              "* The generator's arrival processes are independent per model.", ""]
     return "\n".join(lines)
 
 
@@ -1159,6 +1282,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle-s", type=float, default=1.0, help="pause between points")
     p.add_argument("--idle-s", type=float, default=3.0,
                    help="seconds of the server's CPU sampled with no load, after start-up")
+    p.add_argument("--load-generator", choices=("perf_analyzer", "open-loop"),
+                   default="perf_analyzer",
+                   help="perf_analyzer (one per model, restarted when it gives up at a failed "
+                        "request) or open-loop (scripts/loadgen.py: one process, independent "
+                        "Poisson arrivals per model kept through errors, every answer logged)")
     p.add_argument("--max-threads", type=int, default=4, help="perf_analyzer --max-threads")
     p.add_argument("--frontends", type=int, default=1,
                    help="ppipe serve --frontends N: processes answering the protocols (the "
@@ -1200,16 +1328,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--protocols {args.protocols!r}: expected a comma list of http, grpc")
     if any(not 0 < lf <= 2 for lf in args.load_factors):
         p.error(f"--load-factors {args.load_factors}: expected values in (0, 2]")
-    if not args.perf_analyzer or not Path(args.perf_analyzer).is_file() \
-            or not os.access(args.perf_analyzer, os.X_OK):
-        p.error(f"perf_analyzer not found (got {args.perf_analyzer}); fetch it with "
-                "scripts/fetch_perf_analyzer.sh, or give --perf-analyzer PATH / $PERF_ANALYZER")
-    version = subprocess.run([str(args.perf_analyzer), "--version"], capture_output=True,
-                             text=True, timeout=30)
-    pa_version = (version.stdout or version.stderr).strip().removeprefix("Perf Analyzer ")
-    if version.returncode != 0:
-        p.error(f"{args.perf_analyzer} --version failed (exit {version.returncode}): "
-                f"{(version.stderr or version.stdout).strip()[:300]}")
+    pa_version = None
+    if args.load_generator == "perf_analyzer":
+        if not args.perf_analyzer or not Path(args.perf_analyzer).is_file() \
+                or not os.access(args.perf_analyzer, os.X_OK):
+            p.error(f"perf_analyzer not found (got {args.perf_analyzer}); fetch it with "
+                    "scripts/fetch_perf_analyzer.sh, give --perf-analyzer PATH / "
+                    "$PERF_ANALYZER, or use --load-generator open-loop")
+        version = subprocess.run([str(args.perf_analyzer), "--version"], capture_output=True,
+                                 text=True, timeout=30)
+        pa_version = (version.stdout or version.stderr).strip().removeprefix("Perf Analyzer ")
+        if version.returncode != 0:
+            p.error(f"{args.perf_analyzer} --version failed (exit {version.returncode}): "
+                    f"{(version.stderr or version.stdout).strip()[:300]}")
     if args.profiles is None:  # as ppipe_trt.profiles.default_profiles_dir
         args.profiles = Path(os.environ.get("PPIPE_PROFILES")
                              or ROOT.parent / "shared" / "ppipe-profiles")
@@ -1309,9 +1440,16 @@ def run(args, argv, protocols, pa_version: str, t_start: float) -> int:
         f"code: {code}.  With no load, the server used {100 * idle_share:.1f} % of the "
         f"machine's CPU ({args.idle_s:g} s sample).",
         "",
-        f"Load: one `perf_analyzer` ({pa_version}) per model, `--async --request-distribution "
-        f"poisson --request-rate-range R --max-threads {args.max_threads}`, binary tensors, one "
-        f"FP32 element per sample; {args.warmup_s:g} s warm-up, then a {args.window_s:g} s "
+        (f"Load: one `perf_analyzer` ({pa_version}) per model, `--async "
+         f"--request-distribution poisson --request-rate-range R --max-threads "
+         f"{args.max_threads}`, binary tensors, one FP32 element per sample; "
+         if pa_version else
+         "Load: **open loop** (`--load-generator open-loop`: `scripts/loadgen.py`, one process, "
+         "an independent Poisson arrival process per model at a fixed rate for the whole "
+         "point, kept through errors; every request logged with its send time, round trip "
+         "and status), binary tensors over HTTP / `raw_input_contents` over gRPC, one FP32 "
+         "element per sample; ")
+        + f"{args.warmup_s:g} s warm-up, then a {args.window_s:g} s "
         f"window per point, each point live then floor.  Machine: {os.cpu_count()} cores, "
         "shared with the load generator and with other engineers' jobs: figures are noisy.",
         "", f"Simulator: `search_load_factor` on the same plan ({args.sim_duration_s:g} s "
