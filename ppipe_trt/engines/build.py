@@ -237,7 +237,23 @@ def _profile_is_current(built: BuiltModel, shares: tuple[int, ...] = (1,)) -> bo
         _, meta = read_profile(built.profile_path)
     except PPipeError:
         return False
-    return meta.get("content_hash") == built.content_hash and tuple(meta.get("mps_shares", ())) == shares
+    return (meta.get("content_hash") == built.content_hash
+            and tuple(meta.get("mps_shares", ())) == shares
+            and meta.get("intra_op_threads") == _profiling_threads(built))
+
+
+def _profiling_threads(built: BuiltModel, device: str | None = None) -> int | None:
+    """ONNX Runtime threads the blocks are profiled with: on the CPU, those of one serving
+    worker (``CPU_WORKER_THREADS``; ONNX Runtime's default would use every core, and the
+    plan would count a worker that fast); elsewhere ONNX Runtime's default (``None``)."""
+    from ppipe_trt.engines.gpu import CPU_WORKER_THREADS
+    from ppipe_trt.engines.profiling import onnxruntime_device_for
+
+    if built.backend != "onnxruntime":
+        return None
+    if device is None:
+        device = onnxruntime_device_for(built.gpu_class)
+    return CPU_WORKER_THREADS if device == "cpu" else None
 
 
 def profile_built_model(built: BuiltModel, *, progress: bool = True, warmup: int = 2,
@@ -257,13 +273,15 @@ def profile_built_model(built: BuiltModel, *, progress: bool = True, warmup: int
     if device is None:
         device = (onnxruntime_device_for(built.gpu_class) if backend == "onnxruntime"
                   else "cuda:0")
+    threads = _profiling_threads(built, device)
+    kw = {"intra_op_threads": threads} if threads is not None else {}
     tables = {}
     for share in mps_shares:
         rows = []
         for b in _progress(range(built.num_blocks),
                            f"{built.model_name}: profile blocks (share {share})", progress):
             if share == 1:
-                with built.open_backend(b, b, backend, device) as runner:
+                with built.open_backend(b, b, backend, device, **kw) as runner:
                     rows.append(profile_backend_latency_us(runner, built.max_batch, warmup, repeats))
             else:
                 suffix = ".plan" if backend == "tensorrt" else ".onnx"
@@ -273,7 +291,7 @@ def profile_built_model(built: BuiltModel, *, progress: bool = True, warmup: int
                                                           warmup, repeats))
         tables[(built.gpu_class, share)] = BlockLatencyTable(built.model_name, built.gpu_class,
                                                              share, tuple(rows))
-    with built.open_backend(0, built.num_blocks - 1, backend, device) as whole:
+    with built.open_backend(0, built.num_blocks - 1, backend, device, **kw) as whole:
         feeds = random_inputs(whole.inputs, 1)
         full_us = median_latency_us(lambda: whole.infer(feeds), warmup, repeats)
     manifest = built.manifest
@@ -286,14 +304,15 @@ def profile_built_model(built: BuiltModel, *, progress: bool = True, warmup: int
         output_bytes_per_sample=sum(s.bytes_per_sample for s in built.outputs))
     meta = {"content_hash": built.content_hash, "backend": backend,
             "backend_version": manifest["backend_version"], "device": manifest["device"],
-            "profiled_on": device,
+            "profiled_on": device, "intra_op_threads": threads,
             **({"warning": f"GPU class {built.gpu_class!r} profiled on the CPU (no CUDA "
                            "execution provider / TensorRT here): latencies are not the GPU's"}
                if built.gpu_class != CPU_CLASS and device == "cpu" else {}),
             "precision": manifest["precision"], "warmup": warmup, "repeats": repeats,
             "statistic": "median wall time of backend.infer incl. host copies, us",
             "mps_shares": list(mps_shares),
-            "mps_note": ("CPU: one share (the whole machine)" if built.gpu_class == CPU_CLASS
+            "mps_note": (f"CPU: one share (one worker: {threads} ONNX Runtime thread(s), as "
+                         "the server runs it)" if built.gpu_class == CPU_CLASS
                          else "share m: m processes run the block at once"
                          + ("" if len(mps_shares) > 1 else
                             " (only share 1: no MPS daemon or GPU older than Volta)")),

@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 
 CPU_CLASS = "cpu"
+#: ONNX Runtime threads of one CPU worker, as the server runs it (``RuntimeOptions.
+#: intra_op_threads``) and as CPU blocks are profiled: a plan for the ``cpu`` class counts one
+#: such worker per slot, so its latency tables must be this worker's.
+CPU_WORKER_THREADS = 1
 _VENDOR_WORDS = ("nvidia", "tesla", "geforce", "quadro", "rtx")
 
 

@@ -108,7 +108,11 @@ class BackendRecipe:
         if self.kind == "onnxruntime":
             from ppipe_trt.engines.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-            return OnnxRuntimeBackend(self.path, self.device)
+            from ppipe_trt.engines.gpu import CPU_WORKER_THREADS
+
+            # on the CPU, each process runs as one serving worker does
+            return OnnxRuntimeBackend(self.path, self.device, intra_op_threads=(
+                CPU_WORKER_THREADS if self.device == "cpu" else None))
         if self.kind == "tensorrt":
             from ppipe_trt.engines.backends.tensorrt_backend import TensorRTBackend
 

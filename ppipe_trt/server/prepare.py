@@ -7,7 +7,10 @@ heavy modules are imported inside it, so that ``ppipe --help`` stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
+
+from ppipe_trt.engines.gpu import CPU_CLASS, CPU_WORKER_THREADS
 
 DEFAULT_MODEL = "demo_resnet"
 
@@ -127,6 +130,12 @@ def prepare(args) -> tuple:
         slots = args.slots or len(models)
         plan = local_plan(profiles, models, local_class, slots, slo, weights=weights)
         what = f"local {local_class} x{slots}"
+        cores = os.cpu_count() or 1
+        if local_class == CPU_CLASS and slots > cores:
+            what += (f"; WARNING: {slots} worker slots on {cores} CPU cores: the plan counts "
+                     f"one core per slot (a CPU worker runs ONNX Runtime on "
+                     f"{CPU_WORKER_THREADS} thread, as its blocks were profiled), so with every "
+                     f"model loaded at once expect less throughput than planned")
     derived = [m for m in models if m not in slo]
     if derived and args.plan is None:
         what += (f"; SLO derived from the profile (no slo_ms in the config) for: "

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ppipe_trt.engines.gpu import CPU_WORKER_THREADS
+
 
 @dataclass(frozen=True, slots=True)
 class RuntimeOptions:
@@ -28,7 +30,8 @@ class RuntimeOptions:
     * ``emulate_links``: delay hand-offs between servers by the reserved link time.
     * ``intra_op_threads``: ONNX Runtime threads per CPU worker (1: idle ONNX Runtime pool
       threads spin, which starves the front end on a small host; ``None`` for ONNX Runtime's
-      default).
+      default).  CPU blocks are profiled with ``CPU_WORKER_THREADS`` (1), the default here:
+      another value makes the workers slower or faster than the plan's latency tables.
     * ``cut_dtype``: e.g. ``"float16"`` to halve activations at cuts (default: the plan's
       ``params["cut_dtype"]``, else ``float16`` for models whose engines were built with
       ``fp16_cuts``).
@@ -82,7 +85,7 @@ class RuntimeOptions:
     deadline_margin_fraction: float = 0.3
     wake_lead_us: float = 1000.0
     emulate_links: bool = True
-    intra_op_threads: int | None = 1
+    intra_op_threads: int | None = CPU_WORKER_THREADS
     cut_dtype: str | None = None
     max_pending: int = 10_000
     switch_interval_s: float | None = 0.0005

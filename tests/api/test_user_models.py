@@ -135,11 +135,16 @@ def test_frames_of_a_segmenter_give_a_png_mask(zoo_builds, zoo_repository, app_f
         assert np.array_equal(np.asarray(arr["data"]), want)
 
 
-def test_serve_from_repository_runs_real_engines(zoo_repository, tmp_path):
-    """``ppipe serve --model-repository``'s preparation: engines built here, never timing-only."""
+def test_serve_from_repository_runs_real_engines(zoo_repository, tmp_path, monkeypatch):
+    """``ppipe serve --model-repository``'s preparation: engines built here, never timing-only.
+    More worker slots than CPU cores (the plan counts one core per slot) are said."""
+    import os
+
     from ppipe_trt.serving.assembly import served_models
     from ppipe_trt.server.cli import describe
     from ppipe_trt.server.prepare import prepare
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
 
     args = argparse.Namespace(plan=None, models=["inception", "fpn_detector"], profiles=None,
                               emulate=None, engines=tmp_path / "engines", slots=None,
@@ -155,11 +160,13 @@ def test_serve_from_repository_runs_real_engines(zoo_repository, tmp_path):
     assert served["inception"].postprocess.kind == "classification"
     text = describe(plan, what, "http://127.0.0.1:8000", built)
     assert "TIMING-ONLY" not in text and "inception: real engines (onnxruntime cpu" in text
+    assert "WARNING: 2 worker slots on 1 CPU cores: the plan counts one core per slot" in text
     # the store now holds them with their configs: --model NAME serves them without the repo
     args2 = argparse.Namespace(**{**vars(args), "model_repository": None,
                                   "models": ["inception"]})
-    plan2, _, built2, _ = prepare(args2)
+    plan2, _, built2, what2 = prepare(args2)
     assert built2["inception"].build_dir == built["inception"].build_dir
+    assert "WARNING" not in what2  # one slot, one core
     assert served_models(plan2, profiles, built2)["inception"].image is not None
 
 

@@ -220,3 +220,47 @@ def test_gpu_class_profiled_on_cpu_is_flagged(tmp_path):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert meta["profiled_on"] == "cpu"
         assert "profiled on the CPU" in meta["warning"]
+
+
+def test_cpu_blocks_profiled_as_one_serving_worker_runs_them(tmp_path, monkeypatch):
+    """The plan for the ``cpu`` class counts one worker per slot, and a serving worker runs
+    ONNX Runtime on ``CPU_WORKER_THREADS`` threads: blocks are profiled with exactly that
+    (ONNX Runtime's default would use every core, and the plan would count a worker that
+    fast).  A profile made otherwise (or before this was recorded) is made again."""
+    from ppipe_trt.engines.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from ppipe_trt.engines.gpu import CPU_WORKER_THREADS
+    from ppipe_trt.profiles import read_profile
+    from ppipe_trt.serving.options import RuntimeOptions
+
+    assert RuntimeOptions().intra_op_threads == CPU_WORKER_THREADS == 1
+    seen = []
+    real_load = OnnxRuntimeBackend._load_impl
+
+    def load(self):
+        seen.append(self.intra_op_threads)
+        return real_load(self)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "_load_impl", load)
+    path = tmp_path / "skipnet.onnx"
+    onnx.save(skip_model(), str(path))
+    built = build_model_engines(path, "cpu", store_root=tmp_path, num_blocks=2, max_batch=2,
+                                **FAST)
+    # the profile's loads, the last: each block, then the whole model (the build before them
+    # loads a stage only to read its outputs)
+    assert seen[-3:] == [CPU_WORKER_THREADS] * 3, seen
+    _, meta = read_profile(built.profile_path)
+    assert meta["intra_op_threads"] == CPU_WORKER_THREADS
+    assert "1 ONNX Runtime thread" in meta["mps_note"]
+
+    # reused as it is ...
+    seen.clear()
+    build_model_engines(path, "cpu", store_root=tmp_path, num_blocks=2, max_batch=2, **FAST)
+    assert seen == []
+    # ... unless it was profiled another way (an older build, ONNX Runtime's default threads)
+    doc = json.loads(built.profile_path.read_text())
+    del doc["meta"]["intra_op_threads"]
+    built.profile_path.write_text(json.dumps(doc))
+    build_model_engines(path, "cpu", store_root=tmp_path, num_blocks=2, max_batch=2, **FAST)
+    assert seen[-3:] == [CPU_WORKER_THREADS] * 3, seen
+    _, meta = read_profile(built.profile_path)
+    assert meta["intra_op_threads"] == CPU_WORKER_THREADS
