@@ -213,7 +213,9 @@ class InferenceService:
         return {
             "name": model.name, "platform": SERVER_NAME, "backend": SERVER_NAME,
             "version_policy": {"latest": {"num_versions": 1}},
-            "max_batch_size": model.max_batch,
+            # the configuration's, as Triton reports it: the plan's batch changes from one
+            # plan to the next, and a client may send more (one request per sample inside)
+            "max_batch_size": model.config_max_batch or model.max_batch,
             "input": [{"name": s.name, "data_type": "TYPE_" + v2_datatype(s.dtype),
                        "format": "FORMAT_NONE", "dims": dims(s)} for s in model.inputs],
             "output": [{"name": s.name, "data_type": "TYPE_" + v2_datatype(s.dtype),

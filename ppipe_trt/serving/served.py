@@ -65,7 +65,10 @@ def served_models(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, A
                 mp.model, tuple(built.inputs), outputs, mp.slo_ms * 1000.0,
                 max_batch, mode, emulated=emulated, timing_only=False,
                 image=entry.image if entry is not None else None,
-                postprocess=entry.postprocess if entry is not None else Postprocess())
+                postprocess=entry.postprocess if entry is not None else Postprocess(),
+                # the configuration's max_batch_size, within what the engines were built for
+                config_max_batch=(min(entry.max_batch, built.max_batch)
+                                  if entry is not None and entry.max_batch > 0 else None))
         else:
             if mp.model not in profiles:
                 raise ConfigError(f"model {mp.model!r} has neither built engines nor profiles; "

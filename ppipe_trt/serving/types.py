@@ -27,8 +27,12 @@ class ServedModel:
 
     ``inputs``/``outputs``: tensor specs with ``-1`` as the batch dimension.  ``mode`` says
     how it runs (e.g. ``"onnxruntime cpu"``, ``"timing-only, emulated"``); ``emulated`` marks
-    figures that come from emulated GPU classes.  ``image`` (frames preprocessing) and
-    ``postprocess`` come from the model's repository configuration.
+    figures that come from emulated GPU classes.  ``image`` (frames preprocessing),
+    ``postprocess`` and ``config_max_batch`` come from the model's repository configuration:
+    ``max_batch`` is the largest batch the plan runs, ``config_max_batch`` the configuration's
+    ``max_batch_size`` within the batch the engines were built for (what the model
+    configuration endpoints report, as Triton does; ``None``: no configuration, they report
+    ``max_batch``).  A client may send larger batches: each sample is one request inside.
     """
 
     name: str
@@ -41,6 +45,7 @@ class ServedModel:
     timing_only: bool = False
     image: ImageSpec | None = None
     postprocess: Postprocess = Postprocess()
+    config_max_batch: int | None = None
 
     def input(self, name: str) -> TensorSpec | None:
         return next((s for s in self.inputs if s.name == name), None)

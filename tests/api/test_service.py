@@ -58,7 +58,9 @@ def test_models_are_found_by_name_and_version(detector_runtime):
     assert [t.name for t in meta.inputs] == ["image"] and meta.inputs[0].shape == (-1, 3, 256, 256)
     assert meta.parameters["slo_ms"] == 500.0
     config = service.model_config(MODEL)
-    assert config["max_batch_size"] == MAX_BATCH and config["input"][0]["dims"] == [3, 256, 256]
+    # the example repository's max_batch_size (8), not this plan's batch (MAX_BATCH)
+    assert config["max_batch_size"] == 8 != MAX_BATCH
+    assert config["input"][0]["dims"] == [3, 256, 256]
     assert service.ready and service.model_ready(MODEL)
     assert [(e.name, e.state) for e in service.repository_index()] == [(MODEL, "READY")]
 

@@ -44,7 +44,8 @@ def test_tritonclient_metadata_calls(server):
     md = c.get_model_metadata(MODEL)
     assert md["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 224, 224]}]
     cfg = c.get_model_config(MODEL)
-    assert cfg["max_batch_size"] == 1 and cfg["input"][0]["dims"] == [3, 224, 224]
+    # the example repository's max_batch_size, not the batch the plan runs (1 here)
+    assert cfg["max_batch_size"] == 8 and cfg["input"][0]["dims"] == [3, 224, 224]
     assert c.get_model_repository_index() == [{"name": MODEL, "version": "1",
                                                "state": "READY"}]
     assert c.get_inference_statistics(MODEL)["model_stats"][0]["name"] == MODEL

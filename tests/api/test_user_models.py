@@ -180,3 +180,31 @@ def test_serve_refuses_what_it_cannot_serve_for_real(zoo_repository, tmp_path):
         prepare(argparse.Namespace(**base, models=["nope"], model_repository=zoo_repository))
     with pytest.raises(BadInputError, match="have no engines for cpu"):
         prepare(argparse.Namespace(**base, models=["my_net"], model_repository=None))
+
+
+def test_config_reports_the_configured_max_batch_size(zoo_builds, zoo_repository, app_for,
+                                                      http_server):
+    """The model configuration endpoint reports the repository's ``max_batch_size`` (as
+    Triton does), not the batch the plan happens to run, which changes from plan to plan;
+    a batch above the planned one is still served (one request per sample inside)."""
+    import tritonclient.http as httpclient
+
+    from ppipe_trt.profiles import load_profiles
+    from ppipe_trt.repository import load_model_entry
+    from ppipe_trt.serving.local import pipeline_plan
+
+    name = "inception"
+    built = zoo_builds[name]
+    configured = min(load_model_entry(zoo_repository / name).max_batch, built.max_batch)
+    assert configured > 1
+    profiles = load_profiles(zoo_builds.store, [name])
+    plan = pipeline_plan(profiles, name, [0], "cpu", batch_size=1, slo_ms=600.0)
+    spec = FAMILIES[name]
+    with http_server(app_for(plan, profiles, {name: built})) as srv:
+        client = httpclient.InferenceServerClient(srv.url)
+        assert client.get_model_config(name)["max_batch_size"] == configured
+        x = np.zeros((configured,) + spec.input_shape, np.float32)
+        inp = httpclient.InferInput(spec.input_name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        got = client.infer(name, [inp]).as_numpy(spec.output_names[0])
+        assert got.shape[0] == configured
