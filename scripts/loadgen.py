@@ -182,29 +182,34 @@ class HttpConn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.transport = None
         self.pending: tuple | None = None
-        self.current: tuple | None = None
+        self.current: tuple | None = None  # (request, record, i, t0)
         self.body: list[bytes] = []
+        self.answers = 0        # responses completed on this connection
+        self.answering = False  # bytes of the current response have arrived
 
     def connected(self, task: asyncio.Task) -> None:
         exc = task.exception()
-        if exc is not None:
-            self.pool.open -= 1
-            _, record, i, t0 = self.pending
-            record.finish(i, 0, (time.perf_counter() - t0) * 1e3, f"connect: {exc}")
-            return
         request, record, i, t0 = self.pending
         self.pending = None
-        self.send(request, record, i, t0)
+        if exc is not None:
+            self.pool.open -= 1
+            record.finish(i, 0, (time.perf_counter() - t0) * 1e3, f"connect: {exc}")
+        elif self.transport is None or self.transport.is_closing():
+            self.pool.send(request, record, i, t0)  # lost before its first request
+        else:
+            self.send(request, record, i, t0)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def send(self, request: bytes, record: ModelRecord, i: int, t0: float) -> None:
-        self.current = (record, i, t0)
+        self.current = (request, record, i, t0)
         self.body.clear()
+        self.answering = False
         self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
+        self.answering = True
         try:
             self.parser.feed_data(data)
         except Exception as exc:  # a malformed answer: the server's fault, counted as such
@@ -216,8 +221,9 @@ class HttpConn(asyncio.Protocol):
             self.body.append(body)
 
     def on_message_complete(self) -> None:
-        record, i, t0 = self.current
+        _, record, i, t0 = self.current
         self.current = None
+        self.answers += 1
         status = self.parser.get_status_code()
         record.finish(i, status, (time.perf_counter() - t0) * 1e3,
                       b"".join(self.body).decode(errors="replace") if status != 200 else "")
@@ -228,15 +234,23 @@ class HttpConn(asyncio.Protocol):
 
     def _fail(self, why: str) -> None:
         if self.current is not None:
-            record, i, t0 = self.current
+            _, record, i, t0 = self.current
             self.current = None
             record.finish(i, 0, (time.perf_counter() - t0) * 1e3, why)
 
     def connection_lost(self, exc) -> None:
-        self._fail(f"connection lost: {exc}")
         self.pool.open -= 1
         if self in self.pool.idle:
             self.pool.idle.remove(self)
+        if self.current is not None and self.answers and not self.answering:
+            # A kept-alive connection the server closed as the request went out (its idle
+            # timeout): nothing was answered, so send it again on another connection, as
+            # HTTP clients do; its round trip still counts from the first send.
+            request, record, i, t0 = self.current
+            self.current = None
+            self.pool.send(request, record, i, t0)
+            return
+        self._fail(f"connection lost: {exc}")
 
 
 # ---- gRPC --------------------------------------------------------------------------------------

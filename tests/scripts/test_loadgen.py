@@ -158,3 +158,63 @@ def test_bench_dataplane_open_loop(profiles_dir, tmp_path):
     assert row["latency_samples"] > 100
     text = md.read_text()
     assert "open loop" in text and "EMULATED" in text
+
+
+def test_http_resends_on_a_kept_alive_connection_the_server_closed(tmp_path):
+    """A server that closes a kept-alive connection as the next request arrives (its idle
+    timeout) answered nothing: the generator sends that request again on a new connection,
+    as HTTP clients do, instead of counting a failure."""
+    import asyncio
+    import threading
+
+    meta = json.dumps({"name": "m", "inputs": [{"name": "x", "datatype": "FP32",
+                                                "shape": [-1, 1]}],
+                       "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 1]}]})
+    answered_infers = []
+    ready = threading.Event()
+    box = {}
+
+    async def handle(reader, writer):
+        served_infer = False
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if length:
+                    await reader.readexactly(length)
+                if head.startswith(b"GET"):
+                    body = meta.encode()
+                elif served_infer:  # the second request on this connection: hang up
+                    writer.close()
+                    return
+                else:
+                    served_infer = True
+                    answered_infers.append(1)
+                    body = b'{"model_name":"m","outputs":[]}'
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    def serve():
+        loop = asyncio.new_event_loop()
+        server = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0))
+        box["port"], box["loop"] = server.sockets[0].getsockname()[1], loop
+        ready.set()
+        loop.run_forever()
+
+    threading.Thread(target=serve, daemon=True).start()
+    assert ready.wait(10)
+    try:
+        proc, got = _run(tmp_path, box["port"], "http", {"m": 20.0}, 1.5)
+    finally:
+        box["loop"].call_soon_threadsafe(box["loop"].stop)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = got["models"]["m"]
+    assert len(r["status"]) >= 10
+    assert set(r["status"]) == {200}, r["errors"]  # every hang-up was resent, none counted
+    assert len(answered_infers) == len(r["status"])
