@@ -7,10 +7,9 @@ heavy modules are imported inside it, so that ``ppipe --help`` stays fast.
 
 from __future__ import annotations
 
-import os
 import sys
 
-from ppipe_trt.engines.gpu import CPU_CLASS, CPU_WORKER_THREADS
+from ppipe_trt.engines.gpu import CPU_CLASS
 
 DEFAULT_MODEL = "demo_resnet"
 
@@ -47,7 +46,7 @@ def prepare(args) -> tuple:
     from ppipe_trt.plan import load_plan
     from ppipe_trt.profiles import load_profiles
     from ppipe_trt.profiles.types import ProfileSet
-    from ppipe_trt.serving.local import emulated_plan, local_plan
+    from ppipe_trt.serving.local import emulated_plan, local_plan, time_sliced, usable_cores
 
     model_repository = getattr(args, "model_repository", None)
     args.model_repository = model_repository
@@ -128,14 +127,19 @@ def prepare(args) -> tuple:
         what = f"emulated cluster {cluster.label} ({args.emulate})"
     else:
         slots = args.slots or len(models)
+        cores = usable_cores()
+        shared_cores = local_class == CPU_CLASS and slots > cores
+        if shared_cores:
+            # a CPU worker is one core (CPU_WORKER_THREADS thread, as profiled); more workers
+            # than cores share them: plan (and reserve) what each takes when all are busy
+            profiles = time_sliced(profiles, [m for m in models if m in built], local_class,
+                                   slots / cores)
         plan = local_plan(profiles, models, local_class, slots, slo, weights=weights)
         what = f"local {local_class} x{slots}"
-        cores = os.cpu_count() or 1
-        if local_class == CPU_CLASS and slots > cores:
-            what += (f"; WARNING: {slots} worker slots on {cores} CPU cores: the plan counts "
-                     f"one core per slot (a CPU worker runs ONNX Runtime on "
-                     f"{CPU_WORKER_THREADS} thread, as its blocks were profiled), so with every "
-                     f"model loaded at once expect less throughput than planned")
+        if shared_cores:
+            what += (f"; {slots} workers on {cores} CPU cores: block latencies planned "
+                     f"x{slots / cores:.2f}, what each worker takes when all are busy "
+                     f"(serving at most {cores} models here avoids it)")
     derived = [m for m in models if m not in slo]
     if derived and args.plan is None:
         what += (f"; SLO derived from the profile (no slo_ms in the config) for: "

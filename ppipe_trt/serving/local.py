@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 from ppipe_trt.cluster import ClusterSpec, GpuPool, Workload
@@ -48,6 +50,36 @@ def local_plan(profiles: ProfileSet, models: Sequence[str], gpu_class: str, slot
                  for m in models]
     options = PlannerOptions(max_batch=max_batch, time_limit_s=time_limit_s)
     return plan_cluster(profiles, cluster, workloads, "ppipe", options)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def time_sliced(profiles: ProfileSet, models: Sequence[str], gpu_class: str,
+                factor: float) -> ProfileSet:
+    """``profiles`` with the block latencies of ``models`` on ``gpu_class`` multiplied by
+    ``factor``: what each of ``slots`` CPU workers takes when all run at once on ``cores``
+    cores and the OS shares them fairly (``factor = slots / cores``).  The plan and the
+    reservations then hold when every model is loaded at once; a model loaded alone finishes
+    its batches early (the scheduler takes a measured finish when nothing is reserved after
+    it) and is served below what its worker could do alone.  The whole model's latency (the
+    derived SLO) is left as profiled."""
+    if factor <= 1.0:
+        return profiles
+    scaled = dict(profiles.models)
+    for m in models:
+        prof = profiles[m]
+        tables = {key: (replace(t, latency_us=tuple(tuple(v * factor for v in row)
+                                                    for row in t.latency_us))
+                        if key[0] == gpu_class else t)
+                  for key, t in prof.tables.items()}
+        scaled[m] = replace(prof, tables=tables)
+    return ProfileSet(scaled, f"{profiles.source} (cpu latencies x{factor:.2f}: time-sliced)")
 
 
 def emulated_plan(profiles: ProfileSet, cluster: ClusterSpec, models: Sequence[str],

@@ -137,14 +137,14 @@ def test_frames_of_a_segmenter_give_a_png_mask(zoo_builds, zoo_repository, app_f
 
 def test_serve_from_repository_runs_real_engines(zoo_repository, tmp_path, monkeypatch):
     """``ppipe serve --model-repository``'s preparation: engines built here, never timing-only.
-    More worker slots than CPU cores (the plan counts one core per slot) are said."""
-    import os
-
+    More CPU workers than cores (a worker is one core, as profiled): the latencies planned and
+    reserved are what each takes when all share the cores (x slots / cores), and it is said."""
+    from ppipe_trt.profiles import load_profiles
     from ppipe_trt.serving.assembly import served_models
     from ppipe_trt.server.cli import describe
     from ppipe_trt.server.prepare import prepare
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    monkeypatch.setattr("ppipe_trt.serving.local.usable_cores", lambda: 1)
 
     args = argparse.Namespace(plan=None, models=["inception", "fpn_detector"], profiles=None,
                               emulate=None, engines=tmp_path / "engines", slots=None,
@@ -160,13 +160,18 @@ def test_serve_from_repository_runs_real_engines(zoo_repository, tmp_path, monke
     assert served["inception"].postprocess.kind == "classification"
     text = describe(plan, what, "http://127.0.0.1:8000", built)
     assert "TIMING-ONLY" not in text and "inception: real engines (onnxruntime cpu" in text
-    assert "WARNING: 2 worker slots on 1 CPU cores: the plan counts one core per slot" in text
+    assert "2 workers on 1 CPU cores: block latencies planned x2.00" in text
+    stored = load_profiles(tmp_path / "engines", ["inception"])["inception"]
+    for key, table in profiles["inception"].tables.items():
+        want = stored.tables[key].latency_us
+        assert table.latency_us == tuple(tuple(2.0 * v for v in row) for row in want)
     # the store now holds them with their configs: --model NAME serves them without the repo
     args2 = argparse.Namespace(**{**vars(args), "model_repository": None,
                                   "models": ["inception"]})
-    plan2, _, built2, what2 = prepare(args2)
+    plan2, profiles2, built2, what2 = prepare(args2)
     assert built2["inception"].build_dir == built["inception"].build_dir
-    assert "WARNING" not in what2  # one slot, one core
+    assert "CPU cores" not in what2  # one worker, one core: latencies as profiled
+    assert profiles2["inception"].tables == stored.tables
     assert served_models(plan2, profiles, built2)["inception"].image is not None
 
 
