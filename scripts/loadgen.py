@@ -368,16 +368,36 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         import uvloop
-        result = uvloop.run(run(args))
     except ImportError:
-        result = asyncio.run(run(args))
+        uvloop = None
+    result = uvloop.run(run(args)) if uvloop is not None else asyncio.run(run(args))
     with open(args.out, "w") as fh:
         json.dump(result, fh)
+    print(summary(result))
     total = sum(len(r["status"]) for r in result["models"].values())
     ok = sum(s == 200 for r in result["models"].values() for s in r["status"])
     print(f"sent {total} requests, {ok} results, kept rate: {result['kept_rate']}, "
           f"CPU {result['cpu_s']:.2f} s", file=sys.stderr)
     return 0
+
+
+def summary(result: dict) -> str:
+    """A markdown table: per model what was sent, the answers by status, round trips."""
+    lines = ["| model | rate req/s | sent | results | errors (status: count) | p50 / p99 ms "
+             "| send lag p99 ms |", "|---|---|---|---|---|---|---|"]
+    for m, r in result["models"].items():
+        ok = sorted(ms for ms, st in zip(r["latency_ms"], r["status"]) if st == 200)
+        errors: dict[int, int] = {}
+        for st in r["status"]:
+            if st != 200:
+                errors[st] = errors.get(st, 0) + 1
+        err = ", ".join(f"{'no answer' if st == -1 else st}: {n}"
+                        for st, n in sorted(errors.items())) or "-"
+        lat = (f"{ok[len(ok) // 2]:.1f} / {ok[min(len(ok) - 1, int(0.99 * len(ok)))]:.1f}"
+               if ok else "-")
+        lines.append(f"| {m} | {r['rate_rps']:g} | {len(r['status'])} | {len(ok)} | {err} | "
+                     f"{lat} | {r['send_lag_ms']['p99']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ def test_every_request_answered_at_light_load(served, tmp_path, protocol):
         assert r["send_lag_ms"]["p50"] < 5.0
     assert got["kept_rate"] is True
     assert "kept rate: True" in proc.stderr
+    for m in rates:  # the summary table, one row per model
+        assert any(line.startswith(f"| {m} | 40 |") for line in proc.stdout.splitlines())
 
 
 def test_keeps_sending_through_drops(served, tmp_path):
@@ -110,6 +112,7 @@ def test_keeps_sending_through_drops(served, tmp_path):
     assert 503 in statuses and 200 in statuses, statuses
     assert statuses <= {200, 503}, r["errors"]
     assert "deadline_unreachable" in r["errors"]["503"]
+    assert "503: " in proc.stdout  # the summary counts them
     # the drops are spread over the run, not an abort: results keep coming after the first
     first_drop = r["status"].index(503)
     assert 200 in r["status"][first_drop + 1:]
