@@ -664,8 +664,9 @@ def open_loop_stats(result: dict, t0_ns: int, t1_ns: int, slo_ms: dict[str, floa
                 latencies.append(ms)
                 ok += ms <= slo_ms[m]
             else:
-                why = r["errors"].get(str(status), "") if status > 0 else "no answer"
-                key = f"{status} {_short_reason(why)}".strip() if status != -1 else "no answer"
+                # status 0: the connection failed (its message says how); -1: no answer came
+                key = ("no answer" if status == -1 else
+                       f"{status} {_short_reason(r['errors'].get(str(status), ''))}".strip())
                 errors[key] = errors.get(key, 0) + 1
         sent[m], on_time[m] = n, ok
     lag_p99 = max(r["send_lag_ms"]["p99"] for r in result["models"].values())

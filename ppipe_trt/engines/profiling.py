@@ -107,7 +107,6 @@ class BackendRecipe:
     def create(self) -> Backend:
         if self.kind == "onnxruntime":
             from ppipe_trt.engines.backends.onnxruntime_backend import OnnxRuntimeBackend
-
             from ppipe_trt.engines.gpu import CPU_WORKER_THREADS
 
             # on the CPU, each process runs as one serving worker does
