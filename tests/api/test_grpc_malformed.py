@@ -10,6 +10,7 @@ pytest.importorskip("tritonclient.grpc")
 import grpc  # noqa: E402
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 
+from api import grpc_server  # noqa: E402
 from api.app import ApiSettings  # noqa: E402
 from api.grpc_server import GrpcServerThread, server_options  # noqa: E402
 from api.service import InferenceService  # noqa: E402
@@ -19,13 +20,35 @@ LIMIT = 4_000_000
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
-@pytest.fixture(scope="module")
-def channel(detector_runtime):
+@pytest.fixture(scope="module", params=["registered", "interceptor"])
+def channel(request, detector_runtime):
+    """Tolerant decoding as the server sets it up (deserializers wrapped once, at
+    registration), and the per-RPC interceptor it falls back to when the generated code does
+    not expose its handlers."""
     service = InferenceService(lambda: detector_runtime)
-    with GrpcServerThread(service, settings=ApiSettings(max_body_bytes=LIMIT)) as srv:
-        with grpc.insecure_channel(srv.url, options=[
-                ("grpc.max_send_message_length", -1)]) as ch:
-            yield ch
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "interceptor":
+            mp.setattr(grpc_server, "tolerant_handlers", lambda servicer: None)
+        with GrpcServerThread(service, settings=ApiSettings(max_body_bytes=LIMIT)) as srv:
+            with grpc.insecure_channel(srv.url, options=[
+                    ("grpc.max_send_message_length", -1)]) as ch:
+                yield ch
+
+
+def test_every_rpc_decodes_tolerantly_without_an_interceptor(detector_runtime):
+    servicer = grpc_server.InferenceServicer(InferenceService(lambda: detector_runtime))
+    found = grpc_server.tolerant_handlers(servicer)
+    assert found is not None, "tritonclient's generated code no longer exposes its handlers"
+    service, handlers = found
+    assert service == "inference.GRPCInferenceService"
+    rpcs = [m for m in dir(service_pb2_grpc.GRPCInferenceServiceServicer)
+            if not m.startswith("_")]
+    assert sorted(handlers) == sorted(rpcs)
+    for name, handler in handlers.items():
+        bad = handler.request_deserializer(b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff")
+        assert isinstance(bad, grpc_server.MalformedRequest), name
+    good = handlers["ModelInfer"].request_deserializer(GOOD)
+    assert good.model_name == MODEL
 
 
 def _request(x=None, name="image", datatype="FP32", shape=None, model=MODEL, raw=None):
