@@ -121,6 +121,18 @@ def prepare(args) -> tuple:
     weights = {m: e.weight for m, e in used_entries.items()}
     if plan is not None:
         what = f"plan {args.plan}" + (" (emulated)" if args.emulate else "")
+        slots = sum(st.workers for mp in plan.models for pipe in mp.pipelines
+                    for st in pipe.stages if st.gpu_class == CPU_CLASS) \
+            if local_class == CPU_CLASS else 0
+        cores = usable_cores()
+        real = [m for m in plan.model_names if m in built]
+        if not args.emulate and real and slots > cores:
+            # as when the plan was made here (below): the runtime reserves what each CPU
+            # worker takes when all share the cores, whether the plan came from this serve
+            # (--save-plan) or from ppipe plan
+            profiles = time_sliced(profiles, real, local_class, slots / cores)
+            what += (f"; {slots} workers on {cores} CPU cores: block latencies reserved "
+                     f"x{slots / cores:.2f}, what each worker takes when all are busy")
     elif args.emulate:
         cluster = load_cluster(args.emulate)
         plan = emulated_plan(profiles, cluster, models, slo, weights=weights)

@@ -198,7 +198,6 @@ def _run_events(plan: Plan, profiles: ProfileSet, config: SimConfig,
     placement = place_workers(plan)
     state = ClusterState(placement, config.hop_overhead_us, config.link_model)
     models = plan.model_names
-    model_index = {m: i for i, m in enumerate(models)}
     options = dict(config.policy_options or {})
     plans: list[Plan] = [plan]
 

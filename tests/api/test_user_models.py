@@ -173,6 +173,18 @@ def test_serve_from_repository_runs_real_engines(zoo_repository, tmp_path, monke
     assert "CPU cores" not in what2  # one worker, one core: latencies as profiled
     assert profiles2["inception"].tables == stored.tables
     assert served_models(plan2, profiles, built2)["inception"].image is not None
+    # the plan saved from the first serve (--save-plan) and served again (--plan): reserved
+    # with the same time-sliced latencies, and said so
+    from ppipe_trt.plan import save_plan
+
+    save_plan(plan, tmp_path / "plan.json")
+    args3 = argparse.Namespace(**{**vars(args), "plan": str(tmp_path / "plan.json"),
+                                  "models": None})
+    plan3, profiles3, built3, what3 = prepare(args3)
+    assert sorted(built3) == ["fpn_detector", "inception"]
+    assert "2 workers on 1 CPU cores: block latencies reserved x2.00" in what3
+    for m in ("inception", "fpn_detector"):
+        assert profiles3[m].tables == profiles[m].tables
 
 
 def test_serve_refuses_what_it_cannot_serve_for_real(zoo_repository, tmp_path):

@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from ppipe_trt.errors import PPipeError
 from ppipe_trt.serving.options import RuntimeOptions
 from ppipe_trt.serving.swap import PlanSwapError
 
@@ -126,7 +125,6 @@ def test_queued_requests_move_with_their_deadlines(shared_profiles, plans):
     try:
         moved_at_switch = {}
         loop = rt.decision_loop
-        take = {}
 
         def spy(model, sched):
             orig = sched.take_queued
