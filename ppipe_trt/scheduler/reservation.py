@@ -410,11 +410,14 @@ class ReservationScheduler(Scheduler):
             n = len(q)
             fin_n, work_n, picks_n = probe(best_p, n, now)
             early_at = INF
-            if self._early is not None and self._early.allows(n, now):
-                early_at = fin_n - work_n   # the route is free for the batch from then on
-                if early_at <= now + _WAKE_GUARD_US and fin_n <= deadline:
-                    self._dispatch(best_p, n, picks_n, dec)
-                    continue
+            if self._early is not None:
+                if self._early.allows(n, now):
+                    early_at = fin_n - work_n   # the route is free for the batch from then on
+                    if early_at <= now + _WAKE_GUARD_US and fin_n <= deadline:
+                        self._dispatch(best_p, n, picks_n, dec)
+                        continue
+                else:  # look again when the decaying rate estimate would allow it
+                    early_at = self._early.allowed_at(n, now)
             slack = deadline - fin_n
             if slack <= _WAKE_GUARD_US + self.wake_lead_us:
                 self._dispatch(best_p, n, picks_n, dec)

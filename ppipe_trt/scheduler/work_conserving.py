@@ -18,7 +18,10 @@ never fires and the policy is PPipe's.
 
 The rate is an exponentially decayed count of arrivals (time constant ``window_us``):
 ``level <- level x exp(-dt / window) + 1`` per arrival, ``rate = level / window``.  It is
-told the arrival times; it never reads a clock.
+told the arrival times; it never reads a clock.  Queued requests the rule holds are looked at
+again when the decaying estimate would let them go (:meth:`WorkConservingRule.allowed_at`),
+not only at the next event: a closed-loop client (its next request waits for this answer)
+sends nothing while its request is held, and would otherwise wait for the last moment.
 """
 
 from __future__ import annotations
@@ -94,3 +97,18 @@ class WorkConservingRule:
     def allows(self, queued: int, now_us: float) -> bool:
         """Whether ``queued`` requests may be dispatched before their batch is full."""
         return self.rate_rps(now_us) <= self.max_load * self.capacity_rps(queued)
+
+    def allowed_at(self, queued: int, now_us: float) -> float:
+        """The earliest time (>= ``now_us``) at which :meth:`allows` holds for ``queued``
+        requests if nothing else arrives: the estimate decays between arrivals, so a queue
+        that no arrival fills (a closed-loop client waiting for this very answer) goes
+        early once the estimate says the traffic is light, instead of waiting for its last
+        moment; ``inf`` when no rate would allow it."""
+        threshold = self.max_load * self.capacity_rps(queued)
+        rate = self.rate_rps(now_us)
+        if rate <= threshold:
+            return now_us
+        if threshold <= 0.0:
+            return math.inf
+        # rate x exp(-dt / window) <= threshold; 1 us later, so that allows() holds then
+        return now_us + self.window_us * math.log(rate / threshold) + 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 import pytest
 
 from ppipe_trt.errors import ConfigError
@@ -104,6 +106,15 @@ def test_rate_estimate_and_capacity():
     assert not rule.allows(1, 2_000_000.0) or caps[1] * 0.5 >= 950.0
     assert rule.rate_rps(4_000_000.0) < 1.0   # decays once arrivals stop
     assert rule.allows(1, 4_000_000.0)
+    # when the decaying estimate lets a held request go if nothing else arrives
+    rule = WorkConservingRule(tables, max_load=0.1, window_us=100_000.0)
+    for k in range(2000):
+        rule.observe(k * 1000.0)
+    now = 2_000_000.0
+    at = rule.allowed_at(1, now)
+    assert not rule.allows(1, now) and now < at < now + 200_000.0
+    assert rule.allows(1, at) and not rule.allows(1, at - 2.0)
+    assert rule.allowed_at(1, at) == at   # allowed now: now
 
 
 @pytest.mark.parametrize("bad", [{"work_conserving_max_load": 0.0},
@@ -134,3 +145,66 @@ def test_light_traffic_takes_the_fastest_idle_pipeline():
         finish[wc] = (dec.dispatches[0].pipeline, dec.dispatches[0].finish_us)
     assert finish[False] == (0, 6000.0)
     assert finish[True] == (1, 2000.0)
+
+
+class _ClosedLoop(FakeClockDriver):
+    """``clients`` clients, each sending its next request the moment the last stage of its
+    previous one finishes (as perf_analyzer at ``--concurrency-range N`` or a sequential
+    tritonclient loop does)."""
+
+    def __init__(self, scheds, clients: int, until_us: float):
+        super().__init__(scheds)
+        self.until_us = until_us
+        self.rid = 0
+        self.waits = []    # us from arrival to the batch's start, per request
+        self.batches = {}  # batch id -> (stages, requests)
+        for _ in range(clients):
+            self._send(0.0)
+
+    def _send(self, t):
+        if t < self.until_us:
+            self.arrive(t, "toy", rid=self.rid)
+            self.rid += 1
+
+    def _apply(self, model, dec):
+        for d in dec.dispatches:
+            self.waits += [d.route[0].start_us - r.arrival_us for r in d.requests]
+            self.batches[d.batch_id] = (len(d.route), d.batch_size)
+        super()._apply(model, dec)
+
+    def run(self, until=float("inf")):
+        while self.heap:
+            t, _, kind, payload = heapq.heappop(self.heap)
+            self.now = t
+            if kind == "arrival":
+                self._apply("toy", self.scheds["toy"].on_arrival(payload, t))
+            elif kind == "finish":
+                model, bid, stage = payload
+                self._apply(model, self.scheds[model].on_stage_finished(bid, stage, t, t))
+                stages, size = self.batches[bid]
+                if stage == stages - 1:   # answered: each of its clients sends again
+                    for _ in range(size):
+                        self._send(t)
+            elif payload[1] == self.wake_token[payload[0]]:
+                self._apply(payload[0], self.scheds[payload[0]].on_wake(t))
+
+
+@pytest.mark.parametrize("clients", [1, 2, 3])
+def test_a_closed_loop_client_is_not_held_to_the_last_moment(clients):
+    """One worker, batch 4 planned (2 ms at batch 1): a closed-loop client on it runs at the
+    worker's speed, above what the rule calls light (max_load x capacity), so its request is
+    held for a fuller batch; but it sends nothing while it waits, so no batch forms.  The
+    scheduler looks again when the decaying rate estimate lets the request go, not at its
+    last moment (SLO - 2 ms = 18 ms after arrival; what it waited before)."""
+    from ppipe_trt.scheduler import build_schedulers, place_workers
+    from ppipe_trt.simulator.handplan import ModelSpec, hand_plan
+    from toys import CLUSTER, toy_profiles
+
+    profiles = toy_profiles()
+    plan = hand_plan(profiles, CLUSTER, [ModelSpec("toy", SLO_MS, [(4, [(0, 1, "H", 1, 1)])])])
+    scheds = build_schedulers(plan, profiles, place_workers(plan), work_conserving=True)
+    drv = _ClosedLoop(scheds, clients, until_us=1_000_000.0)
+    drv.run()
+    assert not drv.drops and len(drv.waits) == drv.rid > 200
+    last_moment = SLO_MS * 1000 - P0_LAT[1]
+    assert max(drv.waits) <= 0.25 * last_moment, max(drv.waits)
