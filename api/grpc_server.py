@@ -83,8 +83,9 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class MalformedRequest:
-    """What a tolerant deserializer (:func:`tolerant_handlers`) hands the servicer for bytes that do not parse as the
-    RPC's request message; the servicer answers it ``INVALID_ARGUMENT``."""
+    """What a tolerant deserializer (:func:`tolerant_handlers`) hands the servicer for bytes
+    that do not parse as the RPC's request message; the servicer answers it
+    ``INVALID_ARGUMENT``."""
 
     __slots__ = ("message",)
     model_name = id = ""  # as a ModelInferRequest's, for ModelStreamInfer's error answer
@@ -115,11 +116,10 @@ class _Registrations:
     servicer's method handlers, so that they can be changed before the real server has them."""
 
     def __init__(self) -> None:
-        self.generic: list = []
         self.registered: list[tuple[str, dict[str, grpc.RpcMethodHandler]]] = []
 
     def add_generic_rpc_handlers(self, handlers) -> None:
-        self.generic.extend(handlers)
+        pass  # the same handlers, wrapped in a generic one: register_handlers makes it anew
 
     def add_registered_method_handlers(self, service: str,
                                        handlers: dict[str, grpc.RpcMethodHandler]) -> None:
