@@ -60,12 +60,14 @@ class ReservationScheduler(Scheduler):
     meets its deadline; ``max_queue`` bounds the queue (``QUEUE_FULL`` drops beyond it).
 
     ``work_conserving`` (off by default: PPipe's behaviour): when fewer requests are queued
-    than the chosen batch and the estimated arrival rate is at most
-    ``work_conserving_max_load`` of what the model serves at batches of the queue's size
+    than the chosen batch and either no batch of the model is in flight or the estimated
+    arrival rate is at most ``work_conserving_max_load`` of what the model serves at batches
+    of the queue's size
     (:class:`~ppipe_trt.scheduler.work_conserving.WorkConservingRule`, rate decayed over
     ``work_conserving_window_us``), the queued requests are dispatched at once when their
     route is free now, else the scheduler wakes when it frees (never later than PPipe's
-    last moment) instead of waiting for a fuller batch.
+    last moment) instead of waiting for a fuller batch.  A queue the rule holds is looked at
+    again when the decaying estimate would let it go.
     """
 
     def __init__(self, model: str, pipelines: Sequence[PipelineTable], state: ClusterState,
@@ -411,7 +413,10 @@ class ReservationScheduler(Scheduler):
             fin_n, work_n, picks_n = probe(best_p, n, now)
             early_at = INF
             if self._early is not None:
-                if self._early.allows(n, now):
+                # nothing of this model in flight: no batch is running that arrivals could
+                # join the queue behind, and holding only idles its pools (a closed-loop
+                # client, a lull); else the rate rule decides
+                if not self._batches or self._early.allows(n, now):
                     early_at = fin_n - work_n   # the route is free for the batch from then on
                     if early_at <= now + _WAKE_GUARD_US and fin_n <= deadline:
                         self._dispatch(best_p, n, picks_n, dec)

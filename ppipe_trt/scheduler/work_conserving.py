@@ -6,7 +6,12 @@ the planned batches; at low load it only adds latency.  :class:`WorkConservingRu
 from an arrival-rate estimate and the model's capacity per batch size, whether the queued
 requests may be dispatched now (or as soon as their route is free) instead:
 
-    dispatch the ``n`` queued requests early  iff  rate <= max_load x capacity(n)
+    dispatch the ``n`` queued requests early  iff  nothing of the model is in flight
+                                                  or rate <= max_load x capacity(n)
+
+(the first test is the scheduler's: with no batch of the model running, no arrival can be
+waiting behind one to join the queue, and holding only idles the pools -- a closed-loop
+client whose next request waits for this answer, or a lull)
 
 ``capacity(n)`` (req/s) is what the model's pipelines serve if every batch has ``n``
 requests (per pipeline the bottleneck stage's ``workers x n / latency(n)``, ``n`` capped at

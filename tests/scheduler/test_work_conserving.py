@@ -208,3 +208,21 @@ def test_a_closed_loop_client_is_not_held_to_the_last_moment(clients):
     assert not drv.drops and len(drv.waits) == drv.rid > 200
     last_moment = SLO_MS * 1000 - P0_LAT[1]
     assert max(drv.waits) <= 0.25 * last_moment, max(drv.waits)
+    if clients == 1:  # nothing of the model in flight when it arrives: it goes at once
+        assert max(drv.waits) == 0.0
+
+
+def test_nothing_in_flight_means_no_hold_even_at_a_heavy_rate():
+    """The rate estimate says heavy (a burst just came and went), but no batch of the model
+    is running: holding the lone request would only idle the pools."""
+    scheds, _ = schedulers(work_conserving=True)
+    drv = FakeClockDriver(scheds)
+    for i in range(300):                     # 3,000 req/s for 0.1 s
+        drv.arrive(i * 333.0, "toy", rid=i)
+    drv.run()                                # all answered; the queue is empty
+    s = scheds["toy"]
+    t = drv.now + 1.0
+    assert not s.batches_in_flight and not s.queue_length
+    assert not s._early.allows(1, t)         # the estimate alone would hold the next one
+    dec = s.on_arrival(Request(300, "toy", t, t + SLO_MS * 1000), t)
+    assert len(dec.dispatches) == 1 and dec.dispatches[0].route[0].start_us == t
