@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,34 +32,13 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_dataplane import export_commit, free_port  # noqa: E402  (git archive, a free port)
+
 FIGURES = (("throughput", "Throughput: ([0-9.]+) infer/sec", 1.0),
            ("p50_ms", "p50 latency: ([0-9]+) usec", 1e-3),
            ("p90_ms", "p90 latency: ([0-9]+) usec", 1e-3),
            ("p99_ms", "p99 latency: ([0-9]+) usec", 1e-3))
-
-
-def export_commit(rev: str, workdir: Path) -> tuple[Path, str]:
-    """A ``git archive`` copy of this repository at ``rev`` and its short hash."""
-    got = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--short=12",
-                          f"{rev}^{{commit}}"], capture_output=True, text=True, timeout=30)
-    if got.returncode != 0:
-        raise SystemExit(f"--baseline {rev!r}: not a commit of {ROOT} ({got.stderr.strip()})")
-    short = got.stdout.strip()
-    dest = workdir / f"tree-{short}"
-    dest.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", short],
-                               stdout=subprocess.PIPE)
-    untar = subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, timeout=120)
-    archive.stdout.close()
-    if archive.wait(60) != 0 or untar.returncode != 0:
-        raise SystemExit(f"--baseline {rev!r}: git archive | tar failed")
-    return dest, short
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(tree: Path, args, port: int, log: Path) -> subprocess.Popen:
@@ -126,7 +104,8 @@ def main(argv=None) -> int:
     started = time.time()
     workdir = Path(tempfile.mkdtemp(prefix="bench-closed-loop-"))
     try:
-        base_tree, base_rev = export_commit(args.baseline, workdir)
+        base_tree = export_commit(args.baseline, workdir, option="--baseline")
+        base_rev = base_tree.name.removeprefix("tree-")
         trees = [(f"baseline {base_rev}", base_tree), ("this checkout", ROOT)]
         rows = []
         for label, tree in trees:

@@ -916,12 +916,13 @@ def run_ppipe(args, *words: str, timeout_s: float = 600.0) -> str:
     return proc.stdout
 
 
-def export_commit(rev: str, workdir: Path) -> Path:
-    """A read-only copy (``git archive``) of this repository at ``rev``, under ``workdir``."""
+def export_commit(rev: str, workdir: Path, option: str = "--server-commit") -> Path:
+    """A read-only copy (``git archive``) of this repository at ``rev``, under ``workdir``
+    (``tree-<short hash>``); errors name ``option``, the command-line option that gave it."""
     got = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--short=12",
                           f"{rev}^{{commit}}"], capture_output=True, text=True, timeout=30)
     if got.returncode != 0:
-        raise SystemExit(f"--server-commit {rev!r}: not a commit of {ROOT} "
+        raise SystemExit(f"{option} {rev!r}: not a commit of {ROOT} "
                          f"({got.stderr.strip()})")
     dest = workdir / f"tree-{got.stdout.strip()}"
     if not (dest / "ppipe_trt" / "cli.py").is_file():
@@ -934,7 +935,7 @@ def export_commit(rev: str, workdir: Path) -> Path:
                                timeout=120)
         archive.stdout.close()
         if archive.wait(60) != 0 or untar.returncode != 0:
-            raise SystemExit(f"--server-commit {rev!r}: git archive | tar failed")
+            raise SystemExit(f"{option} {rev!r}: git archive | tar failed")
         partial.rename(dest)
     return dest
 
