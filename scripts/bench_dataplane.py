@@ -21,6 +21,11 @@ serve``'s uvicorn settings, both echoing a 4-byte output (``--echo-server grpc|h
 as subprocesses of this script).  Then the largest load factor with >= 99 % attainment live,
 next to the simulator's on the same plan (``ppipe simulate PLAN --search``).
 
+With ``--repeats N`` every point is measured N times, live and floor interleaved (live, floor,
+live, floor, ...; each a fresh window, each pair back to back): the CPU of this shared machine
+moves +-10-15 % from one window to the next.  Rows then give the median over the repeats of
+every figure, ratio = the median of the N per-pair ratios live / floor, and the samples.
+
 perf_analyzer gives up at its first failed request, and the live server drops (503 /
 UNAVAILABLE) requests whose deadline it cannot meet: each model's perf_analyzer is restarted
 until the window ends, the restarts are counted, and offered counts only the time one ran.
@@ -29,6 +34,7 @@ until the window ends, the restarts are counted, and offered counts only the tim
     .venv/bin/python scripts/bench_dataplane.py --load-factors 0.3 --window-s 5 \\
         --protocols http --out /tmp/dp.md --json /tmp/dp.json      # a quick check
     .venv/bin/python scripts/bench_dataplane.py --server-commit HEAD  # without work in progress
+    .venv/bin/python scripts/bench_dataplane.py --repeats 5        # medians of 5 interleaved pairs
 
 The server, the load generator and anything else running share the machine's cores: the load
 generator's CPU share is reported beside every figure.
@@ -52,7 +58,7 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -760,10 +766,12 @@ class Measurement:
 
 def measure(args, target: str, protocol: str, load_factor: float, rates: dict[str, float],
             slo_ms: dict[str, float], server_pid: int, infer_port: int, counters,
-            delays: StartupDelays, workdir: Path) -> Measurement:
+            delays: StartupDelays, workdir: Path, repeat: int = 1) -> Measurement:
     """Drive every model at ``rates`` (req/s) for warm-up + window; sample CPU and counters
-    at the window's edges."""
+    at the window's edges.  ``repeat`` (1-based, of ``args.repeats``) names the logs."""
     tag = f"{target}-{protocol}-{load_factor:g}"
+    if args.repeats > 1:
+        tag += f"-r{repeat}"
     start = time.monotonic()
     window_end = start + args.warmup_s + args.window_s
     stop_at = window_end + 1.0  # the load goes on a little past the window's end
@@ -1041,15 +1049,74 @@ def live_factor(per_lf: dict[float, dict[str, float]], models: list[str]) -> dic
                    default=0.0) for m in models}
 
 
+def median_or_none(values) -> float | None:
+    """The median of the values that are not None; None when none is."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+# Measurement fields that name the point rather than measure it, and counts of load
+# generator runs and aborts, which add up over the repeats; every other field is a median.
+_SAME_OVER_REPEATS = ("target", "protocol", "load_factor", "loadgen")
+
+
+def median_measurement(repeats: list[Measurement]) -> Measurement:
+    """One measurement standing for ``repeats`` of the same target, protocol and load factor:
+    each figure is the median over the repeats (per model for the per-model dicts; a figure
+    missing (None) in a repeat is left out; ``latency_samples`` rounded to a count), and
+    ``loadgen_runs`` / ``loadgen_aborts`` are totals.  One repeat comes back unchanged."""
+    if not repeats:
+        raise ValueError("median_measurement: no measurement given")
+    values: dict[str, object] = {}
+    for f in fields(Measurement):
+        got = [getattr(m, f.name) for m in repeats]
+        if f.name in _SAME_OVER_REPEATS:
+            if any(g != got[0] for g in got):
+                raise ValueError(f"median_measurement: {f.name} differs between the repeats "
+                                 f"({got}); expected the repeats of one point")
+            values[f.name] = got[0]
+        elif f.name == "loadgen_runs":
+            values[f.name] = sum(got)
+        elif f.name == "loadgen_aborts":
+            totals: dict[str, int] = {}
+            for aborts in got:
+                for reason, n in aborts.items():
+                    totals[reason] = totals.get(reason, 0) + n
+            values[f.name] = totals
+        elif isinstance(got[0], dict):
+            keys = dict.fromkeys(k for g in got for k in g)
+            values[f.name] = {k: median_or_none(g.get(k) for g in got) for k in keys}
+        elif f.name == "latency_samples":
+            values[f.name] = round(statistics.median(got))
+        else:
+            values[f.name] = median_or_none(got)
+    return Measurement(**values)
+
+
+def _rounded(values, digits: int) -> list:
+    return [None if v is None else round(v, digits) for v in values]
+
+
 def build_rows(measured: list[Measurement], sim: dict | None, models: list[str]
                ) -> tuple[list[dict], dict]:
+    """One row per protocol and load factor, and a summary per protocol.  ``measured`` may
+    hold several repeats of a point: its i-th live and i-th floor measurement (in the order
+    measured) are a pair.  A row's figures are the medians over the repeats
+    (``median_measurement``); ``ratio`` is the median of the per-pair ratios live / floor,
+    ``ratio_of_medians`` the median live over the median floor; the ``*_samples`` lists give
+    each repeat's figure.  The largest load factor at >= 99 % attainment is taken on each
+    model's median attainment."""
     rows, summary = [], {}
     protocols = list(dict.fromkeys(m.protocol for m in measured))
     for protocol in protocols:
-        lives = {m.load_factor: m for m in measured if m.protocol == protocol
-                 and m.target == "live"}
-        floors = {m.load_factor: m for m in measured if m.protocol == protocol
-                  and m.target == "floor"}
+        live_repeats: dict[float, list[Measurement]] = {}
+        floor_repeats: dict[float, list[Measurement]] = {}
+        for m in measured:
+            if m.protocol == protocol:
+                by_lf = live_repeats if m.target == "live" else floor_repeats
+                by_lf.setdefault(m.load_factor, []).append(m)
+        lives = {lf: median_measurement(ms) for lf, ms in live_repeats.items()}
+        floors = {lf: median_measurement(ms) for lf, ms in floor_repeats.items()}
         per_model = live_factor({lf: m.per_model_attainment for lf, m in lives.items()}, models)
         live_lf = sum(per_model.values()) / len(per_model)
         by_client = live_factor({lf: {k: v for k, v in m.per_model_client_on_time.items()
@@ -1067,6 +1134,9 @@ def build_rows(measured: list[Measurement], sim: dict | None, models: list[str]
         summary[protocol] = s
         for lf in sorted(lives):
             live, floor = lives[lf], floors.get(lf)
+            live_each, floor_each = live_repeats[lf], floor_repeats.get(lf, [])
+            ratios = [lv.cpu_us_per_request / fl.cpu_us_per_request
+                      for lv, fl in zip(live_each, floor_each) if fl.cpu_us_per_request]
             sim_att = None
             if sim is not None and lf in sim["attainment_at"]:
                 sim_att = sim["attainment_at"][lf]["overall"]
@@ -1080,8 +1150,14 @@ def build_rows(measured: list[Measurement], sim: dict | None, models: list[str]
                 "sim_attainment": sim_att,
                 "cpu_us_per_request": live.cpu_us_per_request,
                 "floor_cpu_us_per_request": floor.cpu_us_per_request if floor else None,
-                "ratio": (live.cpu_us_per_request / floor.cpu_us_per_request
-                          if floor and floor.cpu_us_per_request else None),
+                "ratio": statistics.median(ratios) if ratios else None,
+                "ratio_of_medians": (live.cpu_us_per_request / floor.cpu_us_per_request
+                                     if floor and floor.cpu_us_per_request else None),
+                "repeats": len(live_each),
+                "cpu_us_samples": _rounded((m.cpu_us_per_request for m in live_each), 1),
+                "floor_cpu_us_samples": _rounded((m.cpu_us_per_request for m in floor_each), 1),
+                "ratio_samples": _rounded(ratios, 3),
+                "attainment_samples": _rounded((m.attainment for m in live_each), 4),
                 "p50_ms": live.p50_ms, "p99_ms": live.p99_ms,
                 "latency_samples": live.latency_samples,
                 "client_on_time": live.client_on_time,
@@ -1104,7 +1180,8 @@ def build_rows(measured: list[Measurement], sim: dict | None, models: list[str]
 def findings(rows: list[dict], planned_rps: float) -> list[str]:
     """One line per protocol, from the rows: CPU per request live and floor (medians over the
     load factors), what the plan's rate would cost in cores at that price, and up to which
-    load the server took in the whole target load."""
+    load the server took in the whole target load.  With repeats, each row's figure is
+    already its point's median over them."""
     out = []
     for protocol in dict.fromkeys(r["protocol"] for r in rows):
         mine = [r for r in rows if r["protocol"] == protocol]
@@ -1112,16 +1189,20 @@ def findings(rows: list[dict], planned_rps: float) -> list[str]:
         floors = [r["floor_cpu_us_per_request"] for r in mine if r["floor_cpu_us_per_request"]]
         kept_up = [r["load_factor"] for r in mine
                    if r["arrived_rps"] >= 0.95 * r["target_rps"] and not r["loadgen_aborts"]]
+        repeats = max(r.get("repeats", 1) for r in mine)
+        over = ("load factors" if repeats == 1 else
+                f"load factors of each point's median over {repeats} repeats")
         line = (f"* **{protocol}**: the live server spends **{live:.0f} us** of CPU per request "
-                f"(median over load factors)")
+                f"(median over {over})")
         if floors:
             floor = statistics.median(floors)
             line += (f", {live / floor:.1f}x the floor's {floor:.0f} us; the plan's "
                      f"{planned_rps:.0f} req/s would take {planned_rps * live / 1e6:.1f} cores "
                      f"of this machine for the data plane alone (the floor: "
                      f"{planned_rps * floor / 1e6:.1f})")
-        line += (f".  It took in the whole target load (arrivals >= 95 % of target, no request "
-                 f"failed) up to load factor {max(kept_up):g}" if kept_up else
+        failed = "no request failed" + ("" if repeats == 1 else " in any repeat")
+        line += (f".  It took in the whole target load (arrivals >= 95 % of target, {failed}) "
+                 f"up to load factor {max(kept_up):g}" if kept_up else
                  ".  It did not take in the whole target load at any load factor")
         out.append(line + ".")
     return out
@@ -1146,16 +1227,22 @@ OPEN_LOOP_NOTES = {
 
 def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict,
              wall_s: float, planned_rps: float) -> str:
+    repeats = max((r.get("repeats", 1) for r in rows), default=1)
+    spread_head = "" if repeats == 1 else "| ratio min-max over repeats "
     lines = ["# Data-plane CPU per request (`scripts/bench_dataplane.py`)", "",
              f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, command: "
              f"`.venv/bin/python scripts/bench_dataplane.py {shlex.join(argv)}` "
              f"(wall time {wall_s:.0f} s).", "", *header, "",
              "## CPU per request, live (EMULATED) vs the protocol's floor", "",
              "| protocol | load | offered req/s | arrived req/s | answered req/s | attainment "
-             "| server CPU us/req | floor CPU us/req | ratio | p50 / p99 ms "
+             f"| server CPU us/req | floor CPU us/req | ratio {spread_head}| p50 / p99 ms "
              "| loadgen CPU share (live / floor) | server CPU share (live / floor) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---" * (12 if repeats == 1 else 13) + "|"]
     for r in rows:
+        spread = ""
+        if repeats > 1:
+            rs = r.get("ratio_samples") or []
+            spread = f"{min(rs):.2f}-{max(rs):.2f} | " if rs else "- | "
         f = r["floor"] or {}
         share = (lambda v: "-" if v is None else f"{100 * v:.0f} %")
         # perf_analyzer's aborts leave gaps whose start is not known; the open-loop
@@ -1167,7 +1254,7 @@ def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict
             f"{r['arrived_rps']:.0f} | {r['answered_rps']:.0f} | "
             f"{bound[1]}{fmt(r['attainment'], '.4f')} | "
             f"**{r['cpu_us_per_request']:.0f}** | {fmt(r['floor_cpu_us_per_request'], '.0f')} | "
-            f"**{fmt(r['ratio'], '.2f')}** | {fmt(r['p50_ms'])} / {fmt(r['p99_ms'])} | "
+            f"**{fmt(r['ratio'], '.2f')}** | {spread}{fmt(r['p50_ms'])} / {fmt(r['p99_ms'])} | "
             f"{share(r['loadgen_cpu_share'])} / {share(f.get('loadgen_cpu_share'))} | "
             f"{share(r['server_cpu_share'])} / {share(f.get('server_cpu_share'))} |")
     lines += ["", "## Details", "",
@@ -1216,6 +1303,19 @@ def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict
               "`grpc.aio` servicer on tritonclient's `service_pb2_grpc` (ModelInfer and the "
               "metadata calls perf_analyzer makes), both echoing a 4-byte output.  "
               "ratio = live / floor.",
+              *([] if repeats == 1 else [
+                  f"* **{repeats} repeats**: each point was measured {repeats} times, live and "
+                  "floor interleaved (live, floor, live, floor, ...; each a fresh warm-up and "
+                  "window, each pair back to back).  Every figure in the tables is the **median "
+                  "over the repeats** (per model for per-model attainment; a figure a repeat "
+                  "lacks is left out), except load generator runs and aborts, which are totals "
+                  "over the repeats (a row is marked as having aborts if any repeat had one).  "
+                  "ratio = the **median of the per-pair ratios** live_i / floor_i, not the "
+                  "ratio of the two medians shown (the JSON gives both: `ratio`, "
+                  "`ratio_of_medians`); \"ratio min-max over repeats\" is the spread of the "
+                  "per-pair ratios.  The JSON rows list every repeat's figures "
+                  "(`cpu_us_samples`, `floor_cpu_us_samples`, `ratio_samples`, "
+                  "`attainment_samples`)."]),
               *(OPEN_LOOP_NOTES["offered"] if open_loop else [
                   "* offered = each model's target rate x the part of the window in which one of "
                   "its perf_analyzer processes was sending: from its first request until it "
@@ -1252,12 +1352,16 @@ def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict
               "jobs: figures are noisy, and past the point where server + load generator need "
               "every core, the server is starved rather than slow.",
               "* live max load factor: per model, the largest measured load factor at which its "
-              "attainment is >= 99 %; the mean over models (the simulator's search reports the "
-              "same mean).  \"by client round trip\": the same rule on client on time (a load "
-              "factor with no timed requests counts as failed).  The simulator searches from "
-              "1.0 down by 0.05, as `ppipe simulate PLAN --search`; \"on the same grid\" "
-              "applies the live rule to the simulator's attainment at the measured load "
-              "factors.",
+              "attainment is >= 99 %"
+              + ("" if repeats == 1 else
+                 f" (its median attainment over the {repeats} repeats)")
+              + "; the mean over models (the simulator's search reports the "
+              "same mean).  \"by client round trip\": the same rule on client on time"
+              + (" (" if repeats == 1 else " (its median over the repeats; ")
+              + "a load factor with no timed requests counts as failed).  The simulator "
+              "searches from 1.0 down by 0.05, as `ppipe simulate PLAN --search`; \"on the "
+              "same grid\" applies the live rule to the simulator's attainment at the "
+              "measured load factors.",
               "* perf_analyzer seeds its Poisson schedule the same way in every process: each "
               "model's arrivals are a time-scaled copy of the others'." if not open_loop else
               "* The generator's arrival processes are independent per model.", ""]
@@ -1282,6 +1386,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drain-s", type=float, default=3.0,
                    help="longest wait for perf_analyzer to finish after its last request")
     p.add_argument("--settle-s", type=float, default=1.0, help="pause between points")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="measure every point N times, live and floor interleaved (live, "
+                        "floor, live, floor, ...); rows give the medians and the samples.  "
+                        "An odd N makes each median one of the samples (with N even it is the "
+                        "mean of the middle two, and one disturbed window moves it)")
     p.add_argument("--idle-s", type=float, default=3.0,
                    help="seconds of the server's CPU sampled with no load, after start-up")
     p.add_argument("--load-generator", choices=("perf_analyzer", "open-loop"),
@@ -1330,6 +1439,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--protocols {args.protocols!r}: expected a comma list of http, grpc")
     if any(not 0 < lf <= 2 for lf in args.load_factors):
         p.error(f"--load-factors {args.load_factors}: expected values in (0, 2]")
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: expected an integer >= 1")
     pa_version = None
     if args.load_generator == "perf_analyzer":
         if not args.perf_analyzer or not Path(args.perf_analyzer).is_file() \
@@ -1405,20 +1516,23 @@ def run(args, argv, protocols, pa_version: str, t_start: float) -> int:
         try:
             for lf in args.load_factors:
                 rates = {m: lf * r for m, r in rates_1.items()}
-                live = measure(args, "live", protocol, lf, rates, slo_ms, server.pid,
-                               http_port if protocol == "http" else grpc_port, live_counter,
-                               delays, args.workdir)
-                measured.append(live)
-                report_point(live)
-                time.sleep(args.settle_s)
-                if echo is not None:
-                    floor = measure(args, "floor", protocol, lf, rates, slo_ms, echo.pid,
-                                    echo_port,
-                                    lambda: echo_counters(protocol, echo_port, models),
-                                    delays, args.workdir)
-                    measured.append(floor)
-                    report_point(floor)
+                # the pairs interleaved, so that a slow spell of the shared machine falls
+                # on one pair rather than on every live or every floor window
+                for repeat in range(1, args.repeats + 1):
+                    live = measure(args, "live", protocol, lf, rates, slo_ms, server.pid,
+                                   http_port if protocol == "http" else grpc_port,
+                                   live_counter, delays, args.workdir, repeat)
+                    measured.append(live)
+                    report_point(live, repeat, args.repeats)
                     time.sleep(args.settle_s)
+                    if echo is not None:
+                        floor = measure(args, "floor", protocol, lf, rates, slo_ms, echo.pid,
+                                        echo_port,
+                                        lambda: echo_counters(protocol, echo_port, models),
+                                        delays, args.workdir, repeat)
+                        measured.append(floor)
+                        report_point(floor, repeat, args.repeats)
+                        time.sleep(args.settle_s)
         finally:
             if echo is not None:
                 Children.stop(echo)
@@ -1452,7 +1566,10 @@ def run(args, argv, protocols, pa_version: str, t_start: float) -> int:
          "and status), binary tensors over HTTP / `raw_input_contents` over gRPC, one FP32 "
          "element per sample; ")
         + f"{args.warmup_s:g} s warm-up, then a {args.window_s:g} s "
-        f"window per point, each point live then floor.  Machine: {os.cpu_count()} cores, "
+        + ("window per point, each point live then floor." if args.repeats == 1 else
+           f"window per measurement, each point measured {args.repeats} times, live and floor "
+           "interleaved (live, floor, live, floor, ...); medians over the repeats.")
+        + f"  Machine: {os.cpu_count()} cores, "
         "shared with the load generator and with other engineers' jobs: figures are noisy.",
         "", f"Simulator: `search_load_factor` on the same plan ({args.sim_duration_s:g} s "
         f"simulated, 2 s warm-up, hop overhead {hop_us:.0f} us as measured by the server)."
@@ -1473,8 +1590,10 @@ def run(args, argv, protocols, pa_version: str, t_start: float) -> int:
     return 0
 
 
-def report_point(m: Measurement) -> None:
-    print(f"  {m.target:5s} {m.protocol:4s} load {m.load_factor:g}: target {m.target_rps:.0f} "
+def report_point(m: Measurement, repeat: int = 1, repeats: int = 1) -> None:
+    which = "" if repeats == 1 else f"repeat {repeat}/{repeats} "
+    print(f"  {which}{m.target:5s} {m.protocol:4s} load {m.load_factor:g}: target "
+          f"{m.target_rps:.0f} "
           f"offered {m.offered_rps:.0f} arrived {m.arrived_rps:.0f} answered "
           f"{m.answered_rps:.0f} req/s, attainment "
           f"{fmt(m.attainment, '.4f')}, CPU {m.cpu_us_per_request:.0f} us/req (server "
