@@ -97,24 +97,6 @@ def parse_symbol_share(text: str, symbol: str) -> float:
     return total
 
 
-def tree_pids(root: int) -> list[int]:
-    """``root`` and its live descendants (front-end processes, echo workers)."""
-    parent: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                parent[int(name)] = int(dp._stat_fields(int(name))[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    tree, frontier = [root], [root]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p and c not in tree]
-        tree.extend(kids)
-        frontier.extend(kids)
-    return tree
-
-
 def perf_split(perf: str, pids: list[int], window_s: float, frequency: int,
                data: Path) -> dict:
     """Sample ``pids`` for ``window_s`` seconds; the CPU seconds sampled, each library's share
@@ -151,7 +133,7 @@ def measure(args, target: str, protocol: str, lf: float, rates: dict[str, float]
     load.start()
     time.sleep(args.warmup_s)
     c0 = counters()
-    got = perf_split(args.perf, tree_pids(proc.pid), args.window_s, args.frequency,
+    got = perf_split(args.perf, dp.descendants(proc.pid), args.window_s, args.frequency,
                      workdir / f"{tag}.perf.data")
     c1 = counters()
     load.finish(args.drain_s + 60.0)

@@ -138,8 +138,8 @@ def process_cpu_s(pid: int, with_reaped_children: bool = True) -> float:
     return ticks / CLK_TCK
 
 
-def tree_cpu_s(root: int) -> float:
-    """CPU seconds of ``root`` and every live descendant (with their reaped children)."""
+def descendants(root: int) -> list[int]:
+    """``root`` and every live descendant (front-end processes, workers), root first."""
     parent: dict[int, int] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -147,14 +147,19 @@ def tree_cpu_s(root: int) -> float:
                 parent[int(name)] = int(_stat_fields(int(name))[1])
             except (OSError, ValueError, IndexError):
                 continue
-    tree, frontier = {root}, [root]
+    tree, frontier = [root], [root]
     while frontier:
         p = frontier.pop()
         kids = [c for c, pp in parent.items() if pp == p and c not in tree]
-        tree.update(kids)
+        tree.extend(kids)
         frontier.extend(kids)
+    return tree
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds of ``root`` and every live descendant (with their reaped children)."""
     total = 0.0
-    for pid in tree:
+    for pid in descendants(root):
         try:
             total += process_cpu_s(pid)
         except (OSError, ValueError):

@@ -99,26 +99,9 @@ class ProcSample:
         return self.fds - self.sockets
 
 
-def descendants(root: int) -> list[int]:
-    parent: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                parent[int(name)] = int(dp._stat_fields(int(name))[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    tree, frontier = [root], [root]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        tree.extend(kids)
-        frontier.extend(kids)
-    return tree
-
-
 def sample_proc(root: int, t_s: float) -> ProcSample:
     rss = fds = sockets = threads = n = 0
-    for pid in descendants(root):
+    for pid in dp.descendants(root):
         try:
             with open(f"/proc/{pid}/status") as fh:
                 fields = dict(line.split(":", 1) for line in fh if ":" in line)
