@@ -20,6 +20,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Collection
 
 from ppipe_trt.server.prepare import DEFAULT_MODEL, prepare
 
@@ -118,6 +119,7 @@ def serve_command(args) -> int:
     from ppipe_trt.errors import BadInputError
     from ppipe_trt.plan import save_plan
     from ppipe_trt.serving.assembly import RuntimeOptions, build_runtime
+    from ppipe_trt.serving.served import served_models
 
     if args.deadline_margin is not None and not 0.0 <= args.deadline_margin < 1.0:
         raise BadInputError(f"--deadline-margin {args.deadline_margin}; expected a fraction "
@@ -176,7 +178,9 @@ def serve_command(args) -> int:
                                  auth_token=token, adapt=adapt))
     url = f"http://{args.host}:{args.port}"
     grpc_url = f"{args.host}:{args.grpc_port}" if args.grpc_port else None
-    print(describe(plan, what, url, built, grpc_url), file=sys.stderr)
+    frames = [n for n, s in served_models(plan, profiles, built).items()
+              if s.image is not None]
+    print(describe(plan, what, url, built, grpc_url, frames), file=sys.stderr)
     from api.http_protocol import http_protocol_for
 
     http = http_protocol_for(app)  # the infer routes answered in uvicorn's protocol
@@ -195,9 +199,12 @@ def serve_command(args) -> int:
     return 0
 
 
-def describe(plan, what: str, url: str, built=None, grpc_url: str | None = None) -> str:
+def describe(plan, what: str, url: str, built=None, grpc_url: str | None = None,
+             frames: Collection[str] = ()) -> str:
     """The startup lines: the plan, how each model runs (real engines or TIMING-ONLY), and
-    example requests.  ``built``: models with engines here (None: not said)."""
+    example requests.  ``built``: models with engines here (None: not said); ``frames``: the
+    models with frames preprocessing (an image input in their configuration): the JPEG
+    example names one of them, and is left out when there is none (it would only get 400)."""
     lines = [f"ppipe serve: {what}; plan {plan.scheduler}, normalized throughput "
              f"{plan.normalized_throughput:.1f} req/s"]
     for m in plan.models:
@@ -219,12 +226,19 @@ def describe(plan, what: str, url: str, built=None, grpc_url: str | None = None)
         + (f"; gRPC (KServe v2 / Triton) on {grpc_url}" if grpc_url else ""),
         "example requests:",
         f"  curl -s {url}/v2/models/{m}",
-        f"  curl -s -X POST -H 'Content-Type: image/jpeg' --data-binary @photo.jpg "
-        f"{url}/v2/models/{m}/frames",
-        f"  python -c \"import tritonclient.http as h, numpy as np; c = h.InferenceServerClient("
-        f"'{url.split('://')[1]}'); md = c.get_model_metadata('{m}'); i = md['inputs'][0]; "
-        f"x = h.InferInput(i['name'], [1] + i['shape'][1:], i['datatype']); "
-        f"x.set_data_from_numpy(np.zeros([1] + i['shape'][1:], np.float32)); "
-        f"print(c.infer('{m}', [x]).get_response())\"",
     ]
+    framed = [x.model for x in plan.models if x.model in frames]
+    if framed:
+        lines.append(f"  curl -s -X POST -H 'Content-Type: image/jpeg' --data-binary @photo.jpg "
+                     f"{url}/v2/models/{framed[0]}/frames")
+    # zeros of batch 1 for every input, of its datatype (a dynamic dim other than the batch
+    # becomes 1)
+    lines.append(
+        f"  python -c \"import tritonclient.http as h, numpy as np; from tritonclient.utils "
+        f"import triton_to_np_dtype as dt; c = h.InferenceServerClient("
+        f"'{url.split('://')[1]}'); md = c.get_model_metadata('{m}'); "
+        f"xs = [h.InferInput(i['name'], [1] + [max(1, d) for d in i['shape'][1:]], "
+        f"i['datatype']) for i in md['inputs']]; "
+        f"[x.set_data_from_numpy(np.zeros(x.shape(), dt(x.datatype()))) for x in xs]; "
+        f"print(c.infer('{m}', xs).get_response())\"")
     return "\n".join(lines)

@@ -158,8 +158,11 @@ def test_serve_from_repository_runs_real_engines(zoo_repository, tmp_path, monke
     assert [s.name for s in served["fpn_detector"].outputs] == list(
         FAMILIES["fpn_detector"].output_names)
     assert served["inception"].postprocess.kind == "classification"
-    text = describe(plan, what, "http://127.0.0.1:8000", built)
+    text = describe(plan, what, "http://127.0.0.1:8000", built,
+                    frames=[n for n, s in served.items() if s.image is not None])
     assert "TIMING-ONLY" not in text and "inception: real engines (onnxruntime cpu" in text
+    # the JPEG example names the model that takes frames, whichever the plan lists first
+    assert "/v2/models/inception/frames" in text and "fpn_detector/frames" not in text
     assert "2 workers on 1 CPU cores: block latencies planned x2.00" in text
     stored = load_profiles(tmp_path / "engines", ["inception"])["inception"]
     for key, table in profiles["inception"].tables.items():

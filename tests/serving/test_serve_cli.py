@@ -54,6 +54,7 @@ def test_serve_without_arguments_serves_the_demo_model(cpu_builds):
     port, grpc_port = _free_port(), _free_port()
     proc, url = start_serve(["--engines", str(cpu_builds.root), "--port", str(port),
                              "--grpc-port", str(grpc_port)])
+    banner: list[str] = []  # start-up lines read while it runs
     try:
         buf = io.BytesIO()
         Image.new("RGB", (320, 240), (90, 90, 200)).save(buf, format="JPEG")
@@ -71,9 +72,22 @@ def test_serve_without_arguments_serves_the_demo_model(cpu_builds):
         x = grpcclient.InferInput("image", [1, 3, 224, 224], "FP32")
         x.set_data_from_numpy(np.zeros((1, 3, 224, 224), np.float32))
         assert client.infer("demo_resnet", [x]).as_numpy("logits").shape == (1, 1000)
+        # the start-up banner's Python example works as printed (read from the live output)
+        line = ""
+        while "print(c.infer" not in line:
+            line = proc.stdout.readline()
+            assert line, "no Python example in the start-up lines"
+            banner.append(line)
+        command = line.strip()
+        assert command.startswith('python -c "') and command.endswith('"')
+        ran = subprocess.run([sys.executable, "-c", command[len('python -c "'):-1]],
+                             capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 0, ran.stderr
+        assert "'model_name': 'demo_resnet'" in ran.stdout and "'logits'" in ran.stdout
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
+        out = "".join(banner) + out
     assert proc.returncode == 0, out
     assert f"serving on http://127.0.0.1:{port}" in out
     assert "/v2/models/demo_resnet/frames" in out  # the example request
@@ -97,6 +111,8 @@ def test_emulate_plans_the_cluster_file_for_a_profiled_model(tmp_path, profiles_
     assert {s.gpu_class for p in plan.models[0].pipelines for s in p.stages} <= {"L4", "T4"}
     text = describe(plan, what, "http://127.0.0.1:8000")
     assert "colorization-v2" in text and "http://127.0.0.1:8000/v2/models/colorization-v2" in text
+    # no model with frames preprocessing: no JPEG example (it would only get 400)
+    assert "/frames" not in text and "triton_to_np_dtype" in text
 
 
 def test_emulate_refuses_an_unknown_model(tmp_path, profiles_dir):
