@@ -132,12 +132,14 @@ def measure(args, target: str, protocol: str, lf: float, rates: dict[str, float]
                            args.warmup_s + args.window_s + 1.0, workdir, tag)
     load.start()
     time.sleep(args.warmup_s)
-    c0 = counters()
+    c0, t0 = counters(), time.monotonic()
     got = perf_split(args.perf, dp.descendants(proc.pid), args.window_s, args.frequency,
                      workdir / f"{tag}.perf.data")
-    c1 = counters()
+    c1, t1 = counters(), time.monotonic()
     load.finish(args.drain_s + 60.0)
-    n = answered(c0, c1)
+    # the scrapes bracket perf's window (its start-up and the report in between): answers
+    # per second over the scrapes, times the sampled seconds
+    n = answered(c0, c1) * args.window_s / (t1 - t0)
     if n <= 0:
         raise SystemExit(f"{target} {protocol} at {lf:g}: no request answered in the window")
     us = got["cpu_s"] * 1e6 / n

@@ -1060,15 +1060,15 @@ def median_or_none(values) -> float | None:
     return statistics.median(present) if present else None
 
 
-# Measurement fields that name the point rather than measure it, and counts of load
-# generator runs and aborts, which add up over the repeats; every other field is a median.
+# Measurement fields that name the point rather than measure it; counts (load generator runs
+# and aborts, requests timed) add up over the repeats; every other field is a median.
 _SAME_OVER_REPEATS = ("target", "protocol", "load_factor", "loadgen")
 
 
 def median_measurement(repeats: list[Measurement]) -> Measurement:
     """One measurement standing for ``repeats`` of the same target, protocol and load factor:
     each figure is the median over the repeats (per model for the per-model dicts; a figure
-    missing (None) in a repeat is left out; ``latency_samples`` rounded to a count), and
+    missing (None) in a repeat is left out), and ``latency_samples`` (the requests timed),
     ``loadgen_runs`` / ``loadgen_aborts`` are totals.  One repeat comes back unchanged."""
     if not repeats:
         raise ValueError("median_measurement: no measurement given")
@@ -1080,7 +1080,7 @@ def median_measurement(repeats: list[Measurement]) -> Measurement:
                 raise ValueError(f"median_measurement: {f.name} differs between the repeats "
                                  f"({got}); expected the repeats of one point")
             values[f.name] = got[0]
-        elif f.name == "loadgen_runs":
+        elif f.name in ("loadgen_runs", "latency_samples"):
             values[f.name] = sum(got)
         elif f.name == "loadgen_aborts":
             totals: dict[str, int] = {}
@@ -1091,8 +1091,6 @@ def median_measurement(repeats: list[Measurement]) -> Measurement:
         elif isinstance(got[0], dict):
             keys = dict.fromkeys(k for g in got for k in g)
             values[f.name] = {k: median_or_none(g.get(k) for g in got) for k in keys}
-        elif f.name == "latency_samples":
-            values[f.name] = round(statistics.median(got))
         else:
             values[f.name] = median_or_none(got)
     return Measurement(**values)
@@ -1313,8 +1311,9 @@ def markdown(argv: list[str], header: list[str], rows: list[dict], summary: dict
                   "floor interleaved (live, floor, live, floor, ...; each a fresh warm-up and "
                   "window, each pair back to back).  Every figure in the tables is the **median "
                   "over the repeats** (per model for per-model attainment; a figure a repeat "
-                  "lacks is left out), except load generator runs and aborts, which are totals "
-                  "over the repeats (a row is marked as having aborts if any repeat had one).  "
+                  "lacks is left out), except load generator runs and aborts and the requests "
+                  "timed (client on time's samples), which are totals over the repeats (a row is "
+                  "marked as having aborts if any repeat had one).  "
                   "ratio = the **median of the per-pair ratios** live_i / floor_i, not the "
                   "ratio of the two medians shown (the JSON gives both: `ratio`, "
                   "`ratio_of_medians`); \"ratio min-max over repeats\" is the spread of the "
