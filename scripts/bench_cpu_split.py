@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -151,10 +152,29 @@ def measure(args, target: str, protocol: str, lf: float, rates: dict[str, float]
             "bytecode_loop_us": got["eval_share"] * us}
 
 
+def median_point(repeats: list[dict]) -> dict:
+    """One point standing for the repeats of a (target, protocol, load factor): the median of
+    each figure (a library absent from a repeat counts 0 there), answers summed."""
+    first = repeats[0]
+    libs = dict.fromkeys(k for r in repeats for k in r["by_library_us"])
+    return {"target": first["target"], "protocol": first["protocol"],
+            "load_factor": first["load_factor"], "repeats": len(repeats),
+            "answered": sum(r["answered"] for r in repeats),
+            "cpu_us_per_request": statistics.median(r["cpu_us_per_request"] for r in repeats),
+            "cpu_us_samples": [round(r["cpu_us_per_request"], 1) for r in repeats],
+            "by_library_us": {k: statistics.median(r["by_library_us"].get(k, 0.0)
+                                                   for r in repeats) for k in libs},
+            "bytecode_loop_us": statistics.median(r["bytecode_loop_us"] for r in repeats)}
+
+
 def rows_of(points: list[dict]) -> list[dict]:
-    """One row per (protocol, load factor, library): live and floor us/request, difference."""
+    """One row per (protocol, load factor, library): live and floor us/request (medians over
+    the repeats of a point), difference."""
     rows = []
-    keyed = {(p["target"], p["protocol"], p["load_factor"]): p for p in points}
+    grouped: dict[tuple, list[dict]] = {}
+    for p in points:
+        grouped.setdefault((p["target"], p["protocol"], p["load_factor"]), []).append(p)
+    keyed = {k: median_point(v) for k, v in grouped.items()}
     for (target, protocol, lf), live in keyed.items():
         if target != "live":
             continue
@@ -172,10 +192,22 @@ def rows_of(points: list[dict]) -> list[dict]:
             rows.append({"protocol": protocol, "load_factor": lf, "library": name,
                          "live_us_per_request": lv, "floor_us_per_request": fv,
                          "difference_us": None if fv is None else lv - fv})
+        rows[-len(names) - 1].update(  # the "all" row: every window's figure
+            live_samples=live["cpu_us_samples"],
+            floor_samples=floor["cpu_us_samples"] if floor else None)
     return rows
 
 
-def markdown(argv: list[str], rows: list[dict], wall_s: float, min_us: float) -> str:
+def _cell(value: float | None, samples: list[float] | None) -> str:
+    """A figure, with its windows' range when there were several."""
+    text = dp.fmt(value)
+    if samples and len(samples) > 1:
+        text += f" ({min(samples):.0f}-{max(samples):.0f})"
+    return text
+
+
+def markdown(argv: list[str], rows: list[dict], wall_s: float, min_us: float,
+             repeats: int = 1) -> str:
     lines = ["# Server CPU per request by library, live vs the echo floor "
              "(`scripts/bench_cpu_split.py`)", "",
              f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, command: "
@@ -183,8 +215,10 @@ def markdown(argv: list[str], rows: list[dict], wall_s: float, min_us: float) ->
              f"(wall time {wall_s:.0f} s).  **EMULATED** plan (timing-only workers) served by "
              "`ppipe serve --plan P --emulate`; the floor is `bench_dataplane.py`'s bare echo "
              "server of the same protocol; both under `scripts/loadgen.py` (open loop) at the "
-             "same rates; `perf record -e cpu-clock` on the server's process tree.  Libraries "
-             f"below {min_us:g} us/request in both columns are left out.", "",
+             "same rates; `perf record -e cpu-clock` on the server's process tree"
+             + (f"; every cell the median of {repeats} windows, live and floor interleaved"
+                if repeats > 1 else "; one window per cell") +
+             f".  Libraries below {min_us:g} us/request in both columns are left out.", "",
              "| protocol | load | library | live us/req | floor us/req | live - floor |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -194,7 +228,8 @@ def markdown(argv: list[str], rows: list[dict], wall_s: float, min_us: float) ->
             continue
         bold = "**" if r["library"] == "all" else ""
         lines.append(f"| {r['protocol']} | {r['load_factor']:g} | {bold}{r['library']}{bold} | "
-                     f"{r['live_us_per_request']:.1f} | {dp.fmt(r['floor_us_per_request'])} | "
+                     f"{_cell(r['live_us_per_request'], r.get('live_samples'))} | "
+                     f"{_cell(r['floor_us_per_request'], r.get('floor_samples'))} | "
                      f"{dp.fmt(r['difference_us'], '+.1f')} |")
     lines += ["", "perf samples the CPU clock at a fixed frequency; a library's us/request = its "
               "share of the samples x the sampled CPU time / the answers in the window.  perf's "
@@ -215,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocols", default="http,grpc", help="comma list of http, grpc")
     p.add_argument("--load-factors", type=float, nargs="+", default=[0.3, 0.7])
     p.add_argument("--window-s", type=float, default=8.0, help="sampled seconds per point")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="sample every point N times, live and floor interleaved; the table "
+                        "gives medians (an odd N makes each one of the samples)")
     p.add_argument("--warmup-s", type=float, default=3.0)
     p.add_argument("--drain-s", type=float, default=3.0)
     p.add_argument("--frequency", type=int, default=999, help="perf samples per second")
@@ -229,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     protocols = [x.strip() for x in args.protocols.split(",") if x.strip()]
     if not protocols or any(x not in ("http", "grpc") for x in protocols):
         p.error(f"--protocols {args.protocols!r}: expected a comma list of http, grpc")
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: expected an integer >= 1")
     if not shutil.which(args.perf) and not Path(args.perf).is_file():
         p.error(f"perf not found ({args.perf}); install linux-perf or give --perf PATH")
     # what bench_dataplane's servers and load generator read from its own options
@@ -254,16 +294,17 @@ def main(argv: list[str] | None = None) -> int:
             for lf in args.load_factors:
                 rates = {m.model: m.throughput_rps * lf for m in plan.models}
                 live_port = grpc_port if protocol == "grpc" else http_port
-                points.append(measure(args, "live", protocol, lf, rates, proc, live_port,
-                                      lambda: dp.live_counters(http_port), args.workdir))
-                points.append(measure(
-                    args, "floor", protocol, lf, rates, echo, echo_port,
-                    lambda: dp.echo_counters(protocol, echo_port, models), args.workdir))
+                for _ in range(args.repeats):
+                    points.append(measure(args, "live", protocol, lf, rates, proc, live_port,
+                                          lambda: dp.live_counters(http_port), args.workdir))
+                    points.append(measure(
+                        args, "floor", protocol, lf, rates, echo, echo_port,
+                        lambda: dp.echo_counters(protocol, echo_port, models), args.workdir))
             dp.Children.stop(echo)
     finally:
         dp.CHILDREN.stop_all()
     rows = rows_of(points)
-    text = markdown(argv, rows, time.monotonic() - t0, args.min_us)
+    text = markdown(argv, rows, time.monotonic() - t0, args.min_us, args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     old = args.out.read_text() if args.out.is_file() else ""
     if dp.NOTES_MARKER in old:  # keep the notes written under the marker

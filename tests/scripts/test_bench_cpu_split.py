@@ -110,3 +110,27 @@ def test_bench_cpu_split_end_to_end(tmp_path, profiles_dir):
         assert sum(p["by_library_us"].values()) == pytest.approx(p["cpu_us_per_request"],
                                                                  rel=0.05)
     assert "**all**" in out.read_text()
+
+
+def test_repeats_give_medians_and_the_windows_range():
+    def point(target, cpu, python, kernel, loop):
+        return {"target": target, "protocol": "http", "load_factor": 0.7, "answered": 1000,
+                "cpu_us_per_request": cpu,
+                "by_library_us": {"python interpreter (libpython)": python, "kernel": kernel},
+                "bytecode_loop_us": loop}
+
+    points = [point("live", 300.0, 200.0, 40.0, 80.0), point("floor", 120.0, 60.0, 50.0, 20.0),
+              point("live", 330.0, 230.0, 45.0, 90.0), point("floor", 100.0, 50.0, 35.0, 15.0),
+              point("live", 310.0, 210.0, 50.0, 85.0), point("floor", 110.0, 55.0, 40.0, 18.0)]
+    # a library seen in one window only counts 0 in the others
+    points[0]["by_library_us"]["uvloop"] = 9.0
+    rows = split.rows_of(points)
+    by = {r["library"]: r for r in rows}
+    assert by["all"]["live_us_per_request"] == 310.0 and by["all"]["floor_us_per_request"] == 110.0
+    assert by["all"]["live_samples"] == [300.0, 330.0, 310.0]
+    assert by["python interpreter (libpython)"]["difference_us"] == pytest.approx(210.0 - 55.0)
+    assert by["kernel"]["difference_us"] == pytest.approx(45.0 - 40.0)
+    assert by["uvloop"]["live_us_per_request"] == 0.0
+    md = split.markdown([], rows, 1.0, min_us=2.0, repeats=3)
+    assert "| http | 0.7 | **all** | 310.0 (300-330) | 110.0 (100-120) | +200.0 |" in md
+    assert "every cell the median of 3 windows" in md
