@@ -949,8 +949,22 @@ def export_commit(rev: str, workdir: Path, option: str = "--server-commit") -> P
         archive.stdout.close()
         if archive.wait(60) != 0 or untar.returncode != 0:
             raise SystemExit(f"{option} {rev!r}: git archive | tar failed")
+        build_native(partial)
         partial.rename(dest)
     return dest
+
+
+def build_native(tree: Path) -> None:
+    """Compile the copy's scheduler in place (``setup.py build_ext --inplace``), as the
+    install does for a checkout; where that fails the copy serves on the Python reference
+    and the report says so (``/v2/status``'s ``scheduler``)."""
+    if not (tree / "setup.py").is_file():
+        return   # a commit from before the compiled scheduler
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                          cwd=tree, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        print(f"warning: could not compile the scheduler of {tree.name}; it serves on the "
+              f"Python reference:\n{proc.stderr[-1500:]}", file=sys.stderr)
 
 
 def describe_tree(tree: Path) -> str:
@@ -968,6 +982,17 @@ def describe_tree(tree: Path) -> str:
         return f"`{tree}` (not a git checkout)"
     return (f"`{tree}` at commit {head.stdout.strip()}"
             + (" with uncommitted changes in api/ or ppipe_trt/" if dirty.stdout.strip() else ""))
+
+
+def scheduler_line(status: dict) -> str:
+    """Which scheduler served (``/v2/status``; older servers do not say)."""
+    sched = status.get("scheduler")
+    if not isinstance(sched, dict):
+        return "not reported (a server from before the compiled scheduler: Python)"
+    impl = sched.get("implementation", "?")
+    detail = sched.get("detail", "")
+    return f"{sched.get('policy', '?')}, **{impl}**" + (
+        f" ({detail})" if impl != "compiled" and detail else "")
 
 
 def make_plan(args, workdir: Path) -> Path:
@@ -1506,7 +1531,7 @@ def run(args, argv, protocols, pa_version: str, t_start: float) -> int:
     idle_share = (tree_cpu_s(server.pid) - c0) / ((time.monotonic() - t0) * cores)
     print(f"ppipe serve ready (EMULATED, timing-only workers): HTTP {http_port}, gRPC "
           f"{grpc_port}, hop overhead {hop_us:.0f} us, idle CPU {100 * idle_share:.1f} % "
-          f"of {cores} cores", flush=True)
+          f"of {cores} cores; scheduler: {scheduler_line(status)}", flush=True)
 
     def live_counter():
         return live_counters(http_port)
@@ -1557,8 +1582,8 @@ def run(args, argv, protocols, pa_version: str, t_start: float) -> int:
         + (f" --frontends {args.frontends}` ({args.frontends} processes answer the protocols; "
            "server CPU is all of them)" if args.frontends > 1 else "`")
         + ": **EMULATED**, timing-only workers (every figure below); "
-        f"code: {code}.  With no load, the server used {100 * idle_share:.1f} % of the "
-        f"machine's CPU ({args.idle_s:g} s sample).",
+        f"code: {code}; scheduler: {scheduler_line(status)}.  With no load, the server used "
+        f"{100 * idle_share:.1f} % of the machine's CPU ({args.idle_s:g} s sample).",
         "",
         (f"Load: one `perf_analyzer` ({pa_version}) per model, `--async "
          f"--request-distribution poisson --request-rate-range R --max-threads "

@@ -105,8 +105,15 @@ def child(args) -> None:
         if runtime is not None:
             runtime.stop()
         n = max(1, n1 - n0)
+        impl = "-"
+        if runtime is not None:
+            from ppipe_trt.scheduler.native import scheduler_implementation
+
+            impl = scheduler_implementation(runtime.scheduler(m.model)
+                                            for m in plan.models)["implementation"]
         return {"answered": n1 - n0, "cpu_us_per_request": (cpu1 - cpu0) / n * 1e6,
-                "ok": counts["ok"], "dropped": counts["dropped"], "sent": sent}
+                "ok": counts["ok"], "dropped": counts["dropped"], "sent": sent,
+                "scheduler": impl}
 
     print(json.dumps(uvloop.run(main())))
 
@@ -125,8 +132,10 @@ def make_plan(args, workdir: Path) -> Path:
     return path
 
 
-def measure(args, tree: Path, variant: str, load_factor: float, plan: Path, seed: int) -> dict:
+def measure(args, tree: Path, variant: str, load_factor: float, plan: Path, seed: int,
+            extra_env: dict | None = None) -> dict:
     env = dict(os.environ)
+    env.update(extra_env or {})
     env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--variant", variant,
            "--plan", str(plan), "--profiles", str(args.profiles),
@@ -145,12 +154,20 @@ def run(args) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench-runtime-cpu-") as tmp:
         plan = make_plan(args, Path(tmp))
         trees = [Path(t).resolve() for t in (args.tree or [str(ROOT)])]
+        # (label, tree, environment): each tree as it is (the compiled scheduler where it is
+        # built), and with --python-scheduler also on the Python reference (PPIPE_NATIVE=0)
+        entries = []
+        for t in trees:
+            entries.append((str(t), t, {}))
+            if args.python_scheduler:
+                entries.append((f"{t} (python scheduler)", t, {"PPIPE_NATIVE": "0"}))
         samples: dict[tuple, list[dict]] = {}
         for rep in range(args.repeats):
             for lf in args.load_factors:
-                for label, tree, variant in ([("null", trees[0], "null")]
-                                             + [(str(t), t, "runtime") for t in trees]):
-                    got = measure(args, tree, variant, lf, plan, seed=rep + 1)
+                for label, tree, variant, env in ([("null", trees[0], "null", {})]
+                                                  + [(lb, t, "runtime", e)
+                                                     for lb, t, e in entries]):
+                    got = measure(args, tree, variant, lf, plan, seed=rep + 1, extra_env=env)
                     samples.setdefault((label, lf), []).append(got)
                     print(f"  repeat {rep + 1}/{args.repeats} load {lf:g} {label}: "
                           f"{got['cpu_us_per_request']:.1f} us/request "
@@ -159,13 +176,15 @@ def run(args) -> list[dict]:
     for lf in args.load_factors:
         null = statistics.median(s["cpu_us_per_request"] for s in samples[("null", lf)])
         first = None
-        for t in trees:
-            runs = samples[(str(t), lf)]
+        for label, t, _ in entries:
+            runs = samples[(label, lf)]
             med = statistics.median(s["cpu_us_per_request"] for s in runs)
             net = med - null
             first = net if first is None else first
             drops = sum(s["dropped"] for s in runs)
-            rows.append({"load_factor": lf, "tree": str(t), "cpu_us_per_request": med,
+            rows.append({"load_factor": lf, "tree": label,
+                         "scheduler": "/".join(sorted({s.get("scheduler", "-") for s in runs})),
+                         "cpu_us_per_request": med,
                          "null_cpu_us_per_request": null, "net_cpu_us_per_request": net,
                          "ratio_to_first_tree": net / first if first > 0 else None,
                          "samples": [round(s["cpu_us_per_request"], 1) for s in runs],
@@ -192,12 +211,13 @@ def markdown(args, rows: list[dict], wall_s: float) -> str:
         f"runs it; in-process Poisson arrivals at each load factor x the plan's rates; "
         f"{args.window_s:g} s window after {args.warmup_s:g} s warm-up; median of "
         f"{args.repeats} fresh processes per cell, interleaved.", "",
-        "| load | code tree | CPU us/request | null (generator + event loop) | **runtime net** "
-        "| ratio to first tree | samples | dropped |",
-        "|---|---|---|---|---|---|---|---|"]
+        "| load | code tree | scheduler | CPU us/request | null (generator + event loop) "
+        "| **runtime net** | ratio to first tree | samples | dropped |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['load_factor']:g} | `{r['tree']}` | {r['cpu_us_per_request']:.1f} "
+            f"| {r['load_factor']:g} | `{r['tree']}` | {r['scheduler']} "
+            f"| {r['cpu_us_per_request']:.1f} "
             f"| {r['null_cpu_us_per_request']:.1f} | **{r['net_cpu_us_per_request']:.1f}** "
             f"| {fmt_ratio(r['ratio_to_first_tree'])} | {', '.join(map(str, r['samples']))} "
             f"| {100 * r['dropped_fraction']:.2f} % |")
@@ -224,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tree", action="append",
                    help="code tree to measure (repeatable; default this checkout); ratios "
                         "are to the first")
+    p.add_argument("--python-scheduler", action="store_true",
+                   help="also measure each tree on the Python reference scheduler "
+                        "(PPIPE_NATIVE=0) beside the compiled one")
     p.add_argument("--json", type=Path, help="write the rows here")
     p.add_argument("--out", type=Path, help="write the markdown table here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

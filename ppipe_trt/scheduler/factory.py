@@ -9,6 +9,7 @@ from ppipe_trt.plan import Plan
 from ppipe_trt.profiles.types import ProfileSet
 from ppipe_trt.scheduler.baselines import ReactiveScheduler, TritonScheduler
 from ppipe_trt.scheduler.interface import Scheduler
+from ppipe_trt.scheduler.native import NativeReservationScheduler
 from ppipe_trt.scheduler.placement import Placement
 from ppipe_trt.scheduler.reservation import ReservationScheduler
 from ppipe_trt.scheduler.tables import ClusterState, build_pipeline_tables
@@ -48,7 +49,8 @@ def build_schedulers(plan: Plan, profiles: ProfileSet, placement: Placement,
             allowed = {"wake_lead_us", "strict_batch_fraction", "max_queue", "work_conserving",
                        "work_conserving_max_load", "work_conserving_window_us"}
             _check_kw(kw, allowed, policy)
-            sched: Scheduler = ReservationScheduler(m.model, tables, state, **kw)
+            cls = NativeReservationScheduler() if state.native else ReservationScheduler
+            sched: Scheduler = cls(m.model, tables, state, **kw)
         elif policy == "reactive":
             _check_kw(kw, set(), policy)
             sched = ReactiveScheduler(m.model, tables, state)

@@ -22,6 +22,7 @@ from ppipe_trt.errors import ConfigError
 from ppipe_trt.plan import ModelPlan, Plan
 from ppipe_trt.profiles.types import ProfileSet
 from ppipe_trt.scheduler.links import LINK_MODELS, new_timeline
+from ppipe_trt.scheduler.native import native_module, native_status
 from ppipe_trt.scheduler.placement import Placement
 
 INF = float("inf")
@@ -37,16 +38,26 @@ class ClusterState:
     ``worker_uplink[w]`` is ``w``'s server (one uplink per server); under ``"channel"`` it is
     ``w``'s channel (see :func:`sender_channels`; one uplink timeline per channel).  Under
     ``"sender"`` and ``"channel"`` the downlink timelines are never reserved (stay empty).
+
+    ``native``: hold the timelines in the compiled form (C arrays, see
+    :mod:`ppipe_trt.scheduler.native`) that the compiled reservation scheduler needs; default:
+    when the compiled scheduler is available.  ``tl[0]`` / ``tl[1]`` read either form.
     """
 
     __slots__ = ("uplinks", "downlinks", "bandwidth_gbps", "batch_ids", "hop_overhead_us",
-                 "link_model", "worker_uplink")
+                 "link_model", "worker_uplink", "native")
 
     def __init__(self, placement: Placement, hop_overhead_us: float = 0.0,
-                 link_model: str = "duplex"):
+                 link_model: str = "duplex", native: bool | None = None):
         if link_model not in LINK_MODELS:
             raise ConfigError(f"unknown link model {link_model!r}; expected one of "
                               f"{LINK_MODELS}")
+        mod = native_module()
+        if native and mod is None:
+            raise ConfigError(f"the compiled scheduler is not available: "
+                              f"{native_status()['detail']}")
+        self.native = mod is not None if native is None else bool(native)
+        timeline = mod.new_timeline if self.native else new_timeline
         self.link_model = link_model
         n = placement.num_servers
         if link_model == "channel":
@@ -55,8 +66,8 @@ class ClusterState:
         else:
             self.worker_uplink = {w.worker_id: w.server_id for w in placement.workers}
             n_up = n
-        self.uplinks = [new_timeline() for _ in range(n_up)]
-        self.downlinks = [new_timeline() for _ in range(n)]
+        self.uplinks = [timeline() for _ in range(n_up)]
+        self.downlinks = [timeline() for _ in range(n)]
         self.bandwidth_gbps = [s.link_bandwidth_gbps for s in placement.servers]
         self.batch_ids = itertools.count()
         if hop_overhead_us < 0:
@@ -76,6 +87,7 @@ class ClusterState:
                               f"cluster {len(self.downlinks)}: a plan swap keeps the cluster")
         new = object.__new__(ClusterState)
         new.link_model = self.link_model
+        new.native = self.native
         new.worker_uplink = {w.worker_id: w.server_id for w in placement.workers}
         new.uplinks, new.downlinks = self.uplinks, self.downlinks
         new.bandwidth_gbps = self.bandwidth_gbps
@@ -86,8 +98,11 @@ class ClusterState:
     def reset(self) -> None:
         """Forget every link reservation."""
         for tl in self.uplinks + self.downlinks:
-            tl[0].clear()
-            tl[1].clear()
+            if isinstance(tl, tuple):
+                tl[0].clear()
+                tl[1].clear()
+            else:
+                tl.clear()
 
 
 def sender_channels(placement: Placement) -> dict[int, int]:

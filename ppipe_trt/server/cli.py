@@ -118,6 +118,7 @@ def serve_command(args) -> int:
     from api.app import ApiSettings, create_app
     from ppipe_trt.errors import BadInputError
     from ppipe_trt.plan import save_plan
+    from ppipe_trt.scheduler.native import implementation
     from ppipe_trt.serving.assembly import RuntimeOptions, build_runtime
     from ppipe_trt.serving.served import served_models
 
@@ -180,7 +181,8 @@ def serve_command(args) -> int:
     grpc_url = f"{args.host}:{args.grpc_port}" if args.grpc_port else None
     frames = [n for n, s in served_models(plan, profiles, built).items()
               if s.image is not None]
-    print(describe(plan, what, url, built, grpc_url, frames), file=sys.stderr)
+    print(describe(plan, what, url, built, grpc_url, frames,
+                   scheduler=implementation(options.policy)), file=sys.stderr)
     from api.http_protocol import http_protocol_for
 
     http = http_protocol_for(app)  # the infer routes answered in uvicorn's protocol
@@ -200,13 +202,15 @@ def serve_command(args) -> int:
 
 
 def describe(plan, what: str, url: str, built=None, grpc_url: str | None = None,
-             frames: Collection[str] = ()) -> str:
+             frames: Collection[str] = (), scheduler: str | None = None) -> str:
     """The startup lines: the plan, how each model runs (real engines or TIMING-ONLY), and
     example requests.  ``built``: models with engines here (None: not said); ``frames``: the
     models with frames preprocessing (an image input in their configuration): the JPEG
     example names one of them, and is left out when there is none (it would only get 400)."""
     lines = [f"ppipe serve: {what}; plan {plan.scheduler}, normalized throughput "
              f"{plan.normalized_throughput:.1f} req/s"]
+    if scheduler:
+        lines.append(f"  scheduler: {scheduler}")
     for m in plan.models:
         if built is not None:
             b = built.get(m.model)

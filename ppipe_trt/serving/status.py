@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ppipe_trt.plan import plan_to_dict
+from ppipe_trt.scheduler.native import scheduler_implementation
 
 if TYPE_CHECKING:
     from ppipe_trt.serving.handle import WorkerHandle
@@ -39,6 +40,9 @@ def runtime_status(rt: "ServingRuntime") -> dict[str, Any]:
         "hop_overhead_us": rt.hop_overhead_us,
         "deadline_margin_us": rt.deadline_margin_us,
         "emulated": any(m.emulated for m in rt.models.values()),
+        # the reservation scheduler compiled, or the Python reference (and why)
+        "scheduler": {"policy": rt.options.policy,
+                      **scheduler_implementation(rt.scheduler(m) for m in rt.models)},
         **rt.info,
         "models": {m.name: model_status(m) for m in rt.models.values()},
         "workers": [worker_status(w) for w in rt.workers],

@@ -194,3 +194,30 @@ def test_repeats_below_one_are_refused(capsys):
         dp.main(["--repeats", "0", "--load-generator", "open-loop"])
     assert exc.value.code == 2
     assert "--repeats 0: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_the_report_says_which_scheduler_served():
+    """From ``/v2/status``: compiled, the Python reference and why, or a server too old to
+    say."""
+    assert dp.scheduler_line({"scheduler": {"policy": "reservation", "implementation":
+                                            "compiled", "detail": "compiled"}}) \
+        == "reservation, **compiled**"
+    line = dp.scheduler_line({"scheduler": {"policy": "reservation", "implementation": "python",
+                                            "detail": "PPIPE_NATIVE=0"}})
+    assert line == "reservation, **python** (PPIPE_NATIVE=0)"
+    assert "not reported" in dp.scheduler_line({})
+
+
+def test_a_commit_copy_gets_its_scheduler_compiled(tmp_path):
+    """``--server-commit``'s copy is compiled in place, as an install compiles a checkout."""
+    from ppipe_trt.scheduler.native import native_status
+
+    if native_status()["scheduler"] != "compiled":
+        pytest.skip("no compiled scheduler in this install: " + native_status()["detail"])
+    tree = tmp_path / "tree"
+    (tree / "ppipe_trt" / "_native").mkdir(parents=True)
+    for rel in ("setup.py", "pyproject.toml", "README.md", "ppipe_trt/_native/__init__.py",
+                "ppipe_trt/_native/reservation.pyx"):
+        (tree / rel).write_bytes((ROOT / rel).read_bytes())
+    dp.build_native(tree)
+    assert list((tree / "ppipe_trt" / "_native").glob("reservation*.so"))

@@ -65,6 +65,11 @@ def test_serve_without_arguments_serves_the_demo_model(cpu_builds):
         status = httpx.get(f"{url}/v2/status").json()
         assert status["plan"]["cluster"]["pools"][0]["gpu_class"] == "cpu"
         assert status["models"]["demo_resnet"]["timing_only"] is False
+        from ppipe_trt.scheduler.native import native_status
+
+        compiled = native_status()["scheduler"] == "compiled"   # what this install runs
+        assert status["scheduler"]["policy"] == "reservation"
+        assert status["scheduler"]["implementation"] == ("compiled" if compiled else "python")
         import tritonclient.grpc as grpcclient
 
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
@@ -93,6 +98,8 @@ def test_serve_without_arguments_serves_the_demo_model(cpu_builds):
     assert "/v2/models/demo_resnet/frames" in out  # the example request
     assert f"gRPC (KServe v2 / Triton) on 127.0.0.1:{grpc_port}" in out
     assert "demo_resnet: real engines (onnxruntime cpu" in out
+    assert ("scheduler: reservation (compiled)" if compiled
+            else "scheduler: reservation (Python reference: ") in out
 
 
 def test_emulate_plans_the_cluster_file_for_a_profiled_model(tmp_path, profiles_dir):

@@ -1,0 +1,36 @@
+"""Builds the compiled hot path (``ppipe_trt._native``); everything else is in pyproject.toml.
+
+The extension is optional: without a C compiler (or Cython) the install still succeeds and
+ppipe-trt runs the pure-Python reference of the same code (``ppipe_trt.scheduler.native``
+says which one runs, and why).  The SHA-256 of each ``.pyx`` is compiled in, so an edited
+source whose build is stale is never used (rebuild: ``pip install -e .``).
+"""
+
+import hashlib
+from pathlib import Path
+
+from setuptools import Extension, setup
+
+HERE = Path(__file__).resolve().parent
+SOURCES = {"ppipe_trt._native.reservation": "ppipe_trt/_native/reservation.pyx"}
+
+
+def extensions():
+    try:
+        from Cython.Build import cythonize
+    except ImportError:  # no Cython: the pure-Python reference runs
+        print("ppipe-trt: Cython not found; the compiled scheduler is not built")
+        return []
+    out = []
+    for name, src in SOURCES.items():
+        sha = hashlib.sha256((HERE / src).read_bytes()).hexdigest()
+        ext = Extension(name, [src], optional=True,
+                        # no fused multiply-adds: the compiled scheduler must compute every
+                        # time exactly as the Python reference does
+                        extra_compile_args=["-O2", "-ffp-contract=off"])
+        out += cythonize([ext], compile_time_env={"PPIPE_SOURCE_SHA256": sha},
+                         language_level=3, quiet=True)
+    return out
+
+
+setup(ext_modules=extensions())
