@@ -27,7 +27,7 @@ help:
 	@echo "make plan                  plan the paper's group 2 on L4+T4 from the shared profiles"
 	@echo "make bench                 run the benchmarks under scripts/"
 
-$(VENV)/.installed: pyproject.toml setup.py ppipe_trt/_native/reservation.pyx
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard ppipe_trt/_native/*.pyx)
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"

@@ -12,7 +12,8 @@ from pathlib import Path
 from setuptools import Extension, setup
 
 HERE = Path(__file__).resolve().parent
-SOURCES = {"ppipe_trt._native.reservation": "ppipe_trt/_native/reservation.pyx"}
+SOURCES = {"ppipe_trt._native.reservation": "ppipe_trt/_native/reservation.pyx",
+           "ppipe_trt._native.timed": "ppipe_trt/_native/timed.pyx"}
 
 
 def extensions():

@@ -107,10 +107,12 @@ def child(args) -> None:
         n = max(1, n1 - n0)
         impl = "-"
         if runtime is not None:
-            from ppipe_trt.scheduler.native import scheduler_implementation
+            from ppipe_trt.scheduler.native import (scheduler_implementation,
+                                                    timed_worker_implementation)
 
-            impl = scheduler_implementation(runtime.scheduler(m.model)
-                                            for m in plan.models)["implementation"]
+            impl = (scheduler_implementation(runtime.scheduler(m.model)
+                                             for m in plan.models)["implementation"]
+                    + " / " + str(timed_worker_implementation(runtime.workers)))
         return {"answered": n1 - n0, "cpu_us_per_request": (cpu1 - cpu0) / n * 1e6,
                 "ok": counts["ok"], "dropped": counts["dropped"], "sent": sent,
                 "scheduler": impl}
@@ -154,13 +156,14 @@ def run(args) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench-runtime-cpu-") as tmp:
         plan = make_plan(args, Path(tmp))
         trees = [Path(t).resolve() for t in (args.tree or [str(ROOT)])]
-        # (label, tree, environment): each tree as it is (the compiled scheduler where it is
-        # built), and with --python-scheduler also on the Python reference (PPIPE_NATIVE=0)
+        # (label, tree, environment): each tree as it is (its compiled parts where they are
+        # built), and with each --native SPEC also under PPIPE_NATIVE=SPEC (0: the Python
+        # references of the scheduler and the timing-only workers)
         entries = []
         for t in trees:
             entries.append((str(t), t, {}))
-            if args.python_scheduler:
-                entries.append((f"{t} (python scheduler)", t, {"PPIPE_NATIVE": "0"}))
+            for spec in args.native or []:
+                entries.append((f"{t} (PPIPE_NATIVE={spec})", t, {"PPIPE_NATIVE": spec}))
         samples: dict[tuple, list[dict]] = {}
         for rep in range(args.repeats):
             for lf in args.load_factors:
@@ -211,8 +214,9 @@ def markdown(args, rows: list[dict], wall_s: float) -> str:
         f"runs it; in-process Poisson arrivals at each load factor x the plan's rates; "
         f"{args.window_s:g} s window after {args.warmup_s:g} s warm-up; median of "
         f"{args.repeats} fresh processes per cell, interleaved.", "",
-        "| load | code tree | scheduler | CPU us/request | null (generator + event loop) "
-        "| **runtime net** | ratio to first tree | samples | dropped |",
+        "| load | code tree | scheduler / timing-only workers | CPU us/request "
+        "| null (generator + event loop) "
+        "| **runtime net** | ratio to the first row | samples | dropped |",
         "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
@@ -244,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tree", action="append",
                    help="code tree to measure (repeatable; default this checkout); ratios "
                         "are to the first")
-    p.add_argument("--python-scheduler", action="store_true",
-                   help="also measure each tree on the Python reference scheduler "
-                        "(PPIPE_NATIVE=0) beside the compiled one")
+    p.add_argument("--native", action="append", metavar="SPEC",
+                   help="also measure each tree with PPIPE_NATIVE=SPEC (repeatable): 0 runs "
+                        "the Python references, 'reservation' only the compiled scheduler, "
+                        "'timed' only the compiled timing-only workers")
     p.add_argument("--json", type=Path, help="write the rows here")
     p.add_argument("--out", type=Path, help="write the markdown table here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -6,7 +6,10 @@ library user's runtime, the Ray runtime) or on the front end's asyncio event loo
 thread it sleeps until the earliest of (next wake-up any scheduler asked for, next timer, next
 event in its inbox), never spinning.  Timers (:meth:`DecisionLoop.call_at`) drive the
 thread-less timing-only workers (:mod:`ppipe_trt.serving.timed_worker`): an emulated batch is
-a timer, not a sleeping thread, so a 100-GPU emulation costs one thread, not a hundred.  Events (:mod:`ppipe_trt.serving.events`) are posted from any thread:
+a timer, not a sleeping thread, so a 100-GPU emulation costs one thread, not a hundred (their
+compiled form, ``ppipe_trt._native.timed``, keeps its batches on one heap of its own that the
+loop drains with its timers: :meth:`DecisionLoop.timed_pool`).  Events
+(:mod:`ppipe_trt.serving.events`) are posted from any thread:
 arrivals (``submit``), stage finishes (workers), cluster events (the Ray runtime).  Each is
 given to its model's scheduler, and the scheduler's decisions are carried out at once by the
 loop's :class:`LoopHost` (the runtime): a dispatch is sent to its stage-0 worker, a drop is
@@ -32,7 +35,7 @@ import math
 import queue
 import threading
 import time
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from ppipe_trt.errors import PPipeError, SchedulerError
 from ppipe_trt.scheduler.interface import Decisions, Dispatch, Drop, DropReason, Request, Scheduler
@@ -95,6 +98,8 @@ class DecisionLoop:
         self._first_batch_id = 0   # batches with lower ids belong to an earlier plan
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
+        # the compiled timing-only workers' pool (its own timer heap), made on first use
+        self._pool = None
         self._stop_timeout_s = options.stop_timeout_s
         # event-loop mode (start(event_loop)): the loop, whether a flush is scheduled, the
         # event-loop timer standing for the earliest timer or wake-up, and when it is due
@@ -120,6 +125,23 @@ class DecisionLoop:
                 self._arm()  # set outside a turn (which re-arms when it ends)
         else:
             self.post(CallAt(time_us, callback))
+
+    def timed_pool(self, make: Callable[[], Any]) -> Any:
+        """The loop's pool of compiled timing-only workers (``ppipe_trt._native.timed.
+        TimedPool``), made with ``make`` on first use: their batches' finishes are one heap
+        the loop drains with its own timers (``run_due``, ``next_due_us``)."""
+        if self._pool is None:
+            self._pool = make()
+        return self._pool
+
+    def _next_due(self) -> float:
+        """The earliest timer, of the loop's own and the pool's (inf: none)."""
+        due = self._timers[0][0] if self._timers else math.inf
+        if self._pool is not None:
+            p = self._pool.next_due_us()
+            if p < due:
+                due = p
+        return due
 
     def scheduler(self, model: str) -> Scheduler:
         return self._schedulers[model]
@@ -305,6 +327,10 @@ class DecisionLoop:
         rounds the delay); one that ran early finds nothing due and is set again for at least
         a millisecond, so a timer never runs before its time and the loop never spins."""
         due = self._timers[0][0] if self._timers else math.inf
+        if self._pool is not None:
+            p = self._pool.next_due_us()
+            if p < due:
+                due = p
         for wake in self._wake.values():
             if wake is not None and wake < due:
                 due = wake
@@ -339,8 +365,9 @@ class DecisionLoop:
         self._thread_id = threading.get_ident()
         while True:
             wakes = [t for t in self._wake.values() if t is not None]
-            if self._timers:
-                wakes.append(self._timers[0][0])
+            due = self._next_due()
+            if due != math.inf:
+                wakes.append(due)
             timeout = None
             if wakes:
                 timeout = max(0.0, min(wakes) - self._clock()) / 1e6
@@ -360,15 +387,40 @@ class DecisionLoop:
             self._run_timers(self._clock())
 
     def _run_timers(self, now: float) -> None:
-        """Run the timers due by ``now`` (callbacks may set new ones, run in turn if due)."""
+        """Run the timers due by ``now`` (callbacks may set new ones, run in turn if due):
+        the loop's own, and the compiled timing-only workers' (their pool's heap; at equal
+        times the pool's first)."""
         timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, _, callback = heapq.heappop(timers)
-            try:
-                callback()
-            except Exception:
-                log.exception("runtime loop: timer callback failed")
-            if not timers or timers[0][0] > now:
+        pool = self._pool
+        if pool is not None:
+            # the thread-less emulation's case: only the pool's heap has timers
+            while not timers:
+                try:
+                    pool.drain(now)
+                    break
+                except Exception:  # that batch is gone from the heap; the rest run now
+                    log.exception("runtime loop: timer callback failed")
+            if not timers:
+                return
+        while True:
+            ran = False
+            if pool is not None:
+                limit = timers[0][0] if timers and timers[0][0] < now else now
+                try:
+                    ran = pool.run_due(limit) > 0
+                except Exception:
+                    ran = True
+                    log.exception("runtime loop: timer callback failed")
+            if timers and timers[0][0] <= now:
+                _, _, callback = heapq.heappop(timers)
+                try:
+                    callback()
+                except Exception:
+                    log.exception("runtime loop: timer callback failed")
+                ran = True
+            if not ran:
+                return
+            if self._next_due() > now:
                 now = self._clock()
 
     def _process(self, events: list[LoopEvent]) -> bool:
@@ -494,9 +546,11 @@ class DecisionLoop:
         answered, for at most half the stop timeout; what is left then is failed by the
         runtime as cancelled."""
         deadline = self._clock() + self._stop_timeout_s * 0.5e6
-        while self._timers:
+        while True:
+            nxt = self._next_due()
+            if nxt == math.inf:
+                return
             now = self._clock()
-            nxt = self._timers[0][0]
             if nxt > deadline:
                 return
             if nxt > now:

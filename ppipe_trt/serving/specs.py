@@ -175,12 +175,23 @@ def build_worker(spec: WorkerSpec, transport: Transport, sink: WorkerSink,
     :func:`open_executor`), forwarding through ``transport``, reporting to ``sink``.
 
     ``timers`` (the runtime loop's ``call_at``, local runtime): a timing-only spec becomes a
-    thread-less :class:`~ppipe_trt.serving.timed_worker.TimedWorker` driven by them; without
+    thread-less :class:`~ppipe_trt.serving.timed_worker.TimedWorker` driven by them (or its
+    compiled form, a worker of the loop's ``ppipe_trt._native.timed.TimedPool``, see
+    :mod:`ppipe_trt.scheduler.native`); without
     (e.g. inside a Ray actor) every worker is a :class:`StageWorker` thread.  ``faults`` and
     ``watchdog`` (local runtime): how the worker judges its executor's faults (see
     :mod:`ppipe_trt.serving.faults`).  ``executor``: an executor already opened, used
     instead of ``spec.executor``'s (the worker owns it from then on; tests plug fakes in)."""
     if spec.executor is None and executor is None and timers is not None:
+        from ppipe_trt.scheduler.native import native_module
+
+        timed = native_module("timed")
+        pool_of = getattr(timers, "timed_pool", None)
+        if timed is not None and pool_of is not None:
+            # the compiled workers: one pool (one timer heap) per runtime loop
+            pool = pool_of(lambda: timed.TimedPool(transport, sink, timers, clock))
+            if pool.transport is transport and pool.sink is sink and pool.clock is clock:
+                return pool.add(spec.slot, spec.emulation)
         from ppipe_trt.serving.timed_worker import TimedWorker
 
         return TimedWorker(spec.slot, spec.emulation, transport, sink, timers, clock=clock)

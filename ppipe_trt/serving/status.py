@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ppipe_trt.plan import plan_to_dict
-from ppipe_trt.scheduler.native import scheduler_implementation
+from ppipe_trt.scheduler.native import (scheduler_implementation,
+                                        timed_worker_implementation)
 
 if TYPE_CHECKING:
     from ppipe_trt.serving.handle import WorkerHandle
@@ -42,7 +43,9 @@ def runtime_status(rt: "ServingRuntime") -> dict[str, Any]:
         "emulated": any(m.emulated for m in rt.models.values()),
         # the reservation scheduler compiled, or the Python reference (and why)
         "scheduler": {"policy": rt.options.policy,
-                      **scheduler_implementation(rt.scheduler(m) for m in rt.models)},
+                      **scheduler_implementation(rt.scheduler(m) for m in rt.models),
+                      # the thread-less timing-only workers: compiled / python / None (none)
+                      "timing_only_workers": timed_worker_implementation(rt.workers)},
         **rt.info,
         "models": {m.name: model_status(m) for m in rt.models.values()},
         "workers": [worker_status(w) for w in rt.workers],

@@ -97,5 +97,12 @@ class InProcessTransport(Transport):
                                     now_us + (res.transfer_finish_us - res.transfer_start_us))
         deliver(job)
 
+    def receiver(self, worker_id: int) -> Callable[[StageJob], None] | None:
+        """What :meth:`send` would deliver a job for ``worker_id`` to (``None`` when closed
+        or unknown: :meth:`send` would raise).  A sender that can take a job over itself
+        (the compiled timing-only workers, ``ppipe_trt._native.timed``) looks here and then
+        keeps :meth:`send`'s rules: ``sent_us``, and the link delay of a later stage."""
+        return None if self._closed else self._deliver.get(worker_id)
+
     def close(self) -> None:
         self._closed = True

@@ -54,8 +54,8 @@ def canon(dec) -> str:
         route = ";".join(f"{r.stage}@{r.worker_id}:{_t(r.start_us)}-{_t(r.finish_us)}/"
                          f"{_t(r.transfer_start_us)}-{_t(r.transfer_finish_us)}"
                          for r in d.route)
-        parts.append(f"D{d.batch_id}p{d.pipeline}[{','.join(str(r.request_id) for r in d.requests)}]"
-                     f"{route}")
+        ids = ",".join(str(r.request_id) for r in d.requests)
+        parts.append(f"D{d.batch_id}p{d.pipeline}[{ids}]{route}")
     for x in dec.drops:
         parts.append(f"X{x.request.request_id}:{x.reason.value}:{x.detail}")
     parts.append(f"w{_t(dec.wake_at_us)}")

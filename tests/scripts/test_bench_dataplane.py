@@ -217,7 +217,8 @@ def test_a_commit_copy_gets_its_scheduler_compiled(tmp_path):
     tree = tmp_path / "tree"
     (tree / "ppipe_trt" / "_native").mkdir(parents=True)
     for rel in ("setup.py", "pyproject.toml", "README.md", "ppipe_trt/_native/__init__.py",
-                "ppipe_trt/_native/reservation.pyx"):
+                "ppipe_trt/_native/reservation.pyx", "ppipe_trt/_native/timed.pyx"):
         (tree / rel).write_bytes((ROOT / rel).read_bytes())
     dp.build_native(tree)
     assert list((tree / "ppipe_trt" / "_native").glob("reservation*.so"))
+    assert list((tree / "ppipe_trt" / "_native").glob("timed*.so"))

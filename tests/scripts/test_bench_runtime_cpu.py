@@ -18,7 +18,7 @@ def test_bench_runtime_cpu_tiny_windows(tmp_path, profiles_dir):
         [sys.executable, str(ROOT / "scripts" / "bench_runtime_cpu.py"), "--load-factors",
          "0.3", "--repeats", "1", "--window-s", "1", "--warmup-s", "0.5", "--drain-s", "1",
          "--profiles", str(profiles_dir), "--out", str(out), "--json", str(js),
-         "--python-scheduler"],
+         "--native", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = json.loads(js.read_text())
@@ -26,9 +26,10 @@ def test_bench_runtime_cpu_tiny_windows(tmp_path, profiles_dir):
     row, ref = rows
     from ppipe_trt.scheduler.native import native_status
 
-    # each row says which scheduler ran in it: this install's, and the Python reference
-    assert row["scheduler"] == native_status()["scheduler"]
-    assert ref["tree"] == f"{ROOT} (python scheduler)" and ref["scheduler"] == "python"
+    # each row says what ran in it: this install's compiled parts, and the Python references
+    assert row["scheduler"] == (native_status()["scheduler"] + " / "
+                                + native_status("timed")["scheduler"])
+    assert ref["tree"] == f"{ROOT} (PPIPE_NATIVE=0)" and ref["scheduler"] == "python / python"
     assert ref["answered"][0] > 100 and ref["dropped_fraction"] < 0.05
     assert row["load_factor"] == 0.3 and row["tree"] == str(ROOT)
     assert row["answered"][0] > 100            # ~780 req/s planned x 0.3 over 1 s

@@ -1,0 +1,278 @@
+"""The compiled timing-only workers (``ppipe_trt._native.timed``) against the Python
+reference (``ppipe_trt.serving.timed_worker.TimedWorker``).
+
+Side by side on a fake clock: the same jobs (several workers, two- and three-stage routes,
+emulated links, jobs out of order so that committed batches are taken back, timers heard
+late) must give the same reports -- every stage finish, answer and failure, with the same
+times -- the same counters and the same jobs left at stop.  Then the pool on the real
+runtime loop, on its own thread and on an event loop, keeps the rules the reference's
+tests check; and a served emulated plan runs on it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from ppipe_trt.errors import PPipeError
+from ppipe_trt.scheduler import native
+from ppipe_trt.scheduler.interface import Dispatch, Request, StageReservation
+from ppipe_trt.scheduler.placement import WorkerSlot
+from ppipe_trt.serving.clock import monotonic_us
+from ppipe_trt.serving.emulation import EmulatedTiming
+from ppipe_trt.serving.events import Stop
+from ppipe_trt.serving.loop import DecisionLoop
+from ppipe_trt.serving.options import RuntimeOptions
+from ppipe_trt.serving.timed_worker import TimedWorker
+from ppipe_trt.serving.transport import InProcessTransport, StageJob
+from tests.serving.test_event_loop_mode import _EventLoopThread
+from tests.serving.test_serving_transport_worker import _Sink, _send_three_out_of_order_and_check
+
+
+@pytest.fixture
+def timed():
+    mod = native.native_module("timed")
+    if mod is None:
+        import os
+
+        why = native.native_status("timed")["detail"]
+        if os.environ.get("PPIPE_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"the compiled timing-only workers are required here: {why}")
+        pytest.skip(f"compiled timing-only workers not available: {why}")
+    return mod
+
+
+class _FakeTimers:
+    """The reference worker's timers on a fake clock (the pool has its own heap)."""
+
+    def __init__(self):
+        self.heap: list = []
+        self.seq = 0
+
+    def call_at(self, t, cb):
+        heapq.heappush(self.heap, (t, self.seq, cb))
+        self.seq += 1
+
+    def on_loop_thread(self):
+        return True
+
+
+class _Log:
+    """A sink that records every report with its times."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def stage_finished(self, job, start_us, finish_us):
+        self.events.append(("finished", job.dispatch.batch_id, job.stage, start_us, finish_us))
+
+    def batch_completed(self, job, outputs, finish_us):
+        self.events.append(("completed", job.dispatch.batch_id, job.stage, finish_us,
+                            dict(outputs)))
+
+    def batch_failed(self, job, error, now_us):
+        self.events.append(("failed", job.dispatch.batch_id, job.stage, now_us, str(error)))
+
+
+def _late(t: float) -> float:
+    """How late a timer due at ``t`` is heard (a deterministic function of ``t``)."""
+    return float(int(t * 7.0) % 5) * 180.0
+
+
+class _World:
+    """Workers (reference or pool) on a transport, a sink and a fake clock."""
+
+    def __init__(self, kind, timed_mod, slots, timings):
+        self.now = 0.0
+        self.clock = lambda: self.now
+        self.transport = InProcessTransport(emulate_links=True)
+        self.sink = _Log()
+        self.timers = _FakeTimers()
+        self.kind = kind
+        if kind == "pool":
+            self.pool = timed_mod.TimedPool(self.transport, self.sink, self.timers, self.clock)
+            self.workers = [self.pool.add(s, t) for s, t in zip(slots, timings)]
+        else:
+            self.pool = None
+            self.workers = [TimedWorker(s, t, self.transport, self.sink, self.timers,
+                                        clock=self.clock) for s, t in zip(slots, timings)]
+        for w in self.workers:
+            w.start()
+
+    def next_due(self) -> float:
+        due = self.timers.heap[0][0] if self.timers.heap else float("inf")
+        if self.pool is not None:
+            due = min(due, self.pool.next_due_us())
+        return due
+
+    def run_until(self, t_end: float) -> None:
+        """Fire what is due before ``t_end``, each heard ``_late`` after its time (the clock
+        is a function of the event's time alone: the reference also fires the timers of
+        batches taken back, as no-ops, which the pool drops from its heap)."""
+        while True:
+            due = self.next_due()
+            if due >= t_end:
+                return
+            self.now = due + _late(due)
+            while self.pool is not None:
+                try:
+                    self.pool.run_due(due)
+                    break
+                except PPipeError as exc:   # the loop logs it; the rest due runs in turn
+                    self.sink.events.append(("error", str(exc)))
+            while self.timers.heap and self.timers.heap[0][0] <= due:
+                _, _, cb = heapq.heappop(self.timers.heap)
+                try:
+                    cb()
+                except PPipeError as exc:   # the loop logs it and goes on
+                    self.sink.events.append(("error", str(exc)))
+
+    def send(self, t: float, job: StageJob) -> None:
+        self.run_until(t)
+        self.now = t
+        try:
+            self.transport.send(job.dispatch.route[0].worker_id, job, self.now)
+        except PPipeError as exc:
+            self.sink.events.append(("refused", job.dispatch.batch_id, str(exc)))
+
+
+def _scenario(seed: int, n_workers: int = 6, n_batches: int = 150):
+    rng = random.Random(seed)
+    slots = [WorkerSlot(w, "m", 0, w % 3, "T4") for w in range(n_workers)]
+    timings = [EmulatedTiming("m", "T4", 1, 0, 0,
+                              tuple(rng.uniform(300.0, 3000.0) * (1 + 0.4 * b)
+                                    for b in range(4)))
+               for _ in range(n_workers)]
+    sends = []
+    t = 0.0
+    for bid in range(n_batches):
+        t += rng.expovariate(1 / 700.0)
+        n_stages = rng.choice((1, 2, 2, 3))
+        route = []
+        start = t + rng.uniform(-200.0, 2500.0)     # reserved start, sometimes in the past
+        for s in range(n_stages):
+            xfer = rng.choice((0.0, 0.0, 150.0, 900.0)) if s else 0.0
+            route.append(StageReservation(s, rng.randrange(n_workers), start + xfer,
+                                          start + xfer + 1000.0, start, start + xfer))
+            start += xfer + rng.uniform(300.0, 2500.0)
+        batch = rng.randint(1, 5)        # 5: beyond the profiled 4 (the reference's error)
+        reqs = tuple(Request(bid * 10 + i, "m", t, t + 1e9) for i in range(batch))
+        d = Dispatch(bid, "m", 0, reqs, tuple(route))
+        sends.append((t, d, rng.uniform(0.0, 800.0)))
+    return slots, timings, sends
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_pool_reports_what_the_reference_reports(timed, seed):
+    slots, timings, sends = _scenario(seed)
+    worlds = [_World(k, timed, slots, timings) for k in ("reference", "pool")]
+    stop_at = sends[-1][0] * 0.8          # some workers stop while jobs are queued
+    for w in worlds:
+        left = None
+        for t, d, nb in sends:
+            if left is None and t >= stop_at:
+                w.run_until(t)
+                w.now = t
+                left = [[(j.dispatch.batch_id, j.stage) for j in wk.stop()]
+                        for wk in w.workers[:2]]
+            w.send(t, StageJob(d, 0, {}, not_before_us=t + nb))
+        w.run_until(float("inf"))
+        w.left = left
+    ref, pool = worlds
+    assert len(ref.sink.events) > 200
+    assert pool.sink.events == ref.sink.events
+    assert pool.left == ref.left
+    assert [wk.stats() for wk in pool.workers] == [wk.stats() for wk in ref.workers]
+    kinds = {e[0] for e in ref.sink.events}
+    assert {"finished", "completed", "failed", "refused", "error"} <= kinds  # every path
+
+
+def _pool_worker(timed, transport, sink, loop, timing):
+    pool = loop.timed_pool(lambda: timed.TimedPool(transport, sink, loop))
+    return pool.add(WorkerSlot(0, "m", 0, 0, "T4"), timing)
+
+
+def test_the_pool_keeps_the_rules_on_the_loops_own_thread(timed):
+    loop = DecisionLoop({}, [], host=None, clock=monotonic_us, options=RuntimeOptions())
+    loop.start()
+    timing = EmulatedTiming("m", "T4", 1, 0, 0, (2_000.0,))
+    transport, sink = InProcessTransport(), _Sink()
+    threads_before = threading.active_count()
+    worker = _pool_worker(timed, transport, sink, loop, timing)
+    worker.start()
+    assert threading.active_count() == threads_before and worker.threadless
+    try:   # sent from this thread: the loop thread considers them
+        _send_three_out_of_order_and_check(transport, sink, worker)
+    finally:
+        loop.post(Stop())
+        loop.join(5)
+    assert worker.stop() == [] and not worker.alive
+    assert worker.stats().batches == 3 and worker.mode == "timing-only, emulated T4"
+
+
+def test_the_pool_keeps_the_rules_on_an_event_loop(timed):
+    with _EventLoopThread() as ev:
+        loop = DecisionLoop({}, [], host=None, clock=monotonic_us, options=RuntimeOptions())
+        ev.call(lambda: loop.start(ev.loop))
+        timing = EmulatedTiming("m", "T4", 1, 0, 0, (2_000.0,))
+        transport, sink = InProcessTransport(), _Sink()
+        worker = _pool_worker(timed, transport, sink, loop, timing)
+        worker.start()
+        _send_three_out_of_order_and_check(transport, sink, worker)
+        loop.post(Stop())
+        loop.join(5)
+        assert not loop.alive
+
+
+@pytest.mark.parametrize("impl", ["compiled", "python"])
+def test_an_emulated_runtime_serves_on_either(shared_profiles, profiles_dir, monkeypatch,
+                                               impl):
+    """A 100-GPU paper plan served timing-only on the compiled workers and on the
+    reference: no thread per worker, answers no sooner than the profiled pipeline latency,
+    the status page says which ran."""
+    from ppipe_trt.cluster import load_paper_setting
+    from ppipe_trt.serving.assembly import RuntimeOptions as RO, build_runtime
+    from ppipe_trt.serving.local import emulated_plan
+
+    if impl == "python":
+        monkeypatch.setenv("PPIPE_NATIVE", "0")
+    elif native.native_module("timed") is None:
+        pytest.skip("compiled timing-only workers not available")
+    models = ["googlenet-v3-pytorch", "repvgg-b3"]
+    plan = emulated_plan(shared_profiles, load_paper_setting(profiles_dir).cluster("L4-T4"),
+                         models)
+    before = threading.active_count()
+    rt = build_runtime(plan, shared_profiles, {}, RO(hop_overhead_us=50.0))
+    want = "PooledWorker" if impl == "compiled" else "TimedWorker"
+    assert {type(w).__name__ for w in rt.workers} == {want} and len(rt.workers) > 20
+    with rt:
+        assert threading.active_count() == before + 1  # the loop
+        futures = [rt.submit(m, {"INPUT__0": np.zeros((1, 1), np.float32)}, None)
+                   for m in models for _ in range(5)]
+        results = [f.result(10) for f in futures]
+        status = rt.status()
+    for r in results:
+        pipe_us = min(p.latency_us for p in plan.model(r.model).pipelines)
+        assert r.latency_us >= 0.9 * pipe_us and r.met_deadline
+    assert status["scheduler"]["timing_only_workers"] == impl
+    # every request went through at least one stage's worker, counted there
+    assert sum(s.samples for s in rt.worker_stats()) >= len(results)
+
+
+def test_ppipe_native_chooses_the_compiled_parts_one_by_one(timed, monkeypatch):
+    monkeypatch.setenv("PPIPE_NATIVE", "reservation")
+    assert native.native_module("timed") is None
+    assert native.native_status("timed") == {"scheduler": "python",
+                                             "detail": "PPIPE_NATIVE=reservation"}
+    assert native.native_status()["scheduler"] == (
+        "compiled" if native._load()[0] is not None else "python")
+    monkeypatch.setenv("PPIPE_NATIVE", "timed")
+    assert native.native_module("timed") is timed and native.native_module() is None
+    assert "timing-only workers compiled" in native.implementation()
+    assert native.implementation().startswith("reservation (Python reference: PPIPE_NATIVE=")
+    monkeypatch.setenv("PPIPE_NATIVE", "0")
+    assert native.native_module("timed") is None and native.native_module() is None
