@@ -991,8 +991,12 @@ def scheduler_line(status: dict) -> str:
         return "not reported (a server from before the compiled scheduler: Python)"
     impl = sched.get("implementation", "?")
     detail = sched.get("detail", "")
-    return f"{sched.get('policy', '?')}, **{impl}**" + (
+    line = f"{sched.get('policy', '?')}, **{impl}**" + (
         f" ({detail})" if impl != "compiled" and detail else "")
+    timed = sched.get("timing_only_workers")
+    if timed:
+        line += f"; timing-only workers **{timed}**"
+    return line
 
 
 def make_plan(args, workdir: Path) -> Path:

@@ -592,18 +592,30 @@ cdef class NativeReservationScheduler:
         self._last_now = now_us
         return 0
 
+    cdef inline double _group_min(self, Py_ssize_t gi) noexcept:
+        """The earliest reserved-until time among group ``gi``'s workers."""
+        cdef Py_ssize_t k = self.g_slot0[gi], k_end = k + self.g_nslot[gi]
+        cdef double m = self.till[k], x
+        k += 1
+        while k < k_end:
+            x = self.till[k]
+            if x < m:
+                m = x
+            k += 1
+        return m
+
     cdef double _probe(self, int p, int b, double now, Pick* picks, double* work_out) noexcept:
         """The reference's ``_probe``: the earliest route of a batch of ``b`` on pipeline
         ``p``; its finish (INF when a stage has no live worker), the route's compute and
         network time in ``work_out``, per stage its pick in ``picks``."""
         cdef list uplinks = self._uplinks
         cdef list downlinks = self._downlinks
-        cdef Py_ssize_t st0 = self.p_st0[p], si, gi, g_end, k, k_end
+        cdef Py_ssize_t st0 = self.p_st0[p], si, gi, g_end
         cdef int s, nst = self.p_nst[p]
         cdef double t = now, work = 0.0, lat, best, next_net, floor, m, start, end, key
-        cdef double net, u0, lb, ts, te, x
+        cdef double net = 0.0, u0 = 0.0, lb, ts, te
         cdef Py_ssize_t prev_srv = -1, prev_link = -1, srv
-        cdef bint found
+        cdef bint found, first
         cdef double* next_row
         cdef Timeline up, dn
         cdef Pick* pk
@@ -615,92 +627,53 @@ cdef class NativeReservationScheduler:
             pk = &picks[s]
             next_row = self.st_next[si]
             next_net = next_row[b] if next_row != NULL else 0.0
+            # No group of a stage can finish before t + lat (it starts at t at the earliest):
+            # once one does, later groups can only tie, and a tie never replaces the pick.
             floor = t + lat
-            gi = self.st_g0[si]
-            g_end = gi + self.st_ng[si]
-            if s == 0:
-                while gi < g_end:
-                    k = self.g_slot0[gi]
-                    k_end = k + self.g_nslot[gi]
-                    m = self.till[k]
-                    k += 1
-                    while k < k_end:
-                        x = self.till[k]
-                        if x < m:
-                            m = x
-                        k += 1
-                    start = m if m > t else t
-                    end = start + lat
-                    if end >= best:
-                        gi += 1
-                        continue
-                    key = end
-                    if next_row != NULL:  # its output must also get onto the uplink
-                        key = tl_first_free(<Timeline>uplinks[self.g_link[gi]], end, next_net)
-                    if key < best:
-                        best = key
-                        found = True
-                        pk.g = gi
-                        pk.m = m
-                        pk.ts = t
-                        pk.te = t
-                        pk.start = start
-                        pk.end = end
-                        pk.srv = self.g_srv[gi]
-                        pk.prev_link = -1
-                        pk.link = self.g_link[gi]
-                        if best <= floor:
-                            break
-                    gi += 1
-            else:
+            first = s == 0          # no transfer into stage 0 (the reference's s == 0 branch)
+            if not first:
                 net = self.st_net[si][b]
                 up = <Timeline>uplinks[prev_link]
                 u0 = tl_first_free(up, t, net)   # earliest the sender's uplink can carry it
-                while gi < g_end:
-                    k = self.g_slot0[gi]
-                    k_end = k + self.g_nslot[gi]
-                    m = self.till[k]
-                    k += 1
-                    while k < k_end:
-                        x = self.till[k]
-                        if x < m:
-                            m = x
-                        k += 1
-                    srv = self.g_srv[gi]
-                    if srv == prev_srv:
-                        ts = t
-                        te = t
-                    else:
-                        lb = u0 + net
-                        if (m if m > lb else lb) + lat >= best:
-                            gi += 1
-                            continue
-                        dn = <Timeline>downlinks[srv]
-                        ts = u0 if tl_is_free(dn, u0, net) else tl_common_free(up, dn, u0, net)
-                        te = ts + net
-                    start = m if m > te else te
-                    end = start + lat
-                    if end >= best:
+            gi = self.st_g0[si]
+            g_end = gi + self.st_ng[si]
+            while gi < g_end:
+                m = self._group_min(gi)
+                srv = self.g_srv[gi]
+                if first or srv == prev_srv:
+                    ts = t
+                    te = t
+                else:
+                    lb = u0 + net
+                    if (m if m > lb else lb) + lat >= best:
                         gi += 1
                         continue
-                    key = end
-                    if next_row != NULL:
-                        key = tl_first_free(<Timeline>uplinks[self.g_link[gi]], end, next_net)
-                    if key < best:
-                        best = key
-                        found = True
-                        pk.g = gi
-                        pk.m = m
-                        pk.ts = ts
-                        pk.te = te
-                        pk.start = start
-                        pk.end = end
-                        pk.srv = srv
-                        pk.prev_link = prev_link
-                        pk.link = self.g_link[gi]
-                        if best <= floor:
-                            break
+                    dn = <Timeline>downlinks[srv]
+                    ts = u0 if tl_is_free(dn, u0, net) else tl_common_free(up, dn, u0, net)
+                    te = ts + net
+                start = m if m > te else te
+                end = start + lat
+                if end >= best:
                     gi += 1
+                    continue
+                key = end
+                if next_row != NULL:  # its output must also get onto the uplink
+                    key = tl_first_free(<Timeline>uplinks[self.g_link[gi]], end, next_net)
+                if key < best:
+                    best = key
+                    found = True
+                    pk.g = gi
+                    pk.m = m
+                    pk.ts = ts
+                    pk.te = te
+                    pk.start = start
+                    pk.end = end
+                    pk.srv = srv
+                    pk.prev_link = prev_link
+                    pk.link = self.g_link[gi]
+                    if best <= floor:
+                        break
+                gi += 1
             if not found or pk.m == INF:
                 work_out[0] = 0.0
                 return INF

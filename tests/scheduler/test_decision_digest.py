@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from toys import decision_words
+
 DATA = Path(__file__).parent / "data"
 DIGESTS = DATA / "decision_digests.json"
 PLANS = ("plan-g5-L4-P4.json", "plan-g3-V100-P4.json", "plan-g1-L4-T4.json")
@@ -55,20 +57,11 @@ class Recorder:
     def _record(self, kind: str, now_us: float, dec):
         c = self.counts
         c["calls"] += 1
-        parts = [kind, self.inner.model, _t(now_us)]
-        for d in dec.dispatches:
-            c["dispatches"] += 1
-            c["dispatched_requests"] += len(d.requests)
-            route = ";".join(f"{r.stage}@{r.worker_id}:{_t(r.start_us)}-{_t(r.finish_us)}"
-                             f"/{_t(r.transfer_start_us)}-{_t(r.transfer_finish_us)}"
-                             for r in d.route)
-            ids = ",".join(str(r.request_id) for r in d.requests)
-            parts.append(f"D{d.batch_id}p{d.pipeline}[{ids}]{route}")
-        for drop in dec.drops:
-            c["drops"] += 1
-            parts.append(f"X{drop.request.request_id}:{getattr(drop.reason, 'value', drop.reason)}")
-        parts.append(f"w{_t(dec.wake_at_us)}")
-        self.lines.append(" ".join(parts))
+        c["dispatches"] += len(dec.dispatches)
+        c["dispatched_requests"] += sum(len(d.requests) for d in dec.dispatches)
+        c["drops"] += len(dec.drops)
+        self.lines.append(" ".join([kind, self.inner.model, _t(now_us),
+                                    *decision_words(dec, _t)]))
         return dec
 
     def __getattr__(self, name):  # everything else (properties, swaps) as the scheduler's

@@ -20,7 +20,7 @@ from ppipe_trt.profiles import default_profiles_dir, load_profiles
 from ppipe_trt.scheduler import build_schedulers, links, native, place_workers
 from ppipe_trt.scheduler.interface import Request
 from ppipe_trt.scheduler.tables import ClusterState
-from toys import toy_plan, toy_profiles
+from toys import decision_words, toy_plan, toy_profiles
 
 from pathlib import Path
 
@@ -49,17 +49,8 @@ def _t(x):
 
 
 def canon(dec) -> str:
-    parts = []
-    for d in dec.dispatches:
-        route = ";".join(f"{r.stage}@{r.worker_id}:{_t(r.start_us)}-{_t(r.finish_us)}/"
-                         f"{_t(r.transfer_start_us)}-{_t(r.transfer_finish_us)}"
-                         for r in d.route)
-        ids = ",".join(str(r.request_id) for r in d.requests)
-        parts.append(f"D{d.batch_id}p{d.pipeline}[{ids}]{route}")
-    for x in dec.drops:
-        parts.append(f"X{x.request.request_id}:{x.reason.value}:{x.detail}")
-    parts.append(f"w{_t(dec.wake_at_us)}")
-    return " ".join(parts)
+    """Every decision, times exact, drops with their details."""
+    return " ".join(decision_words(dec, _t, details=True))
 
 
 def _pair(plan, profiles, link_model="duplex", **kw):

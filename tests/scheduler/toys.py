@@ -97,6 +97,25 @@ class FakeClockDriver:
                     self._apply(model, self.scheds[model].on_wake(t))
 
 
+def decision_words(dec, t, details: bool = False) -> list[str]:
+    """One word per dispatch (batch, pipeline, requests, per stage worker, reserved times and
+    link transfer) and per drop (request, reason, with ``details`` the detail), then the
+    wake-up; times written with ``t`` (``None`` included)."""
+    words = []
+    for d in dec.dispatches:
+        route = ";".join(f"{r.stage}@{r.worker_id}:{t(r.start_us)}-{t(r.finish_us)}"
+                         f"/{t(r.transfer_start_us)}-{t(r.transfer_finish_us)}"
+                         for r in d.route)
+        ids = ",".join(str(r.request_id) for r in d.requests)
+        words.append(f"D{d.batch_id}p{d.pipeline}[{ids}]{route}")
+    for drop in dec.drops:
+        reason = getattr(drop.reason, "value", drop.reason)
+        words.append(f"X{drop.request.request_id}:{reason}"
+                     + (f":{drop.detail}" if details else ""))
+    words.append(f"w{t(dec.wake_at_us)}")
+    return words
+
+
 def poisson_times(rate_rps: float, horizon_us: float, seed: int) -> list[float]:
     rng = random.Random(seed)
     t, out = 0.0, []

@@ -202,6 +202,10 @@ def test_the_report_says_which_scheduler_served():
     assert dp.scheduler_line({"scheduler": {"policy": "reservation", "implementation":
                                             "compiled", "detail": "compiled"}}) \
         == "reservation, **compiled**"
+    assert dp.scheduler_line({"scheduler": {"policy": "reservation", "implementation":
+                                            "compiled", "detail": "compiled",
+                                            "timing_only_workers": "compiled"}}) \
+        == "reservation, **compiled**; timing-only workers **compiled**"
     line = dp.scheduler_line({"scheduler": {"policy": "reservation", "implementation": "python",
                                             "detail": "PPIPE_NATIVE=0"}})
     assert line == "reservation, **python** (PPIPE_NATIVE=0)"
