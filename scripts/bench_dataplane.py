@@ -962,9 +962,11 @@ def build_native(tree: Path) -> None:
         return   # a commit from before the compiled scheduler
     proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
                           cwd=tree, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        print(f"warning: could not compile the scheduler of {tree.name}; it serves on the "
-              f"Python reference:\n{proc.stderr[-1500:]}", file=sys.stderr)
+    built = list((tree / "ppipe_trt" / "_native").glob("*.so"))
+    if proc.returncode != 0 or not built:
+        print(f"warning: could not compile the hot path of {tree.name} (Cython and a C "
+              f"compiler are needed); it serves on the Python references:\n"
+              f"{(proc.stdout + proc.stderr)[-1500:]}", file=sys.stderr)
 
 
 def describe_tree(tree: Path) -> str:

@@ -218,6 +218,7 @@ def test_a_commit_copy_gets_its_scheduler_compiled(tmp_path):
 
     if native_status()["scheduler"] != "compiled":
         pytest.skip("no compiled scheduler in this install: " + native_status()["detail"])
+    pytest.importorskip("Cython", reason="rebuilding in place needs Cython (the dev extra)")
     tree = tmp_path / "tree"
     (tree / "ppipe_trt" / "_native").mkdir(parents=True)
     for rel in ("setup.py", "pyproject.toml", "README.md", "ppipe_trt/_native/__init__.py",
