@@ -114,15 +114,17 @@ def native_status(part: str = "reservation") -> dict:
     return {"scheduler": "compiled" if mod is not None else "python", "detail": detail}
 
 
-def implementation(policy: str = "reservation") -> str:
-    """One line for banners: which implementation of ``policy`` runs (and of the timing-only
-    workers), and why."""
+def implementation(policy: str = "reservation", timing_only: bool = True) -> str:
+    """One line for banners: which implementation of ``policy`` runs (and, when some model
+    is ``timing_only``, of the timing-only workers), and why."""
     if policy != "reservation":
         line = f"{policy} (Python; only the reservation policy is compiled)"
     else:
         st = native_status()
         line = ("reservation (compiled)" if st["scheduler"] == "compiled"
                 else f"reservation (Python reference: {st['detail']})")
+    if not timing_only:
+        return line
     tw = native_status("timed")
     return line + ("; timing-only workers compiled" if tw["scheduler"] == "compiled"
                    else f"; timing-only workers: Python reference ({tw['detail']})")

@@ -179,10 +179,11 @@ def serve_command(args) -> int:
                                  auth_token=token, adapt=adapt))
     url = f"http://{args.host}:{args.port}"
     grpc_url = f"{args.host}:{args.grpc_port}" if args.grpc_port else None
-    frames = [n for n, s in served_models(plan, profiles, built).items()
-              if s.image is not None]
+    served = served_models(plan, profiles, built)
+    frames = [n for n, s in served.items() if s.image is not None]
+    timing_only = any(s.timing_only for s in served.values())
     print(describe(plan, what, url, built, grpc_url, frames,
-                   scheduler=implementation(options.policy)), file=sys.stderr)
+                   scheduler=implementation(options.policy, timing_only)), file=sys.stderr)
     from api.http_protocol import http_protocol_for
 
     http = http_protocol_for(app)  # the infer routes answered in uvicorn's protocol

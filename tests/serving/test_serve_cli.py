@@ -100,6 +100,7 @@ def test_serve_without_arguments_serves_the_demo_model(cpu_builds):
     assert "demo_resnet: real engines (onnxruntime cpu" in out
     assert ("scheduler: reservation (compiled)" if compiled
             else "scheduler: reservation (Python reference: ") in out
+    assert "timing-only workers" not in out    # real engines: none is timing-only
 
 
 def test_emulate_plans_the_cluster_file_for_a_profiled_model(tmp_path, profiles_dir):

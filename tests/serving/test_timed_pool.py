@@ -273,6 +273,7 @@ def test_ppipe_native_chooses_the_compiled_parts_one_by_one(timed, monkeypatch):
     monkeypatch.setenv("PPIPE_NATIVE", "timed")
     assert native.native_module("timed") is timed and native.native_module() is None
     assert "timing-only workers compiled" in native.implementation()
+    assert "timing-only" not in native.implementation(timing_only=False)   # none served
     assert native.implementation().startswith("reservation (Python reference: PPIPE_NATIVE=")
     monkeypatch.setenv("PPIPE_NATIVE", "0")
     assert native.native_module("timed") is None and native.native_module() is None
