@@ -10,10 +10,40 @@ import hashlib
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
 
 HERE = Path(__file__).resolve().parent
 SOURCES = {"ppipe_trt._native.reservation": "ppipe_trt/_native/reservation.pyx",
            "ppipe_trt._native.timed": "ppipe_trt/_native/timed.pyx"}
+
+
+class OptionalBuildExt(build_ext):
+    """Builds each compiled module where a C compiler works; where it does not, says so and
+    goes on (the install succeeds; the pure-Python references run).  ``Extension(optional=
+    True)`` alone does not cover editable installs."""
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001 - any compiler or linker failure
+            print(f"ppipe-trt: {ext.name} not compiled ({exc}); its pure-Python reference "
+                  "runs instead")
+
+    def _built(self, ext) -> bool:
+        name = self.get_ext_filename(self.get_ext_fullname(ext.name))
+        return Path(self.build_lib, name).exists() or Path(name).exists()
+
+    def copy_extensions_to_source(self):
+        # an editable install copies what was built into the tree: only that
+        every, self.extensions = self.extensions, [e for e in self.extensions if self._built(e)]
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = every
+
+    def get_outputs(self):
+        return [out for out in super().get_outputs() if Path(out).exists()]
 
 
 def extensions():
@@ -34,4 +64,4 @@ def extensions():
     return out
 
 
-setup(ext_modules=extensions())
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
