@@ -326,11 +326,7 @@ class DecisionLoop:
         up to ~1 ms late (epoll's millisecond) and, on uvloop, up to ~0.5 ms early (libuv
         rounds the delay); one that ran early finds nothing due and is set again for at least
         a millisecond, so a timer never runs before its time and the loop never spins."""
-        due = self._timers[0][0] if self._timers else math.inf
-        if self._pool is not None:
-            p = self._pool.next_due_us()
-            if p < due:
-                due = p
+        due = self._next_due()
         for wake in self._wake.values():
             if wake is not None and wake < due:
                 due = wake
