@@ -8,8 +8,10 @@ up to exactly the bytes after the JSON header.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,7 @@ from api.binary import (V2_DATATYPES, V2_TO_NUMPY, encode_bytes_tensor, split_bo
 from ppipe_trt.errors import BadInputError
 from ppipe_trt.serving.runtime import ServedModel
 
+_LITTLE_ENDIAN = sys.byteorder == "little"
 #: Samples one HTTP request may carry (each becomes one scheduler request).
 MAX_SAMPLES_PER_REQUEST = 64
 
@@ -117,9 +120,71 @@ def request_batch(model: ServedModel, arrays: dict[str, np.ndarray]) -> int:
     return batch
 
 
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """What a validated JSON header says, for the model it was checked against: every input
+    binary (name, numpy wire dtype, shape, offset, size in the binary section), and the rest
+    of the :class:`ParsedInfer` it gave."""
+
+    inputs: tuple[tuple[str, np.dtype, tuple[int, ...], int, int], ...]
+    binary_size: int
+    request_id: str | None
+    batch_size: int
+    outputs: tuple[RequestedOutput, ...]
+    timeout_us: float | None
+    parameters: dict[str, Any]
+
+
+#: Validated headers kept per model (a client sends the same JSON header with every frame of
+#: a stream; only the binary section changes), and the largest header kept.
+LAYOUTS_PER_MODEL = 256
+LAYOUT_MAX_HEADER_BYTES = 4096
+#: model name -> (the ServedModel the layouts were checked against, {header bytes: layout})
+_LAYOUTS: dict[str, tuple[ServedModel, dict[bytes, _Layout]]] = {}
+
+
+def _layouts(model: ServedModel) -> dict[bytes, _Layout]:
+    entry = _LAYOUTS.get(model.name)
+    if entry is None or entry[0] is not model:  # a new model of that name (a plan swap)
+        entry = _LAYOUTS[model.name] = (model, {})
+    return entry[1]
+
+
 def parse_infer_request(body: bytes, header_length: str | None,
                         model: ServedModel) -> ParsedInfer:
+    """Parse and validate a KServe v2 request body (JSON, or a JSON header and binary
+    tensors) for ``model``.
+
+    A JSON header whose inputs are all binary is checked once per model: the next request
+    with the same header bytes and the same binary size is answered from what was checked
+    (its tensors are views of its own bytes), without decoding the JSON again.  Requests
+    carrying ``data`` in the JSON are parsed every time."""
     header, binary = split_body(body, header_length)
+    layouts = _layouts(model)
+    layout = layouts.get(header)
+    if layout is not None and layout.binary_size == len(binary):
+        return ParsedInfer(
+            layout.request_id, layout.batch_size,
+            {name: np.frombuffer(binary[off:off + size], dtype=dtype).reshape(shape)
+             for name, dtype, shape, off, size in layout.inputs},
+            list(layout.outputs), layout.timeout_us,
+            dict(layout.parameters) if layout.parameters else {})
+    parsed, places = _parse(header, binary, model)
+    if places is not None and len(header) <= LAYOUT_MAX_HEADER_BYTES:
+        if len(layouts) >= LAYOUTS_PER_MODEL:  # e.g. a client with an id in every header
+            layouts.clear()
+        layouts[header] = _Layout(
+            tuple((name, parsed.inputs[name].dtype, parsed.inputs[name].shape, off, size)
+                  for name, off, size in places),
+            len(binary), parsed.request_id, parsed.batch_size, tuple(parsed.outputs),
+            parsed.timeout_us, dict(parsed.parameters))
+    return parsed
+
+
+def _parse(header: bytes, binary: memoryview, model: ServedModel
+           ) -> tuple[ParsedInfer, list[tuple[str, int, int]] | None]:
+    """Parse and check the JSON ``header`` and its ``binary`` section; also (name, offset,
+    size) of every input when all are binary, else ``None``."""
     doc = _loads(header)
     if not isinstance(doc, dict):
         raise BadInputError("request body must be a JSON object with an 'inputs' list")
@@ -130,6 +195,7 @@ def parse_infer_request(body: bytes, header_length: str | None,
     if not isinstance(params, dict):
         raise BadInputError("'parameters' must be a JSON object")
     arrays: dict[str, np.ndarray] = {}
+    places: list[tuple[str, int, int]] | None = []
     offset = 0
     for i, item in enumerate(items):
         where = f"inputs[{i}]"
@@ -155,9 +221,12 @@ def parse_infer_request(body: bytes, header_length: str | None,
                     f"{offset}..{offset + size} of the binary section but it has "
                     f"{len(binary)} bytes after the {len(header)}-byte JSON header")
             arrays[name] = tensor_from_bytes(binary[offset:offset + size], datatype, shape, name)
+            if places is not None:
+                places.append((name, offset, size))
             offset += size
         elif "data" in item:
             arrays[name] = _json_tensor(item["data"], datatype, shape, where)
+            places = None
         else:
             raise BadInputError(f"{where}: has neither 'data' nor parameters.binary_data_size")
     if offset != len(binary):
@@ -167,7 +236,7 @@ def parse_infer_request(body: bytes, header_length: str | None,
         request_id=str(doc["id"]) if doc.get("id") is not None else None,
         batch_size=request_batch(model, arrays), inputs=arrays,
         outputs=requested_outputs(doc.get("outputs"), params, model),
-        timeout_us=timeout_us_of(params), parameters=params)
+        timeout_us=timeout_us_of(params), parameters=params), places
 
 
 def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
@@ -233,7 +302,15 @@ def tensor_bytes(array: np.ndarray, datatype: str) -> bytes:
     each with a 4-byte length prefix."""
     if datatype == "BYTES":
         return encode_bytes_tensor(list(array.ravel()))
+    order = array.dtype.byteorder
+    if order == "<" or order == "|" or (order == "=" and _LITTLE_ENDIAN):  # as they are
+        return array.tobytes()
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+#: JSON headers of binary responses, by what they depend on (see _binary_response).
+_RESPONSE_HEADERS: dict[tuple, bytes] = {}
+RESPONSE_HEADERS_KEPT = 1024
 
 
 def build_infer_response(model: ServedModel, parsed: ParsedInfer,
@@ -245,6 +322,45 @@ def build_infer_response(model: ServedModel, parsed: ParsedInfer,
     Returns ``(body, json_header_length)``; the length is ``None`` when the body is plain
     JSON (no output was asked in binary).
     """
+    if not extra_parameters:
+        answer = _binary_response(model, parsed, outputs)
+        if answer is not None:
+            return answer
+    return _build_response(model, parsed, outputs, extra_parameters)
+
+
+def _binary_response(model: ServedModel, parsed: ParsedInfer,
+                     outputs: dict[str, np.ndarray]) -> tuple[bytes, int] | None:
+    """:func:`build_infer_response` of a request that asked every output in binary and none
+    as a classification: the JSON header depends only on the model, the outputs' names,
+    datatypes and shapes (and the request's id, which comes last), so it is built once and
+    kept; ``None`` for any other request."""
+    key: list[Any] = [model.name]
+    raws = []
+    for want in parsed.outputs:
+        if not want.binary or want.classification:
+            return None
+        array = outputs[want.name]
+        datatype = v2_datatype(array.dtype)
+        raws.append(tensor_bytes(array, datatype))
+        key += (want.name, datatype, array.shape)
+    key = tuple(key)
+    header = _RESPONSE_HEADERS.get(key)
+    if header is None:
+        body, length = _build_response(model, dataclasses.replace(parsed, request_id=None),
+                                       outputs, None)
+        header = body[:length]
+        if len(_RESPONSE_HEADERS) >= RESPONSE_HEADERS_KEPT:
+            _RESPONSE_HEADERS.clear()
+        _RESPONSE_HEADERS[key] = header
+    if parsed.request_id is not None:  # as json.dumps writes it, last: ,"id":"..."}
+        header = b"".join((header[:-1], b',"id":', json.dumps(parsed.request_id).encode(),
+                           b"}"))
+    return header + b"".join(raws), len(header)
+
+
+def _build_response(model: ServedModel, parsed: ParsedInfer, outputs: dict[str, np.ndarray],
+                    extra_parameters: dict[str, Any] | None) -> tuple[bytes, int | None]:
     entries, chunks = [], []
     for want in parsed.outputs:
         array, datatype = output_as_requested(want, outputs[want.name])

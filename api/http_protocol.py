@@ -103,12 +103,36 @@ class _Exchange:
         self.encoding = "identity"
 
 
+#: Request targets kept in :attr:`InferHttpProtocol._routes` (a client reuses a few).
+_ROUTES_KEPT = 1024
+
+
+def _route(root_path: str, url: bytes) -> tuple[str, tuple[str, str | None, str] | None]:
+    """(path, :func:`api.fast._match` of it) of a request target; no match for a path that
+    is not ASCII."""
+    raw_path = httptools.parse_url(url).path
+    try:
+        path = raw_path.decode("ascii")
+    except UnicodeDecodeError:
+        return "", None
+    if "%" in path:
+        path = urllib.parse.unquote(path)
+    path = root_path + path
+    return path, _match(path)
+
+
 class InferHttpProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
     """uvicorn's httptools protocol, answering the infer routes itself (see the module).
 
-    A subclass per app (:func:`http_protocol_for`) sets :attr:`ppipe_app`."""
+    A subclass per app (:func:`http_protocol_for`) sets :attr:`ppipe_app` and its own
+    :attr:`_routes` and :attr:`_defaults`."""
 
     ppipe_app: Any = None  # the api.app.PPipeApp served
+    #: (root path, request target) -> (path, infer route match or None)
+    _routes: dict[tuple[str, bytes], tuple[str, Any]] = {}
+    #: [uvicorn's default headers list, their encoded lines] (uvicorn replaces the list
+    #: every second: a new date)
+    _defaults: list = [None, b""]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -210,15 +234,15 @@ class InferHttpProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
                 or self.pipeline or (self.cycle is not None
                                      and not self.cycle.response_complete):
             return None  # uvicorn queues it (pipelined) or handles it: the ASGI way
-        raw_path = httptools.parse_url(self.url).path
-        try:
-            path = raw_path.decode("ascii")
-        except UnicodeDecodeError:
-            return None
-        if "%" in path:
-            path = urllib.parse.unquote(path)
-        path = self.root_path + path
-        match = _match(path)
+        routes = self._routes
+        key = (self.root_path, self.url)
+        found = routes.get(key)
+        if found is None:
+            found = _route(self.root_path, self.url)
+            if len(routes) >= _ROUTES_KEPT:
+                routes.clear()
+            routes[key] = found
+        path, match = found
         if match is None:
             return None
         version = self.parser.get_http_version()
@@ -261,14 +285,15 @@ class InferHttpProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
 
     def _respond(self, exchange: _Exchange, status: int, payload: bytes,
                  headers: list[tuple[str, str]]) -> None:
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-        self._write(exchange, status, payload, raw)
+        lines = "".join([f"{k.lower()}: {v}\r\n" for k, v in headers]).encode("latin-1")
+        self._write(exchange, status, payload, lines)
 
     def _write(self, exchange: _Exchange, status: int, payload: bytes,
-               headers, count: bool = True) -> None:
+               headers: bytes | list[tuple[bytes, bytes]], count: bool = True) -> None:
         """Write the response as uvicorn's cycle writes it (status line, uvicorn's default
         headers, ours in lower case, the length; ``connection: close`` when the connection
-        ends), then let uvicorn's protocol go on (keep-alive timer, next pipelined request)."""
+        ends), then let uvicorn's protocol go on (keep-alive timer, next pipelined request).
+        ``headers``: ours, as (name, value) pairs or their encoded lines."""
         if exchange.response_complete:
             return
         exchange.response_complete = True
@@ -281,14 +306,18 @@ class InferHttpProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
             client = "%s:%d" % self.client if self.client else "-"
             self.access_logger.info('%s - "%s %s HTTP/%s" %d', client, "POST", exchange.path,
                                     exchange.http_version, status)
-        content = [_STATUS_LINES.get(status) or _status_line(status)]
-        for name, value in (*self.server_state.default_headers, *headers):
-            content += (name.lower(), b": ", value, b"\r\n")
-        content += (b"content-length: ", str(len(payload)).encode(), b"\r\n")
-        if not exchange.keep_alive:
-            content.append(b"connection: close\r\n")
-        content += (b"\r\n", payload)
-        self.transport.write(b"".join(content))
+        defaults = self._defaults
+        if defaults[0] is not self.server_state.default_headers:
+            defaults[0] = self.server_state.default_headers
+            defaults[1] = b"".join([b"%s: %s\r\n" % (name.lower(), value)
+                                    for name, value in defaults[0]])
+        if not isinstance(headers, bytes):
+            headers = b"".join([b"%s: %s\r\n" % (name.lower(), value)
+                                for name, value in headers])
+        self.transport.write(b"".join((
+            _STATUS_LINES.get(status) or _status_line(status), defaults[1], headers,
+            b"content-length: %d\r\n" % len(payload),
+            b"\r\n" if exchange.keep_alive else b"connection: close\r\n\r\n", payload)))
         if not exchange.keep_alive:
             self.transport.close()
         self.on_response_complete()  # as uvicorn's cycle does: starts a pipelined request
@@ -305,7 +334,8 @@ def http_protocol_for(app) -> type | str:
     if problem is not None:
         log.warning("infer requests go through ASGI (%s)", problem)
         return "auto"
-    return type("PPipeInferHttpProtocol", (InferHttpProtocol,), {"ppipe_app": app})
+    return type("PPipeInferHttpProtocol", (InferHttpProtocol,),
+                {"ppipe_app": app, "_routes": {}, "_defaults": [None, b""]})
 
 
 def _incompatibility() -> str | None:

@@ -5,9 +5,10 @@ Each app has its own registry, so several apps (tests) can live in one process.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from bisect import bisect_left
+from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 from prometheus_client.exposition import generate_latest
@@ -130,33 +131,58 @@ class RuntimeCollector:
                 yield c
 
 
+class HttpCollector:
+    """The front end's HTTP counters: requests by route template and status, and the time
+    each took by route, as ``ppipe_http_requests_total`` and
+    ``ppipe_http_request_duration_seconds`` (a histogram with :data:`HTTP_BUCKETS_S`).
+
+    Counted in plain Python on the event loop's thread (the infer path pays a dict lookup,
+    an addition and a bisection per request, not prometheus_client's locks and per-bucket
+    calls) and turned into metric families on each scrape."""
+
+    def __init__(self):
+        self.counts: dict[tuple[str, int], int] = {}
+        # route -> [count per bucket (the last one +Inf), sum of seconds]
+        self.times: dict[str, list] = {}
+
+    def count(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status)
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        t = self.times.get(route)
+        if t is None:
+            t = self.times[route] = [[0] * (len(HTTP_BUCKETS_S) + 1), 0.0]
+        t[0][bisect_left(HTTP_BUCKETS_S, seconds)] += 1
+        t[1] += seconds
+
+    def collect(self):
+        requests = CounterMetricFamily("ppipe_http_requests", "HTTP requests by route and "
+                                       "status", labels=["route", "status"])
+        for (route, status), n in sorted(self.counts.items()):
+            requests.add_metric([route, str(status)], n)
+        seconds = HistogramMetricFamily("ppipe_http_request_duration_seconds",
+                                        "Time in the front end per HTTP request",
+                                        labels=["route"])
+        for route, (counts, total) in sorted(self.times.items()):
+            running, buckets = 0, []
+            for bound, n in zip((*HTTP_BUCKETS_S, float("inf")), counts):
+                running += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+            seconds.add_metric([route], buckets, total)
+        yield from (requests, seconds)
+
+
 class AppMetrics:
     """The registry of one app: runtime collector + HTTP request counters."""
 
     def __init__(self, get_runtime: Callable[[], ServingRuntime | None]):
         self.registry = CollectorRegistry()
         self.registry.register(RuntimeCollector(get_runtime))
-        self.http_requests = Counter("ppipe_http_requests", "HTTP requests by route and status",
-                                     ["route", "status"], registry=self.registry)
-        self.http_seconds = Histogram("ppipe_http_request_duration_seconds",
-                                      "Time in the front end per HTTP request",
-                                      ["route"], buckets=HTTP_BUCKETS_S, registry=self.registry)
-        # the label children by (route, status) / route: ``labels()`` takes a lock and
-        # builds a key on every call, which the infer path would pay per request
-        self._counters: dict[tuple[str, int], Any] = {}
-        self._timers: dict[str, Any] = {}
-
-    def count_http(self, route: str, status: int, seconds: float) -> None:
-        """Count one HTTP request of route template ``route`` answered ``status``."""
-        counter = self._counters.get((route, status))
-        if counter is None:
-            counter = self._counters[(route, status)] = self.http_requests.labels(
-                route, str(status))
-        timer = self._timers.get(route)
-        if timer is None:
-            timer = self._timers[route] = self.http_seconds.labels(route)
-        counter.inc()
-        timer.observe(seconds)
+        self.http = HttpCollector()
+        self.registry.register(self.http)
+        #: Count one HTTP request of route template ``route`` answered ``status`` that took
+        #: ``seconds`` (event loop thread).
+        self.count_http: Callable[[str, int, float], None] = self.http.count
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

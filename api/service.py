@@ -13,6 +13,7 @@ without blocking it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from api.binary import v2_datatype
 from api.codec import ParsedInfer, RequestedOutput
 from api.frames import decode_frame
 from ppipe_trt.errors import BadInputError, ModelNotFoundError, PPipeError, RequestRejectedError
+from ppipe_trt.serving.answers import CallbackAnswer
 from ppipe_trt.serving.runtime import InferenceResult, ServedModel, ServingRuntime
 
 SERVER_NAME = "ppipe-trt"
@@ -106,12 +108,56 @@ class InferOutcome:
         return round(self.worst_latency_us / 1000.0, 3)
 
 
-def _expire(waiter: asyncio.Future, timed_out: list[bool]) -> None:
-    """The answer guard's timer: give up waiting (see :meth:`InferenceService.infer`);
-    ``timed_out`` tells the waiting coroutine it was this, not a cancellation."""
-    if not waiter.done():
-        timed_out.append(True)
-        waiter.cancel()
+#: How often the answer guard looks for waits past their time (seconds): a wait is given
+#: up at most this much after its deadline + grace.
+GUARD_TICK_S = 0.05
+
+
+class AnswerGuard:
+    """Bounds the waits for answers (:meth:`InferenceService.infer`): the runtime answers
+    every request (a result, a drop, a failure), so this only matters if it ever did not.
+
+    One event-loop timer, every :data:`GUARD_TICK_S` while something is watched, not a timer
+    per request: a watch is a list ``[deadline, waiter, timed_out]`` appended to the queue of
+    its wait's length (each queue is in deadline order); the sweep gives up the waiters at
+    the queues' heads whose deadline passed and that are still waiting.  The waiter calls
+    :meth:`release` once answered, so that the guard does not keep its answer alive."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._queues: dict[float, collections.deque] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, waiter: asyncio.Future, budget_s: float) -> list:
+        """Give up ``waiter`` (cancel it) if it is still waiting ``budget_s`` from now; the
+        returned watch's ``[2]`` is then True."""
+        entry = [self._loop.time() + budget_s, waiter, False]
+        queue = self._queues.get(budget_s)
+        if queue is None:
+            queue = self._queues[budget_s] = collections.deque()
+        queue.append(entry)
+        if self._timer is None:
+            self._timer = self._loop.call_later(GUARD_TICK_S, self._sweep)
+        return entry
+
+    @staticmethod
+    def release(entry: list) -> None:
+        """The waiter of ``entry`` got its answer."""
+        entry[1] = None
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        for budget, queue in list(self._queues.items()):
+            while queue and queue[0][0] <= now:
+                entry = queue.popleft()
+                waiter = entry[1]
+                if waiter is not None and not waiter.done():
+                    entry[2] = True
+                    waiter.cancel()
+            if not queue:
+                del self._queues[budget]
+        self._timer = (self._loop.call_later(GUARD_TICK_S, self._sweep) if self._queues
+                       else None)
 
 
 def _tensors(specs) -> tuple[TensorMetadata, ...]:
@@ -136,6 +182,7 @@ class InferenceService:
         # Per model: when its last request was answered (wall clock, ms since the epoch),
         # Triton's ``last_inference``; the runtime counts everything else.
         self._last_inference_ms: dict[str, int] = {}
+        self._guards: dict[asyncio.AbstractEventLoop, AnswerGuard] = {}
 
     # ---- server ----------------------------------------------------------------------------
     def runtime(self) -> ServingRuntime:
@@ -271,18 +318,17 @@ class InferenceService:
         (``RequestRejectedError`` for a drop, with its reason), ``AnswerTimeoutError`` past
         the wait."""
         waiter, budget_s = self._submit(model, parsed)
-        # The runtime answers every request (a result, a drop, a failure); this guard only
-        # bounds the wait if it ever did not.  One timer, not asyncio.wait_for's task.
-        timed_out: list[bool] = []
-        guard = asyncio.get_running_loop().call_later(budget_s, _expire, waiter, timed_out)
+        # The runtime answers every request (a result, a drop, a failure); the guard only
+        # bounds the wait if it ever did not.
+        watch = self._guard().watch(waiter, budget_s)
         try:
             answer = await waiter
         except asyncio.CancelledError:
-            if timed_out:
+            if watch[2]:
                 raise self._timeout(model, budget_s) from None
             raise
         finally:
-            guard.cancel()
+            watch[1] = None  # AnswerGuard.release
         return self._outcome(model, parsed, answer)
 
     def infer_soon(self, model: ServedModel, parsed: ParsedInfer,
@@ -293,14 +339,19 @@ class InferenceService:
         event loop, with what :meth:`infer` would have returned or raised (the same guard
         against a missing answer).  Raises at once what :meth:`infer` raises before it waits
         (not ready, not found)."""
+        if parsed.batch_size == 1:
+            rt = self.runtime()
+            submit_answer = getattr(rt, "submit_answer", None)
+            if submit_answer is not None:
+                if self._infer_by_callback(rt, submit_answer, model, parsed, done):
+                    return
         waiter, budget_s = self._submit(model, parsed)
-        timed_out: list[bool] = []
-        guard = asyncio.get_running_loop().call_later(budget_s, _expire, waiter, timed_out)
+        watch = self._guard().watch(waiter, budget_s)
 
         def finished(fut: asyncio.Future) -> None:
-            guard.cancel()
+            watch[1] = None  # AnswerGuard.release
             if fut.cancelled():
-                error: BaseException = (self._timeout(model, budget_s) if timed_out
+                error: BaseException = (self._timeout(model, budget_s) if watch[2]
                                         else asyncio.CancelledError())
                 return done(None, error)
             error = fut.exception()
@@ -313,6 +364,44 @@ class InferenceService:
             done(outcome, None)
 
         waiter.add_done_callback(finished)
+
+    def _infer_by_callback(self, rt, submit_answer, model: ServedModel, parsed: ParsedInfer,
+                           done: Callable[[InferOutcome | None, BaseException | None], None]
+                           ) -> bool:
+        """:meth:`infer_soon` of one sample on a runtime that runs on this event loop: the
+        runtime calls back when it answers (no future); False when it does not run here."""
+        budget_s = (parsed.timeout_us if parsed.timeout_us is not None
+                    else model.slo_us) / 1e6 + self.answer_grace_s
+        watch: list = []  # the guard's watch, set below (before any call back: see arm)
+
+        def answered(result: Any, error: BaseException | None) -> None:
+            watch[1] = None  # AnswerGuard.release
+            if error is not None:
+                if watch[2] and isinstance(error, asyncio.CancelledError):
+                    error = self._timeout(model, budget_s)
+                return done(None, error)
+            try:
+                outcome = self._outcome(model, parsed, result)
+            except Exception as exc:  # noqa: BLE001 - given to the caller, as infer raises it
+                return done(None, exc)
+            done(outcome, None)
+
+        answer = CallbackAnswer(answered, asyncio.get_running_loop())
+        if not submit_answer(model.name, parsed.inputs, parsed.timeout_us, answer):
+            return False
+        watch = self._guard().watch(answer, budget_s)
+        answer.arm()
+        return True
+
+    def _guard(self) -> AnswerGuard:
+        """The answer guard of the running event loop."""
+        loop = asyncio.get_running_loop()
+        guard = self._guards.get(loop)
+        if guard is None:
+            for other in [o for o in self._guards if o.is_closed()]:
+                del self._guards[other]
+            guard = self._guards[loop] = AnswerGuard(loop)
+        return guard
 
     def _submit(self, model: ServedModel, parsed: ParsedInfer) -> tuple[asyncio.Future, float]:
         """Submit every sample of ``parsed``: the future of their answers (one result, or a
@@ -337,13 +426,15 @@ class InferenceService:
     def _outcome(self, model: ServedModel, parsed: ParsedInfer, answer: Any) -> InferOutcome:
         """The outcome of a request whose samples were all answered (``answer``: what the
         future of :meth:`_submit` gave)."""
-        results = [answer] if parsed.batch_size == 1 else list(answer)
-        outputs = {}
-        for want in parsed.outputs:
-            parts = [r.outputs[want.name] for r in results]
-            outputs[want.name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        worst = max(results, key=lambda r: r.latency_us)
         self._last_inference_ms[model.name] = time.time_ns() // 1_000_000
+        if parsed.batch_size == 1:
+            results = answer.outputs
+            return InferOutcome({want.name: results[want.name] for want in parsed.outputs},
+                                [answer], answer.latency_us, answer.batch_size)
+        results = list(answer)
+        outputs = {want.name: np.concatenate([r.outputs[want.name] for r in results])
+                   for want in parsed.outputs}
+        worst = max(results, key=lambda r: r.latency_us)
         return InferOutcome(outputs, results, worst.latency_us, worst.batch_size)
 
     def frames_model(self, name: str) -> ServedModel:

@@ -4,11 +4,14 @@ is told why in words."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from ppipe_trt.errors import RequestRejectedError
 from ppipe_trt.scheduler.interface import DropReason, Request
+
+log = logging.getLogger("ppipe.serving")
 
 #: What each drop reason means to the client.
 DROP_MESSAGES = {
@@ -19,6 +22,65 @@ DROP_MESSAGES = {
     DropReason.QUEUE_FULL.value: "server overloaded",
     DropReason.SHUTDOWN.value: "server shutting down",
 }
+
+
+class CallbackAnswer:
+    """Stands for a request's future where the caller is on the runtime's event loop and
+    answers from a callback (the HTTP front end): ``callback(result, None)`` or
+    ``callback(None, error)`` is called once, on the event loop's thread, from where the
+    runtime answers (a batch's completion, a drop) -- no future, no extra turn of the event
+    loop.  What the runtime uses of a future: ``set_result``, ``set_exception`` (a second
+    outcome raises ``InvalidStateError``, which :func:`resolve` ignores), ``done``;
+    ``cancel`` answers ``asyncio.CancelledError`` (the front end's answer guard gives up).
+
+    An outcome that comes before :meth:`arm` (the request refused while it is submitted) is
+    called back on the next turn of ``loop``, not inside the submitting call.  An exception
+    raised by the callback is logged; it never reaches the runtime."""
+
+    __slots__ = ("_callback", "_loop", "_done", "_armed")
+
+    def __init__(self, callback, loop: asyncio.AbstractEventLoop):
+        self._callback = callback
+        self._loop = loop
+        self._done = False
+        self._armed = False
+
+    def arm(self) -> None:
+        """The submitting call returned: outcomes are called back at once from now on."""
+        self._armed = True
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, result: Any) -> None:
+        self._fire(result, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._fire(None, error)
+
+    def cancel(self) -> bool:
+        if self._done:
+            return False
+        self._fire(None, asyncio.CancelledError())
+        return True
+
+    def _fire(self, result: Any, error: BaseException | None) -> None:
+        if self._done:
+            raise InvalidStateError("the request was answered already")
+        self._done = True
+        if not self._armed:
+            self._loop.call_soon(self._call, result, error)
+        else:
+            self._call(result, error)
+
+    def _call(self, result: Any, error: BaseException | None) -> None:
+        try:
+            self._callback(result, error)
+        except Exception:  # noqa: BLE001 - the front end's bug: not the runtime's problem
+            log.exception("answer callback failed")
 
 
 def resolve(fut: Future | asyncio.Future, result: Any = None,

@@ -472,8 +472,22 @@ class DecisionLoop:
         """A stage finish reported on the loop's thread (a thread-less worker's timer): the
         scheduler hears of it at once, as if it came through the inbox.  After the loop's
         Stop it is dropped, as a posted one would be."""
-        if not self._stopping:
-            self._stage_finished(model, batch_id, stage, finish_us, self._clock())
+        if self._stopping:
+            return
+        now = self._clock()
+        if batch_id < self._first_batch_id:
+            self._old_stage_finished(model, batch_id, stage, finish_us, now)
+            return
+        try:  # _stage_finished, inline: the thread-less workers' every stage comes here
+            decisions = self._schedulers[model].on_stage_finished(batch_id, stage, finish_us,
+                                                                  now)
+        except SchedulerError as exc:
+            log.warning("ignored stage finish: %s", exc)
+            return
+        if decisions.dispatches or decisions.drops:
+            self.apply(model, decisions, now)
+        else:
+            self._wake[model] = decisions.wake_at_us
 
     def _stage_finished(self, model: str, batch_id: int, stage: int, finish_us: float,
                         now: float) -> None:

@@ -51,7 +51,7 @@ from ppipe_trt.plan import Plan
 from ppipe_trt.scheduler.placement import Placement
 from ppipe_trt.scheduler.interface import (Decisions, Dispatch, Drop, DropReason, Request,
                                            Scheduler)
-from ppipe_trt.serving.answers import drop_error, resolve, shutdown_error
+from ppipe_trt.serving.answers import CallbackAnswer, drop_error, resolve, shutdown_error
 from ppipe_trt.serving.clock import measure_hop_overhead_us, monotonic_us
 from ppipe_trt.serving.events import Arrive, LoopEvent, StageFinished, Stop
 from ppipe_trt.serving.faults import QuarantineRecord, WorkerQuarantined
@@ -294,6 +294,20 @@ class ServingRuntime:
             self._admit(model, spec, pending, timeout_us)
         return pending.future
 
+    def submit_answer(self, model: str, inputs: Mapping[str, np.ndarray] | None,
+                      timeout_us: float | None, answer: CallbackAnswer) -> bool:
+        """:meth:`submit_async` answered through ``answer`` (a :class:`CallbackAnswer`)
+        instead of a future, for a caller on the event loop the runtime runs on; returns
+        ``False``, doing nothing, anywhere else (then use :meth:`submit_async`).  Raises
+        ``ModelNotFoundError``; rejections arrive through ``answer``."""
+        if self._loop.on_event_loop is None or not self._loop.on_loop_thread():
+            return False
+        spec = self.model(model)
+        pending = PendingRequest(inputs, answer)
+        with self._submit_lock:
+            self._admit(model, spec, pending, timeout_us)
+        return True
+
     def _admit(self, model: str, spec: ServedModel, pending: PendingRequest,
                timeout_us: float | None) -> None:
         """Queue ``pending`` for its scheduler, or answer it at once (not accepting, full).
@@ -352,11 +366,11 @@ class ServingRuntime:
         """A worker ran stage ``job.stage`` of its batch: the scheduler hears of it at once on
         the loop's thread (a thread-less worker's timer), through the inbox from another."""
         d = job.dispatch
-        stage = d.route[job.stage].stage
-        if self._loop.on_loop_thread():
-            self._loop.stage_finished(d.model, d.batch_id, stage, finish_us)
+        loop = self._loop
+        if loop.on_loop_thread():
+            loop.stage_finished(d.model, d.batch_id, d.route[job.stage].stage, finish_us)
         else:
-            self._post(StageFinished(d.model, d.batch_id, stage, finish_us))
+            self._post(StageFinished(d.model, d.batch_id, d.route[job.stage].stage, finish_us))
 
     def batch_completed(self, job: StageJob, outputs: dict[str, np.ndarray],
                         finish_us: float) -> None:
@@ -375,19 +389,36 @@ class ServingRuntime:
                 for i, r in enumerate(d.requests):
                     r.payload.carried = {k: v[i:i + 1] for k, v in outputs.items()}
             return
+        requests, model, size = d.requests, d.model, d.batch_size
         if spec.timing_only:
             outputs = self._zero_outputs(spec, 1)
-            slices = [outputs] * d.batch_size
-        elif d.batch_size == 1:
+            slices = [outputs] * size
+        elif size == 1:
             slices = [outputs]
         else:
-            slices = [{k: v[i:i + 1] for k, v in outputs.items()}
-                      for i in range(d.batch_size)]
-        for r, sample in zip(d.requests, slices):
-            result = InferenceResult(r.request_id, d.model, sample, r.arrival_us, finish_us,
-                                     r.payload.deadline_us, d.batch_size)
-            self.stats.completion(d.model, result.latency_us, result.met_deadline)
-            self._answer(r.payload, result=result)
+            slices = [{k: v[i:i + 1] for k, v in outputs.items()} for i in range(size)]
+        pendings = [r.payload for r in requests]
+        arrivals = [r.arrival_us for r in requests]
+        deadlines = [p.deadline_us for p in pendings]
+        self.stats.completions(model, arrivals, finish_us, deadlines)
+        counted = 0
+        for p in pendings:
+            if p.counted:
+                p.counted = False
+                counted += 1
+        if counted:
+            with self._pending_lock:
+                self._pending -= counted
+        here = self._loop.on_loop_thread()
+        for r, p, sample, arrival, deadline in zip(requests, pendings, slices, arrivals,
+                                                   deadlines):
+            result = InferenceResult(r.request_id, model, sample, arrival, finish_us, deadline,
+                                     size)
+            fut = p.future
+            if here or type(fut) is Future:
+                resolve(fut, result)
+            else:
+                self._resolve(fut, result)
 
     def _zero_outputs(self, spec: ServedModel, batch: int) -> dict[str, np.ndarray]:
         """A timing-only model's outputs: zeros of its output shapes, read-only, shared."""

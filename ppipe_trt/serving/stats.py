@@ -83,6 +83,19 @@ class RuntimeStats:
             c.within_deadline += int(met_deadline)
             c.latency_s.observe(latency_us / 1e6)
 
+    def completions(self, model: str, arrivals_us: list[float], finish_us: float,
+                    deadlines_us: list[float]) -> None:
+        """:meth:`completion` of the requests of one batch, all finished at ``finish_us``."""
+        with self._lock:
+            c = self._models[model]
+            c.completions += len(arrivals_us)
+            hist = c.latency_s
+            within = 0
+            for arrival, deadline in zip(arrivals_us, deadlines_us):
+                within += finish_us <= deadline
+                hist.observe((finish_us - arrival) / 1e6)
+            c.within_deadline += within
+
     def snapshot(self) -> dict[str, ModelCounters]:
         """A deep copy, safe to read without the lock."""
         with self._lock:

@@ -51,10 +51,11 @@ class ServedModel:
         return next((s for s in self.inputs if s.name == name), None)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InferenceResult:
     """One request's answer.  ``outputs`` arrays have a leading batch dimension of 1 and are
-    owned by the caller.  Times are microseconds on the runtime clock."""
+    owned by the caller.  Times are microseconds on the runtime clock.  (Not frozen: one is
+    made per answered request, and a frozen dataclass costs 4x as much to make.)"""
 
     request_id: int
     model: str

@@ -62,3 +62,71 @@ def test_classification_strings_are_top_k_score_index():
 def test_split_body_without_header_length_is_all_json():
     header, binary = split_body(b'{"inputs": []}', None)
     assert header == b'{"inputs": []}' and len(binary) == 0
+
+
+def _binary_request(a: np.ndarray, b: np.ndarray, extra: dict | None = None) -> tuple[bytes, str]:
+    header = json.dumps({"inputs": [
+        {"name": "a", "shape": list(a.shape), "datatype": "FP32",
+         "parameters": {"binary_data_size": a.nbytes}},
+        {"name": "b", "shape": list(b.shape), "datatype": "INT64",
+         "parameters": {"binary_data_size": b.nbytes}}],
+        "outputs": [{"name": "y", "parameters": {"binary_data": True}}], **(extra or {})}).encode()
+    return header + a.tobytes() + b.tobytes(), str(len(header))
+
+
+def test_a_header_seen_before_gives_what_a_fresh_parse_gives():
+    """The second request with the same JSON header is answered from the layout kept for it:
+    the same ParsedInfer as a first parse, over its own bytes; a different binary size is
+    checked afresh (and refused), and a new model object of the same name starts over."""
+    import dataclasses
+
+    from api import codec
+
+    codec._LAYOUTS.clear()
+    a, b = np.ones((1, 2), np.float32), np.arange(3, dtype=np.int64).reshape(1, 3)
+    body, n = _binary_request(a, b, {"parameters": {"timeout_ms": 7}})
+    first = parse_infer_request(body, n, MODEL)
+    assert len(codec._LAYOUTS[MODEL.name][1]) == 1
+    body2 = body[:int(n)] + (a * 5).tobytes() + (b + 1).tobytes()
+    second = parse_infer_request(body2, n, MODEL)
+    for got in (first, second):
+        assert (got.batch_size, got.request_id, got.timeout_us) == (1, None, 7000.0)
+        assert got.outputs == first.outputs and got.parameters == {"timeout_ms": 7}
+        assert [(k, v.dtype, v.shape) for k, v in got.inputs.items()] == \
+            [("a", np.dtype("<f4"), (1, 2)), ("b", np.dtype("<i8"), (1, 3))]
+    assert np.array_equal(second.inputs["a"], a * 5) and np.array_equal(second.inputs["b"], b + 1)
+    assert not second.inputs["a"].flags.writeable
+    second.parameters["x"] = 1  # a caller's change does not reach the next request
+    assert parse_infer_request(body2, n, MODEL).parameters == {"timeout_ms": 7}
+    with pytest.raises(BadInputError, match="binary sizes do not add up"):
+        parse_infer_request(body2 + b"\0", n, MODEL)
+    with pytest.raises(BadInputError, match="binary sizes do not add up"):
+        parse_infer_request(body2[:-8], n, MODEL)
+    other = dataclasses.replace(MODEL, inputs=(TensorSpec("a", "float32", (-1, 2)),
+                                               TensorSpec("b", "int32", (-1, 3))))
+    with pytest.raises(BadInputError, match="datatype INT64 but model 'two_in' expects INT32"):
+        parse_infer_request(body2, n, other)
+    # JSON data is parsed every time (its values are in the header)
+    doc = {"inputs": [{"name": "a", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]},
+                      {"name": "b", "shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]}]}
+    parse_infer_request(json.dumps(doc).encode(), None, MODEL)
+    assert len(codec._LAYOUTS[MODEL.name][1]) == 0
+
+
+def test_kept_response_headers_equal_fresh_ones():
+    """A binary response's JSON header is built once per (model, outputs' names, datatypes,
+    shapes) and kept; with and without an id, the bytes equal a fresh build's."""
+    from api import codec
+
+    codec._RESPONSE_HEADERS.clear()
+    a, b = np.ones((2, 2), np.float32), np.zeros((2, 3), np.int64)
+    for extra in ({}, {"id": "frame-\u00e9\"7"}, {"id": 12}, {}):
+        body, n = _binary_request(a, b, extra)
+        parsed = parse_infer_request(body, n, MODEL)
+        y = np.full((2, 4), 3.0, np.float32)
+        assert build_infer_response(MODEL, parsed, {"y": y}) == \
+            codec._build_response(MODEL, parsed, {"y": y}, None)
+        big = y.astype(">f4")  # a big-endian output is sent little-endian
+        got, length = build_infer_response(MODEL, parsed, {"y": big})
+        assert np.array_equal(np.frombuffer(got[length:], "<f4").reshape(2, 4), y)
+    assert len(codec._RESPONSE_HEADERS) == 1

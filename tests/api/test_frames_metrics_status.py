@@ -94,3 +94,26 @@ def test_status_shows_the_plan_in_force(client):
     assert [(s["first_block"], s["last_block"]) for s in stages] == [(0, 6), (7, 9)]
     assert [w["blocks"] for w in doc["workers"]] == [[0, 6], [7, 9]]
     assert doc["models"][MODEL]["slo_ms"] == 2000.0
+
+
+def test_http_counters_are_prometheus_counters_and_histograms():
+    """The front end's plain-Python HTTP counters scrape as prometheus_client's Counter and
+    Histogram would: ``_total`` per route and status, cumulative ``le`` buckets, count, sum."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from api.metrics import HTTP_BUCKETS_S, AppMetrics
+
+    metrics = AppMetrics(lambda: None)
+    for status, seconds in ((200, 0.0005), (200, 0.001), (200, 0.03), (503, 9.0)):
+        metrics.count_http("/v2/models/{model_name}/infer", status, seconds)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    counts = {s.labels["status"]: s.value for s in families["ppipe_http_requests"].samples}
+    assert counts == {"200": 3.0, "503": 1.0}
+    samples = families["ppipe_http_request_duration_seconds"].samples
+    buckets = {s.labels["le"]: s.value for s in samples if s.name.endswith("_bucket")}
+    assert list(buckets) == [repr(b) for b in HTTP_BUCKETS_S] + ["+Inf"]
+    assert (buckets["0.001"], buckets["0.0025"], buckets["0.05"], buckets["5.0"],
+            buckets["+Inf"]) == (2.0, 2.0, 3.0, 3.0, 4.0)
+    total = {s.name: s.value for s in samples if not s.name.endswith("_bucket")}
+    assert total["ppipe_http_request_duration_seconds_count"] == 4.0
+    assert abs(total["ppipe_http_request_duration_seconds_sum"] - 9.0315) < 1e-9

@@ -105,3 +105,29 @@ def test_no_answer_past_deadline_and_grace_is_a_timeout():
     assert str(info.value) == "no answer from model 'm' within 30 ms (deadline + grace)"
     assert service.repository_index()[0].state == "UNAVAILABLE"
     assert service.repository_index(ready_only=True) == []
+
+
+def test_the_guard_gives_up_only_waits_past_their_time():
+    """One sweep timer for every wait: a wait past its deadline + grace is given up (the
+    others go on and are answered), and the guard stops its timer once nothing is watched."""
+    from api.service import GUARD_TICK_S, AnswerGuard
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        guard = AnswerGuard(loop)
+        short, long_, answered = (loop.create_future() for _ in range(3))
+        w_short = guard.watch(short, 0.01)
+        w_long = guard.watch(long_, 0.3)
+        w_answered = guard.watch(answered, 0.01)
+        answered.set_result(1)
+        guard.release(w_answered)
+        await asyncio.sleep(0.01 + 2 * GUARD_TICK_S)
+        assert short.cancelled() and w_short[2]
+        assert not long_.done() and not w_long[2]
+        assert answered.result() == 1 and not w_answered[2]
+        long_.set_result(2)
+        guard.release(w_long)
+        await asyncio.sleep(0.3 + 2 * GUARD_TICK_S)
+        assert guard._timer is None and not guard._queues and not w_long[2]
+
+    asyncio.run(main())

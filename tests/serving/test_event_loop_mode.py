@@ -153,3 +153,77 @@ def test_stop_from_another_thread_answers_everything_in_flight(shared_profiles, 
     assert len(answers) == 40
     for a in answers:  # each answered: a result (finished while stopping) or shutdown
         assert not isinstance(a, BaseException) or "shutting down" in str(a)
+
+
+def test_answers_by_callback_on_the_event_loop(shared_profiles, emulated):
+    """submit_answer: the runtime calls the request's callback where it answers (once, on
+    the event loop's thread), a refusal while submitting on the next turn (not inside the
+    submitting call), a callback's exception is logged and the runtime goes on; anywhere but
+    the runtime's event loop it declines (False) and nothing is submitted."""
+    from ppipe_trt.serving.answers import CallbackAnswer
+    from ppipe_trt.serving.assembly import build_runtime
+
+    plan, models = emulated
+    rt = build_runtime(plan, shared_profiles, {}, RuntimeOptions(hop_overhead_us=50.0))
+    x = {"INPUT__0": np.zeros((1, 1), np.float32)}
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        assert not rt.submit_answer(models[0], x, None, CallbackAnswer(print, loop))
+        rt.start(loop)
+        got: list = []
+        main_thread = threading.get_ident()
+
+        def callback(result, error):
+            assert threading.get_ident() == main_thread
+            got.append((result, error))
+            if len(got) == 2:
+                raise RuntimeError("a front end's bug")
+
+        answers = [CallbackAnswer(callback, loop) for _ in range(12)]
+        for i, a in enumerate(answers):
+            assert rt.submit_answer(models[i % 2], x, None, a)
+            a.arm()
+        elsewhere = await asyncio.to_thread(rt.submit_answer, models[0], x, None,
+                                            CallbackAnswer(callback, loop))
+        assert elsewhere is False
+        for _ in range(200):
+            if len(got) == 12:
+                break
+            await asyncio.sleep(0.01)
+        assert len(got) == 12 and all(e is None and r.met_deadline for r, e in got)
+        assert all(a.done() for a in answers)
+        rt.stop()
+        refused: list = []
+        late = CallbackAnswer(lambda r, e: refused.append(e), loop)
+        assert rt.submit_answer(models[0], x, None, late)
+        assert refused == []  # not inside the submitting call
+        late.arm()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert len(refused) == 1 and "not accepting" in str(refused[0])
+        return rt.stats.snapshot()
+
+    snap = asyncio.run(main())
+    assert sum(c.completions for c in snap.values()) == 12
+
+
+def test_a_callback_answer_takes_one_outcome():
+    from concurrent.futures import InvalidStateError
+
+    from ppipe_trt.serving.answers import CallbackAnswer, resolve
+
+    async def main():
+        got: list = []
+        a = CallbackAnswer(lambda r, e: got.append((r, e)), asyncio.get_running_loop())
+        a.arm()
+        resolve(a, 1)
+        resolve(a, 2)  # ignored, as for a future
+        with pytest.raises(InvalidStateError):
+            a.set_result(3)
+        assert a.cancel() is False and got == [(1, None)] and a.done()
+        b = CallbackAnswer(lambda r, e: got.append((r, type(e))), asyncio.get_running_loop())
+        b.arm()
+        assert b.cancel() is True and got[-1] == (None, asyncio.CancelledError)
+
+    asyncio.run(main())
