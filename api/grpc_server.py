@@ -171,14 +171,19 @@ def _answers_errors(method):
                 raise request.error()
             return await method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every caller gets a status, see grpc_status
-            code, message = grpc_status(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method.__name__)
-            trailing = ((REJECT_REASON_KEY, exc.reason),) \
-                if isinstance(exc, RequestRejectedError) else ()
-            await context.abort(code, message, trailing_metadata=trailing)
+            await _abort(context, exc, method.__name__)
 
     return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, rpc: str) -> None:
+    """End the RPC with ``exc``'s status (an unexpected one logged)."""
+    code, message = grpc_status(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", rpc, exc_info=exc)
+    trailing = ((REJECT_REASON_KEY, exc.reason),) \
+        if isinstance(exc, RequestRejectedError) else ()
+    await context.abort(code, message, trailing_metadata=trailing)
 
 
 # ---- requests in ----------------------------------------------------------------------------
@@ -354,9 +359,21 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         outcome = await self._service.infer(model, parsed)
         return build_model_infer_response(model, parsed, outcome)
 
-    @_answers_errors
     async def ModelInfer(self, request, context):
-        return await self._infer(request)
+        # _answers_errors and _infer, inline: every inference comes here
+        try:
+            if isinstance(request, MalformedRequest):
+                raise request.error()
+            service = self._service
+            model = service.model(request.model_name, request.model_version)
+            if not request.raw_input_contents and request.ByteSize() > _OFFLOAD_BYTES:
+                parsed = await asyncio.to_thread(parse_model_infer, request, model)
+            else:
+                parsed = parse_model_infer(request, model)
+            outcome = await service.infer(model, parsed)
+            return build_model_infer_response(model, parsed, outcome)
+        except Exception as exc:  # noqa: BLE001 - as _answers_errors
+            await _abort(context, exc, "ModelInfer")
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Answers each request of the stream as soon as it is done (not in order; match
