@@ -90,6 +90,20 @@ def render_answer(model: ServedModel, parsed: ParsedInfer, outcome: InferOutcome
     return payload, headers
 
 
+def render_answer_lines(model: ServedModel, parsed: ParsedInfer, outcome: InferOutcome
+                        ) -> tuple[bytes, bytes]:
+    """:func:`render_answer` with the headers as the encoded lines an HTTP/1.1 response
+    carries (names in lower case, as uvicorn writes them): what the HTTP protocol's infer
+    path writes (:mod:`api.http_protocol`)."""
+    payload, json_length = build_infer_response(model, parsed, outcome.outputs)
+    lines = b"x-ppipe-latency-ms: %.3f\r\nx-ppipe-batch-size: %d\r\n" % (
+        outcome.worst_latency_us / 1000.0, outcome.worst_batch_size)
+    if json_length is None:
+        return payload, lines + b"content-type: application/json\r\n"
+    return payload, lines + (b"inference-header-content-length: %d\r\n"
+                             b"content-type: application/octet-stream\r\n" % json_length)
+
+
 def error_body(exc: BaseException) -> tuple[int, bytes, list[tuple[str, str]]]:
     """A domain error as (status, JSON body, extra headers): KServe v2's ``{"error": ...}``,
     with ``"reason"`` for a rejection and ``Retry-After`` on a 503 (as

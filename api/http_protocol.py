@@ -39,7 +39,7 @@ from typing import Any
 from api.codec import parse_infer_request
 from api.errors import BodyTooLargeError
 from api.fast import (OFFLOAD_BYTES, _json, _match, error_body, infer_answer, inflate,
-                      refuse_declared_oversize, render_answer)
+                      refuse_declared_oversize, render_answer_lines)
 from ppipe_trt.errors import PPipeError
 
 log = logging.getLogger("ppipe.api")
@@ -54,9 +54,9 @@ except ImportError:  # pragma: no cover - httptools is a dependency of this proj
 #: What :class:`InferHttpProtocol` uses of uvicorn's protocol (checked at start-up).
 _NEEDED = ("on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body",
            "on_message_complete", "on_response_complete", "shutdown", "connection_lost")
-_INSTANCE_NEEDED = ("parser", "url", "headers", "cycle", "pipeline", "transport", "loop",
-                    "server_state", "expect_100_continue", "limit_concurrency", "access_log",
-                    "access_logger", "client", "tasks", "root_path")
+_INSTANCE_NEEDED = ("parser", "url", "headers", "scope", "cycle", "pipeline", "transport",
+                    "loop", "server_state", "expect_100_continue", "limit_concurrency",
+                    "access_log", "access_logger", "client", "tasks", "root_path")
 
 
 def _status_line(status: int) -> bytes:
@@ -141,11 +141,19 @@ class InferHttpProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
     # ---- parser callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._exchange = None
-        super().on_message_begin()
+        # uvicorn's, less the ASGI scope: made in on_headers_complete for a request that
+        # goes the ASGI way (an infer request taken here never needs one)
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
 
     def on_headers_complete(self) -> None:
         exchange = self._take()
         if exchange is None:
+            url, headers, expect = self.url, self.headers, self.expect_100_continue
+            super().on_message_begin()  # the scope, over this request's headers
+            self.url, self.headers, self.expect_100_continue = url, headers, expect
+            self.scope["headers"] = headers
             return super().on_headers_complete()
         self._exchange = exchange
         self.cycle = exchange  # what uvicorn's protocol consults (pipelining, shutdown)
@@ -215,10 +223,10 @@ class InferHttpProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
                 if error is not None:
                     return self._fail(exchange, error)
                 try:
-                    payload, headers = render_answer(model, parsed, outcome)
+                    payload, lines = render_answer_lines(model, parsed, outcome)
                 except Exception as exc:  # noqa: BLE001 - answered 500 below
                     return self._fail(exchange, exc)
-                self._respond(exchange, 200, payload, headers)
+                self._write(exchange, 200, payload, lines)
 
             fast.service.infer_soon(model, parsed, done)
         except Exception as exc:  # noqa: BLE001 - a domain error, else 500 (see _fail)

@@ -111,6 +111,7 @@ class DecisionLoop:
         self._fired_early = False
         self._stopping = False
         self._ended = threading.Event()
+        self._over = False  # _ended is set (a plain read for the hot paths)
         self._started = False
         #: Queue an event for the loop (thread-safe).  On a thread of its own: the inbox's own
         #: ``put``, no wrapper; on an event loop, see :meth:`_post_on_event_loop`.
@@ -257,7 +258,7 @@ class DecisionLoop:
         """Queue ``event``; the first event of a turn of the event loop schedules one flush
         (from another thread: thread-safely), the rest ride on it."""
         self._inbox.put(event)
-        if self._flush_pending or self._ended.is_set():
+        if self._flush_pending or self._over:
             return
         self._flush_pending = True
         if threading.get_ident() == self._thread_id:
@@ -271,7 +272,7 @@ class DecisionLoop:
     def _flush(self) -> None:
         """Handle every queued event, the due wake-ups and timers; re-arm the timer."""
         self._flush_pending = False  # before draining: a post from now on flushes again
-        if self._ended.is_set():
+        if self._over:
             return
         events = []
         try:
@@ -285,7 +286,7 @@ class DecisionLoop:
         self._fired_early = self._clock() < self._armed_us
         self._timer_handle = None
         self._armed_us = math.inf
-        if not self._ended.is_set():
+        if not self._over:
             self._turn([])
         self._fired_early = False
 
@@ -316,7 +317,7 @@ class DecisionLoop:
         finally:
             self._in_turn = False
             self._flush_pending = False
-        if not inbox.empty() and not self._ended.is_set():  # posted by another thread
+        if not inbox.empty() and not self._over:  # posted by another thread
             self._flush_pending = True                         # after the last look
             self._aloop.call_soon(self._flush)
         self._arm()
@@ -354,6 +355,7 @@ class DecisionLoop:
         if self._timer_handle is not None:
             self._timer_handle.cancel()
             self._timer_handle = None
+        self._over = True
         self._ended.set()
 
     # ---- the thread ---------------------------------------------------------------------------

@@ -130,3 +130,24 @@ def test_kept_response_headers_equal_fresh_ones():
         got, length = build_infer_response(MODEL, parsed, {"y": big})
         assert np.array_equal(np.frombuffer(got[length:], "<f4").reshape(2, 4), y)
     assert len(codec._RESPONSE_HEADERS) == 1
+
+
+def test_the_protocol_renders_the_headers_render_answer_gives():
+    """api.http_protocol writes render_answer_lines' encoded lines; they are render_answer's
+    headers as HTTP/1.1 lines with lower-case names, JSON and binary answers alike."""
+    from api.fast import render_answer, render_answer_lines
+    from api.service import InferOutcome
+
+    a, b = np.ones((1, 2), np.float32), np.zeros((1, 3), np.int64)
+    y = np.full((1, 4), 2.5, np.float32)
+    for extra in ({}, {"parameters": {"binary_data_output": False}}):
+        body, n = _binary_request(a, b, extra)
+        parsed = parse_infer_request(body, n, MODEL)
+        if extra:  # every output asked as JSON
+            parsed.outputs = [type(o)(o.name, False) for o in parsed.outputs]
+        for latency, size in ((35_123.4567, 1), (0.0, 4), (1e9 / 3, 64)):
+            outcome = InferOutcome({"y": y}, [], latency, size)
+            payload, headers = render_answer(MODEL, parsed, outcome)
+            payload2, lines = render_answer_lines(MODEL, parsed, outcome)
+            assert payload2 == payload
+            assert lines == "".join(f"{k.lower()}: {v}\r\n" for k, v in headers).encode()

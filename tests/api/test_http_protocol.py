@@ -230,7 +230,7 @@ def test_a_bug_is_answered_500_and_the_server_keeps_serving(servers, monkeypatch
     def broken(*_):
         raise RuntimeError("render exploded")
 
-    monkeypatch.setattr(proto, "render_answer", broken)
+    monkeypatch.setattr(proto, "render_answer_lines", broken)
     monkeypatch.setattr("api.fast.render_answer", broken)  # (the offloaded path's)
     got = httpx.post(f"http://{servers[0].url}{INFER}", content=GOOD_BODY, timeout=30)
     assert got.status_code == 500
