@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,11 +140,15 @@ class _Layout:
 #: a stream; only the binary section changes), and the largest header kept.
 LAYOUTS_PER_MODEL = 256
 LAYOUT_MAX_HEADER_BYTES = 4096
-#: model name -> (the ServedModel the layouts were checked against, {header bytes: layout})
-_LAYOUTS: dict[str, tuple[ServedModel, dict[bytes, _Layout]]] = {}
+#: model name -> (the ServedModel the layouts were checked against, {header: layout})
+_LAYOUTS: dict[str, tuple[ServedModel, dict[bytes | tuple[str, bytes], _Layout]]] = {}
+#: A header's leading string id, as clients write it: ``{"id":"...",`` (no escapes, no
+#: control characters: such an id is read by the full parse).
+_LEADING_ID = re.compile(
+    rb'\{[ \t\n\r]*"id"[ \t\n\r]*:[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*,')
 
 
-def _layouts(model: ServedModel) -> dict[bytes, _Layout]:
+def _layouts(model: ServedModel) -> dict[bytes | tuple[str, bytes], _Layout]:
     entry = _LAYOUTS.get(model.name)
     if entry is None or entry[0] is not model:  # a new model of that name (a plan swap)
         entry = _LAYOUTS[model.name] = (model, {})
@@ -161,19 +166,32 @@ def parse_infer_request(body: bytes, header_length: str | None,
     carrying ``data`` in the JSON are parsed every time."""
     header, binary = split_body(body, header_length)
     layouts = _layouts(model)
-    layout = layouts.get(header)
+    # A header that opens with its id (perf_analyzer and Triton's clients write a new one in
+    # every request) is kept without it: the id is read from the request itself.
+    request_id = None
+    key: bytes | tuple[str, bytes] = header
+    m = _LEADING_ID.match(header)
+    if m is not None:
+        try:
+            request_id = m.group(1).decode("utf-8")
+        except UnicodeDecodeError:  # not JSON: the full parse says so
+            m = None
+        else:
+            key = ("id", header[m.end():])
+    layout = layouts.get(key)
     if layout is not None and layout.binary_size == len(binary):
         return ParsedInfer(
-            layout.request_id, layout.batch_size,
+            request_id if m is not None else layout.request_id, layout.batch_size,
             {name: np.frombuffer(binary[off:off + size], dtype=dtype).reshape(shape)
              for name, dtype, shape, off, size in layout.inputs},
             list(layout.outputs), layout.timeout_us,
             dict(layout.parameters) if layout.parameters else {})
     parsed, places = _parse(header, binary, model)
-    if places is not None and len(header) <= LAYOUT_MAX_HEADER_BYTES:
+    if places is not None and len(header) <= LAYOUT_MAX_HEADER_BYTES \
+            and (m is None or parsed.request_id == request_id):  # (not: the id given twice)
         if len(layouts) >= LAYOUTS_PER_MODEL:  # e.g. a client with an id in every header
             layouts.clear()
-        layouts[header] = _Layout(
+        layouts[key] = _Layout(
             tuple((name, parsed.inputs[name].dtype, parsed.inputs[name].shape, off, size)
                   for name, off, size in places),
             len(binary), parsed.request_id, parsed.batch_size, tuple(parsed.outputs),

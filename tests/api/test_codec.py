@@ -151,3 +151,33 @@ def test_the_protocol_renders_the_headers_render_answer_gives():
             payload2, lines = render_answer_lines(MODEL, parsed, outcome)
             assert payload2 == payload
             assert lines == "".join(f"{k.lower()}: {v}\r\n" for k, v in headers).encode()
+
+
+def test_a_new_id_in_every_header_still_uses_the_kept_layout():
+    """perf_analyzer writes {"id":"<n>",...} with a new n in every request: the layout is
+    kept without the id, and each request gets its own id; an id the full parse would read
+    otherwise (escapes, invalid UTF-8, given twice) is not taken from the prefix."""
+    from api import codec
+
+    codec._LAYOUTS.clear()
+    a, b = np.ones((1, 2), np.float32), np.zeros((1, 3), np.int64)
+    body, n = _binary_request(a, b)
+    plain, data = body[:int(n)], body[int(n):]
+    rest = plain[1:]  # '"inputs":...}': the header after its opening brace
+    for i in range(5):
+        header = b'{"id":"%d",' % i + rest
+        got = parse_infer_request(header + data, str(len(header)), MODEL)
+        assert got.request_id == str(i) and got.batch_size == 1
+    assert len(codec._LAYOUTS[MODEL.name][1]) == 1
+    assert parse_infer_request(body, n, MODEL).request_id is None  # its own layout
+    for prefix, want in ((b'{"id":"x\\"y",', 'x"y'), (b'{"id":"\xc3\xa9",', "\u00e9"),
+                         (b'{ "id" : "7" ,', "7")):
+        header = prefix + rest
+        assert parse_infer_request(header + data, str(len(header)), MODEL).request_id == want
+    for bad in (b'{"id":"\xff",', b'{\x0c"id":"1",'):  # invalid UTF-8, not JSON whitespace
+        header = bad + rest
+        with pytest.raises(BadInputError, match="malformed JSON"):
+            parse_infer_request(header + data, str(len(header)), MODEL)
+    twice = b'{"id":"1",' + rest[:-1] + b',"id":"2"}'
+    for _ in range(2):
+        assert parse_infer_request(twice + data, str(len(twice)), MODEL).request_id == "2"
