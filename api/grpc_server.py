@@ -232,13 +232,16 @@ _LAYOUTS: dict[str, tuple[ServedModel, dict[tuple, tuple]]] = {}
 
 def _layout_key(request: service_pb2.ModelInferRequest) -> tuple | None:
     """What a request's validation depends on, besides its model: its input and output
-    declarations (as their wire bytes) and the sizes of its raw contents; ``None`` when it
-    has request parameters or no raw contents (parsed every time)."""
-    if request.parameters or not request.raw_input_contents:
+    declarations and its parameters (as their wire bytes) and the sizes of its raw contents;
+    ``None`` when it has no raw contents (parsed every time)."""
+    if not request.raw_input_contents:
         return None
+    params = request.parameters
     return (tuple([t.SerializeToString() for t in request.inputs]),
             tuple([o.SerializeToString() for o in request.outputs]),
-            tuple([len(r) for r in request.raw_input_contents]))
+            tuple([len(r) for r in request.raw_input_contents]),
+            tuple(sorted([(k, p.SerializeToString()) for k, p in params.items()]))
+            if params else ())
 
 
 def parse_model_infer(request: service_pb2.ModelInferRequest, model: ServedModel) -> ParsedInfer:
@@ -247,9 +250,9 @@ def parse_model_infer(request: service_pb2.ModelInferRequest, model: ServedModel
     read-only views of the request's bytes (no copy).  Raises ``BadInputError`` with REST's
     wording wherever the check is the same.
 
-    A client sends the same declarations with every frame: a request whose inputs and
-    outputs are declared as an earlier one's (byte for byte, the raw contents of the same
-    sizes, no request parameters) is answered from what was checked then."""
+    A client sends the same declarations with every frame: a request whose inputs, outputs
+    and parameters are declared as an earlier one's (byte for byte, the raw contents of the
+    same sizes; its id may differ) is answered from what was checked then."""
     key = _layout_key(request)
     if key is None:
         return _parse_model_infer(request, model)
@@ -260,17 +263,19 @@ def parse_model_infer(request: service_pb2.ModelInferRequest, model: ServedModel
     layout = layouts.get(key)
     raw = request.raw_input_contents
     if layout is not None:
-        inputs, batch, outputs = layout
+        inputs, batch, outputs, timeout_us, params = layout
         return ParsedInfer(request.id or None, batch,
                            {name: np.frombuffer(raw[i], dtype=dtype).reshape(shape)
                             for name, i, dtype, shape in inputs},
-                           list(outputs), timeout_us=None, parameters={})
+                           list(outputs), timeout_us=timeout_us,
+                           parameters=dict(params) if params else {})
     parsed = _parse_model_infer(request, model)
     if len(layouts) >= LAYOUTS_PER_MODEL:
         layouts.clear()
     layouts[key] = (tuple((t.name, i, parsed.inputs[t.name].dtype, parsed.inputs[t.name].shape)
                           for i, t in enumerate(request.inputs)),
-                    parsed.batch_size, tuple(parsed.outputs))
+                    parsed.batch_size, tuple(parsed.outputs), parsed.timeout_us,
+                    dict(parsed.parameters))
     return parsed
 
 

@@ -61,10 +61,15 @@ def test_requests_declared_as_before_parse_as_a_fresh_parse():
     bad.raw_input_contents[1] = bad.raw_input_contents[1][:-8]
     with pytest.raises(BadInputError, match="raw_input_contents has 40 bytes"):
         parse_model_infer(bad, MODEL)
-    timed = _request(a, b)  # request parameters: parsed every time
-    timed.parameters["timeout"].int64_param = 5000
-    assert parse_model_infer(timed, MODEL).timeout_us == 5000.0
-    assert len(grpc_server._LAYOUTS[MODEL.name][1]) == 2
+    for timeout in (5000, 5000, 7000):  # request parameters are part of the layout
+        timed = _request(a, b)
+        timed.parameters["timeout"].int64_param = timeout
+        timed.parameters["triton_enable_empty_final_response"].bool_param = True
+        got = parse_model_infer(timed, MODEL)
+        _same(got, grpc_server._parse_model_infer(timed, MODEL))
+        assert got.timeout_us == float(timeout)
+        got.parameters["x"] = 1  # not kept for the next request
+    assert len(grpc_server._LAYOUTS[MODEL.name][1]) == 4
 
 
 def test_responses_from_a_kept_copy_equal_fresh_ones():
