@@ -343,7 +343,7 @@ class InferenceService:
             rt = self.runtime()
             submit_answer = getattr(rt, "submit_answer", None)
             if submit_answer is not None:
-                if self._infer_by_callback(rt, submit_answer, model, parsed, done):
+                if self._infer_by_callback(submit_answer, model, parsed, done):
                     return
         waiter, budget_s = self._submit(model, parsed)
         watch = self._guard().watch(waiter, budget_s)
@@ -365,7 +365,7 @@ class InferenceService:
 
         waiter.add_done_callback(finished)
 
-    def _infer_by_callback(self, rt, submit_answer, model: ServedModel, parsed: ParsedInfer,
+    def _infer_by_callback(self, submit_answer, model: ServedModel, parsed: ParsedInfer,
                            done: Callable[[InferOutcome | None, BaseException | None], None]
                            ) -> bool:
         """:meth:`infer_soon` of one sample on a runtime that runs on this event loop: the
