@@ -148,10 +148,12 @@ _LEADING_ID = re.compile(
     rb'\{[ \t\n\r]*"id"[ \t\n\r]*:[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*,')
 
 
-def _layouts(model: ServedModel) -> dict[bytes | tuple[str, bytes], _Layout]:
-    entry = _LAYOUTS.get(model.name)
-    if entry is None or entry[0] is not model:  # a new model of that name (a plan swap)
-        entry = _LAYOUTS[model.name] = (model, {})
+def kept_for(store: dict[str, tuple[ServedModel, dict]], model: ServedModel) -> dict:
+    """``model``'s dict of what was checked for it in ``store`` (by model name; started over
+    when a new model object takes the name, e.g. after a plan swap)."""
+    entry = store.get(model.name)
+    if entry is None or entry[0] is not model:
+        entry = store[model.name] = (model, {})
     return entry[1]
 
 
@@ -165,7 +167,7 @@ def parse_infer_request(body: bytes, header_length: str | None,
     (its tensors are views of its own bytes), without decoding the JSON again.  Requests
     carrying ``data`` in the JSON are parsed every time."""
     header, binary = split_body(body, header_length)
-    layouts = _layouts(model)
+    layouts = kept_for(_LAYOUTS, model)
     # A header that opens with its id (perf_analyzer and Triton's clients write a new one in
     # every request) is kept without it: the id is read from the request itself.
     request_id = None

@@ -45,7 +45,7 @@ from api.app import ApiSettings
 from api.auth import OPEN_RPCS, BearerAuth
 from api.auth import REFUSAL as AUTH_REFUSAL
 from api.binary import V2_TO_NUMPY, tensor_from_bytes
-from api.codec import (ParsedInfer, check_input, output_as_requested, request_batch,
+from api.codec import (ParsedInfer, check_input, kept_for, output_as_requested, request_batch,
                        requested_outputs, tensor_bytes, timeout_us_of)
 from api.errors import status_for
 from api.service import SERVER_NAME, InferenceService, InferOutcome
@@ -256,10 +256,7 @@ def parse_model_infer(request: service_pb2.ModelInferRequest, model: ServedModel
     key = _layout_key(request)
     if key is None:
         return _parse_model_infer(request, model)
-    entry = _LAYOUTS.get(model.name)
-    if entry is None or entry[0] is not model:  # a new model of that name (a plan swap)
-        entry = _LAYOUTS[model.name] = (model, {})
-    layouts = entry[1]
+    layouts = kept_for(_LAYOUTS, model)
     layout = layouts.get(key)
     raw = request.raw_input_contents
     if layout is not None:
