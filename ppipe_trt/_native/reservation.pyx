@@ -18,11 +18,13 @@ side.  Selected by :mod:`ppipe_trt.scheduler.native`.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.object cimport PyObject_GenericSetAttr
+from libc.math cimport exp, log
 from libc.string cimport memcpy, memmove
 
 from ppipe_trt.errors import ConfigError, SchedulerError
 from ppipe_trt.scheduler.interface import Decisions, Dispatch, Drop, DropReason, StageReservation
-from ppipe_trt.scheduler.work_conserving import WorkConservingRule
+from ppipe_trt.scheduler.work_conserving import WorkConservingRule, capacity_by_batch_rps
 
 from collections import deque
 
@@ -290,7 +292,7 @@ cdef class NativeReservationScheduler:
     cdef set _retried
     cdef object _wake_at
     cdef double _last_now
-    cdef readonly object _early  # the work-conserving rule (tests read it)
+    cdef readonly object _early  # the work-conserving rule, compiled (tests read it)
     cdef list _rows           # keeps nothing alive; rows are copied
     cdef Pick* _pa            # probe buffers (MAX_STAGES picks each)
     cdef Pick* _pb
@@ -354,9 +356,13 @@ cdef class NativeReservationScheduler:
         self.strict_batch_fraction = strict_batch_fraction
         self.max_queue = max_queue
         self.work_conserving = bool(work_conserving)
-        self._early = (WorkConservingRule(self.pipelines, work_conserving_max_load,
-                                          work_conserving_window_us)
-                       if work_conserving else None)
+        if work_conserving:
+            WorkConservingRule(self.pipelines, work_conserving_max_load,
+                               work_conserving_window_us)   # its checks and errors
+            self._early = NativeWorkConservingRule(self.pipelines, work_conserving_max_load,
+                                                   work_conserving_window_us)
+        else:
+            self._early = None
         self._queue = deque()
         self._batches = {}
         self._dead = set()
@@ -462,9 +468,10 @@ cdef class NativeReservationScheduler:
         self._tick(now_us)
         q = self._queue
         dec = Decisions([], [], None)
-        if self._early is not None:
+        cdef NativeWorkConservingRule early = self._early
+        if early is not None:
             for request in requests:
-                self._early.observe(min(request.arrival_us, now_us))
+                early._observe(min(<double>request.arrival_us, now_us))
         cdef Py_ssize_t i
         cdef double dl
         for request in requests:
@@ -501,6 +508,18 @@ cdef class NativeReservationScheduler:
         if not 0 <= stage < rec.nst:
             raise SchedulerError(f"{self.model}: batch {batch_id} has stages 0..{rec.nst - 1}, "
                                  f"finish reported for stage {stage}")
+        cdef bint late = finish_us > rec.ends[stage]
+        self._take_finish(rec, batch_id, stage, finish_us)
+        dec = Decisions([], [], None)
+        if (late or self._early is not None) and self._queue:
+            self._schedule(now_us, dec)
+        else:
+            dec.wake_at_us = self._wake_at
+        return dec
+
+    cdef int _take_finish(self, _Batch rec, batch_id, int stage, double finish_us) except -1:
+        """What a stage finish changes before any decision pass (the reference's
+        ``on_stage_finished`` up to its ``Decisions``)."""
         cdef double reserved = rec.ends[stage]
         cdef bint late = finish_us > reserved
         cdef Py_ssize_t slot
@@ -514,12 +533,23 @@ cdef class NativeReservationScheduler:
         rec.next = stage + 1
         if stage == rec.nst - 1:
             del self._batches[batch_id]
-        dec = Decisions([], [], None)
-        if (late or self._early is not None) and self._queue:
-            self._schedule(now_us, dec)
-        else:
-            dec.wake_at_us = self._wake_at
-        return dec
+        return 0
+
+    cdef int _finish_quiet(self, batch_id, int stage, double finish_us,
+                           double now_us) except -1:
+        """:meth:`on_stage_finished` when it would make no decision pass (nothing queued,
+        or nothing that could move): applied, 1; otherwise (or an error to raise) nothing
+        is changed, 0, and the caller calls :meth:`on_stage_finished`."""
+        if now_us < self._last_now:
+            return 0
+        cdef _Batch rec = self._batches.get(batch_id)
+        if rec is None or not 0 <= stage < rec.nst:
+            return 0
+        if (finish_us > rec.ends[stage] or self._early is not None) and self._queue:
+            return 0
+        self._last_now = now_us
+        self._take_finish(rec, batch_id, stage, finish_us)
+        return 1
 
     def remove_worker(self, worker_id, double now_us):
         self._tick(now_us)
@@ -706,7 +736,8 @@ cdef class NativeReservationScheduler:
             best_fin = INF
             # light traffic (work-conserving): among the pipelines that can start now, the
             # one that answers the queued requests soonest, not the first in plan order
-            light = self._early is not None and self._early.allows(len(q), now)
+            light = self._early is not None and \
+                (<NativeWorkConservingRule>self._early)._allows(len(q), now)
             best_fin_n = INF
             for p in range(npipes):
                 b = self.p_batch[p]
@@ -773,13 +804,14 @@ cdef class NativeReservationScheduler:
                 # nothing of this model in flight: no batch is running that arrivals could
                 # join the queue behind, and holding only idles its pools (a closed-loop
                 # client, a lull); else the rate rule decides
-                if not self._batches or self._early.allows(n, now):
+                if not self._batches or \
+                        (<NativeWorkConservingRule>self._early)._allows(n, now):
                     early_at = fin_n - work_n   # the route is free for the batch from then on
                     if early_at <= now + WAKE_GUARD_US and fin_n <= deadline:
                         self._dispatch(best_p, n, cur, dec)
                         continue
                 else:  # look again when the decaying rate estimate would allow it
-                    early_at = self._early.allowed_at(n, now)
+                    early_at = (<NativeWorkConservingRule>self._early)._allowed_at(n, now)
             slack = deadline - fin_n
             if slack <= WAKE_GUARD_US + self.wake_lead_us:
                 self._dispatch(best_p, n, cur, dec)
@@ -907,15 +939,46 @@ cdef class NativeReservationScheduler:
             rec.slots[s] = pos
             rec.wids[s] = self.slot_wid[pos]
             rec.ends[s] = pk.end
-            route.append(StageReservation(s, self.slot_wid[pos], pk.start, pk.end, ts, te))
+            route.append(_reservation(s, self.slot_wid[pos], pk.start, pk.end, ts, te))
         bid = next(self._batch_ids)
         rec.p = p
         rec.nst = nst
         rec.next = 0
         rec.reqs = reqs
         self._batches[bid] = rec
-        dec.dispatches.append(Dispatch(bid, self.model, p, reqs, tuple(route)))
+        dec.dispatches.append(_dispatch(bid, self.model, p, reqs, tuple(route)))
         return 0
+
+
+# The interface's frozen dataclasses, filled in without their generated ``__init__`` (a
+# Python frame and an ``object.__setattr__`` per field: ~0.7 us each, most of a one-request
+# decision pass): the same fields, values and type; ``__eq__`` and ``__hash__`` are theirs.
+cdef object _new_object = object.__new__
+
+
+cdef object _reservation(int stage, long worker_id, double start_us, double finish_us,
+                         double transfer_start_us, double transfer_finish_us):
+    """``StageReservation(stage, worker_id, start_us, finish_us, transfer_start_us,
+    transfer_finish_us)``."""
+    o = _new_object(StageReservation)
+    PyObject_GenericSetAttr(o, "stage", stage)
+    PyObject_GenericSetAttr(o, "worker_id", worker_id)
+    PyObject_GenericSetAttr(o, "start_us", start_us)
+    PyObject_GenericSetAttr(o, "finish_us", finish_us)
+    PyObject_GenericSetAttr(o, "transfer_start_us", transfer_start_us)
+    PyObject_GenericSetAttr(o, "transfer_finish_us", transfer_finish_us)
+    return o
+
+
+cdef object _dispatch(batch_id, model, int pipeline, tuple requests, tuple route):
+    """``Dispatch(batch_id, model, pipeline, requests, route)``."""
+    o = _new_object(Dispatch)
+    PyObject_GenericSetAttr(o, "batch_id", batch_id)
+    PyObject_GenericSetAttr(o, "model", model)
+    PyObject_GenericSetAttr(o, "pipeline", pipeline)
+    PyObject_GenericSetAttr(o, "requests", requests)
+    PyObject_GenericSetAttr(o, "route", route)
+    return o
 
 
 cdef void* _alloc(size_t n) except NULL:
@@ -932,3 +995,118 @@ cdef double* _row(values) except NULL:
         v = values[i]
         row[i] = float("nan") if v is None else v
     return row
+
+
+cdef class FinishRouter:
+    """A stage finish of a thread-less timing-only worker, told to its scheduler without a
+    Python call layer: what ``DecisionLoop.stage_finished`` does when the finish needs no
+    decision pass (the compiled scheduler's ``_finish_quiet``), so that the compiled
+    timing-only workers (``ppipe_trt._native.timed.TimedPool``) call it first and the loop
+    only for the rest.  The loop keeps it current: ``schedulers`` (its current plan's, by
+    model), ``first_batch_id`` (older batches go the loop's way) and ``stopping`` (after
+    its Stop a finish is dropped: the loop's way too); ``wake`` is the loop's wake-up
+    times by model, which it sets as the loop would (unchanged by such a finish)."""
+
+    cdef public dict schedulers
+    cdef public object first_batch_id
+    cdef public bint stopping
+    cdef dict wake
+
+    def __init__(self, dict schedulers, dict wake):
+        self.schedulers = schedulers
+        self.first_batch_id = 0
+        self.stopping = False
+        self.wake = wake
+
+    def finish(self, model, batch_id, int stage, double finish_us, double now_us) -> bool:
+        """Tell ``model``'s scheduler of the finish if that is all it takes (True);
+        False: nothing done, the loop's way is needed."""
+        if self.stopping or batch_id < self.first_batch_id:
+            return False
+        sched = self.schedulers.get(model)
+        if type(sched) is not NativeReservationScheduler:
+            return False
+        cdef NativeReservationScheduler s = <NativeReservationScheduler>sched
+        if not s._finish_quiet(batch_id, stage, finish_us, now_us):
+            return False
+        self.wake[model] = s._wake_at
+        return True
+
+
+cdef class NativeWorkConservingRule:
+    """:class:`ppipe_trt.scheduler.work_conserving.WorkConservingRule` compiled (that class is
+    the specification and the reference): the same estimate and test, the same
+    floating-point expressions in the same order (``exp`` and ``log`` are the C library's,
+    which Python's ``math`` calls), its methods and state readable as the reference's."""
+
+    cdef readonly double max_load
+    cdef readonly double window_us
+    cdef double* _caps
+    cdef Py_ssize_t _ncaps
+    cdef public double _level
+    cdef public double _level_at_us
+
+    def __cinit__(self, *args, **kwargs):
+        self._caps = NULL
+
+    def __dealloc__(self):
+        PyMem_Free(self._caps)
+
+    def __init__(self, pipelines, max_load=0.5, window_us=100_000.0):
+        self.max_load = float(max_load)
+        self.window_us = float(window_us)
+        caps = capacity_by_batch_rps(pipelines)
+        self._ncaps = len(caps)
+        self._caps = _row(caps)
+        self._level = 0.0
+        self._level_at_us = -INF
+
+    @property
+    def _capacity_rps(self) -> list:
+        return [self._caps[i] for i in range(self._ncaps)]
+
+    def observe(self, double arrival_us) -> None:
+        self._observe(arrival_us)
+
+    def rate_rps(self, double now_us) -> float:
+        return self._rate_rps(now_us)
+
+    def capacity_rps(self, Py_ssize_t n) -> float:
+        return self._capacity(n)
+
+    def allows(self, Py_ssize_t queued, double now_us) -> bool:
+        return self._allows(queued, now_us)
+
+    def allowed_at(self, Py_ssize_t queued, double now_us) -> float:
+        return self._allowed_at(queued, now_us)
+
+    cdef inline void _observe(self, double arrival_us) noexcept:
+        if arrival_us > self._level_at_us:
+            if self._level:
+                self._level *= exp((self._level_at_us - arrival_us) / self.window_us)
+            self._level_at_us = arrival_us
+        self._level += 1.0
+
+    cdef inline double _rate_rps(self, double now_us) noexcept:
+        cdef double level = self._level
+        if level and now_us > self._level_at_us:
+            level *= exp((self._level_at_us - now_us) / self.window_us)
+        return level * 1e6 / self.window_us
+
+    cdef inline double _capacity(self, Py_ssize_t n) noexcept:
+        if n <= 0:
+            return 0.0
+        return self._caps[n if n < self._ncaps - 1 else self._ncaps - 1]
+
+    cdef inline bint _allows(self, Py_ssize_t queued, double now_us) noexcept:
+        return self._rate_rps(now_us) <= self.max_load * self._capacity(queued)
+
+    cdef double _allowed_at(self, Py_ssize_t queued, double now_us) noexcept:
+        cdef double threshold = self.max_load * self._capacity(queued)
+        cdef double rate = self._rate_rps(now_us)
+        if rate <= threshold:
+            return now_us
+        if threshold <= 0.0:
+            return INF
+        # rate x exp(-dt / window) <= threshold; 1 us later, so that allows() holds then
+        return now_us + self.window_us * log(rate / threshold) + 1.0

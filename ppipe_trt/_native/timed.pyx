@@ -228,16 +228,16 @@ cdef class PooledWorker:
         if j.last:
             answered = pool.now()
             sink.batch_completed(job, {}, finish_us if finish_us >= answered else answered)
-            sink.stage_finished(job, start_us, finish_us)
+            pool._report(job, start_us, finish_us)
         else:
             nxt = StageJob(job.dispatch, job.stage + 1, {})
             try:
                 pool._send(nxt, finish_us)
             except PPipeError as exc:
-                sink.stage_finished(job, start_us, finish_us)
+                pool._report(job, start_us, finish_us)
                 sink.batch_failed(nxt, exc, finish_us)
                 return self._plan()
-            sink.stage_finished(job, start_us, finish_us)
+            pool._report(job, start_us, finish_us)
         return self._plan()
 
 
@@ -271,6 +271,7 @@ cdef class TimedPool:
     cdef Entry* _heap
     cdef Py_ssize_t _n, _cap
     cdef long long _seq
+    cdef object _fast            # see set_fast_finish
 
     def __cinit__(self):
         self._heap = NULL
@@ -320,6 +321,13 @@ cdef class TimedPool:
     def workers(self) -> tuple:
         return tuple(self._workers)
 
+    def set_fast_finish(self, fast) -> None:
+        """``fast(model, batch_id, stage, finish_us, now_us) -> bool`` is offered every stage
+        finish first (the loop's ``ppipe_trt._native.reservation.FinishRouter.finish``);
+        when it returns False, or without one, ``sink.stage_finished`` is called as
+        always."""
+        self._fast = fast
+
     cpdef double now(self):
         if self._c_clock:
             return c_monotonic_us()
@@ -368,6 +376,16 @@ cdef class TimedPool:
         return count
 
     # ---- internals ----------------------------------------------------------------------
+
+    cdef int _report(self, job, double start_us, double finish_us) except -1:
+        """``sink.stage_finished(job, start_us, finish_us)``, unless the fast finish took it."""
+        if self._fast is not None:
+            d = job.dispatch
+            if self._fast(d.model, d.batch_id, d.route[job.stage].stage, finish_us,
+                          self.now()):
+                return 0
+        self.sink.stage_finished(job, start_us, finish_us)
+        return 0
 
     cdef int _send(self, nxt, double now_us) except -1:
         """``transport.send(route worker, nxt, now_us)``; to a worker of this pool through

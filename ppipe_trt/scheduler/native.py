@@ -105,6 +105,14 @@ def NativeReservationScheduler() -> type:
     return mod.NativeReservationScheduler
 
 
+def finish_router(schedulers: dict, wake: dict):
+    """The compiled ``FinishRouter`` over a loop's ``schedulers`` and wake-up times (see
+    ``DecisionLoop.timed_pool``), or ``None`` where the compiled scheduler is not built (it
+    only serves compiled schedulers)."""
+    mod = _load("reservation")[0]
+    return None if mod is None else mod.FinishRouter(schedulers, wake)
+
+
 def native_status(part: str = "reservation") -> dict:
     """``{"scheduler": "compiled" | "python", "detail": why}`` for ``part`` (the key is
     ``"scheduler"`` whatever the part, for the status page's sake)."""

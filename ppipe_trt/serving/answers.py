@@ -56,7 +56,17 @@ class CallbackAnswer:
         return False
 
     def set_result(self, result: Any) -> None:
-        self._fire(result, None)
+        # _fire and _call, inline: every answered request comes here
+        if self._done:
+            raise InvalidStateError("the request was answered already")
+        self._done = True
+        if not self._armed:
+            self._loop.call_soon(self._call, result, None)
+            return
+        try:
+            self._callback(result, None)
+        except Exception:  # noqa: BLE001 - the front end's bug: not the runtime's problem
+            log.exception("answer callback failed")
 
     def set_exception(self, error: BaseException) -> None:
         self._fire(None, error)

@@ -98,8 +98,10 @@ class DecisionLoop:
         self._first_batch_id = 0   # batches with lower ids belong to an earlier plan
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
-        # the compiled timing-only workers' pool (its own timer heap), made on first use
+        # the compiled timing-only workers' pool (its own timer heap), made on first use,
+        # and the compiled router its stage finishes take first (see timed_pool)
         self._pool = None
+        self._router = None
         self._stop_timeout_s = options.stop_timeout_s
         # event-loop mode (start(event_loop)): the loop, whether a flush is scheduled, the
         # event-loop timer standing for the earliest timer or wake-up, and when it is due
@@ -133,6 +135,15 @@ class DecisionLoop:
         the loop drains with its own timers (``run_due``, ``next_due_us``)."""
         if self._pool is None:
             self._pool = make()
+            # A finish that needs no decision pass is told to its (compiled) scheduler by
+            # the router in C, as stage_finished would tell it; the rest come here.
+            from ppipe_trt.scheduler.native import finish_router
+
+            self._router = finish_router(self._schedulers, self._wake)
+            if self._router is not None:
+                self._router.first_batch_id = self._first_batch_id
+                self._router.stopping = self._stopping
+                self._pool.set_fast_finish(self._router.finish)
         return self._pool
 
     def _next_due(self) -> float:
@@ -161,6 +172,9 @@ class DecisionLoop:
         self._first_batch_id = first_batch_id
         for m in self._wake:
             self._wake[m] = None
+        if self._router is not None:
+            self._router.schedulers = schedulers
+            self._router.first_batch_id = first_batch_id
 
     def old_batches_in_flight(self) -> int:
         """Batches of earlier plans not finished yet."""
@@ -327,7 +341,12 @@ class DecisionLoop:
         up to ~1 ms late (epoll's millisecond) and, on uvloop, up to ~0.5 ms early (libuv
         rounds the delay); one that ran early finds nothing due and is set again for at least
         a millisecond, so a timer never runs before its time and the loop never spins."""
-        due = self._next_due()
+        due = self._timers[0][0] if self._timers else math.inf  # _next_due, inline
+        pool = self._pool
+        if pool is not None:
+            p = pool.next_due_us()
+            if p < due:
+                due = p
         for wake in self._wake.values():
             if wake is not None and wake < due:
                 due = wake
@@ -455,6 +474,8 @@ class DecisionLoop:
                 heapq.heappush(self._timers, (ev.time_us, next(self._timer_seq), ev.callback))
             elif kind is Stop:
                 self._stopping = True
+                if self._router is not None:
+                    self._router.stopping = True
                 self._drain(now)
                 self._finish_timers()
                 return False

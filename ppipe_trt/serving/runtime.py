@@ -41,6 +41,7 @@ import itertools
 import logging
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable, Mapping
 
@@ -300,9 +301,12 @@ class ServingRuntime:
         instead of a future, for a caller on the event loop the runtime runs on; returns
         ``False``, doing nothing, anywhere else (then use :meth:`submit_async`).  Raises
         ``ModelNotFoundError``; rejections arrive through ``answer``."""
-        if self._loop.on_event_loop is None or not self._loop.on_loop_thread():
+        loop = self._loop
+        if loop.on_event_loop is None or not loop.on_loop_thread():
             return False
-        spec = self.model(model)
+        spec = self.models.get(model)
+        if spec is None:
+            spec = self.model(model)  # raises ModelNotFoundError
         pending = PendingRequest(inputs, answer)
         with self._submit_lock:
             self._admit(model, spec, pending, timeout_us)
@@ -328,7 +332,8 @@ class ServingRuntime:
                 f"server overloaded: {self.options.max_pending} requests already in the system"))
             return
         pending.counted = True
-        now = self._clock()
+        clock = self._clock
+        now = time.monotonic_ns() / 1000.0 if clock is monotonic_us else clock()
         budget = spec.slo_us if timeout_us is None else timeout_us
         pending.deadline_us = now + budget
         # The scheduler plans against a deadline that leaves room for the hand-offs it does
@@ -389,12 +394,29 @@ class ServingRuntime:
                 for i, r in enumerate(d.requests):
                     r.payload.carried = {k: v[i:i + 1] for k, v in outputs.items()}
             return
-        requests, model, size = d.requests, d.model, d.batch_size
+        requests, model = d.requests, d.model
+        size = len(requests)
         if spec.timing_only:
             outputs = self._zero_outputs(spec, 1)
+        if size == 1:  # the common case, as below without the lists
+            r = requests[0]
+            p = r.payload
+            arrival, deadline = r.arrival_us, p.deadline_us
+            self.stats.completion(model, finish_us - arrival, finish_us <= deadline)
+            if p.counted:
+                p.counted = False
+                with self._pending_lock:
+                    self._pending -= 1
+            result = InferenceResult(r.request_id, model, outputs, arrival, finish_us,
+                                     deadline, 1)
+            fut = p.future
+            if type(fut) is Future or self._loop.on_loop_thread():
+                resolve(fut, result)
+            else:
+                self._resolve(fut, result)
+            return
+        if spec.timing_only:
             slices = [outputs] * size
-        elif size == 1:
-            slices = [outputs]
         else:
             slices = [{k: v[i:i + 1] for k, v in outputs.items()} for i in range(size)]
         pendings = [r.payload for r in requests]

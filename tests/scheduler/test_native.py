@@ -259,3 +259,95 @@ def test_a_stale_build_is_not_used(compiled, tmp_path, monkeypatch):
     status = native.native_status()
     assert status["scheduler"] == "python" and "stale build" in status["detail"]
     monkeypatch.setattr(native, "_loaded", None)   # the real source again for what follows
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_compiled_work_conserving_rule_matches_the_reference(compiled, seed):
+    """Random arrivals (some out of order, some at equal times) and queries: every answer
+    and the state equal to the bit."""
+    from ppipe_trt.scheduler.work_conserving import WorkConservingRule
+
+    plan = load_plan(DATA / "plan-g5-L4-P4.json")
+    profiles = load_profiles(default_profiles_dir(), plan.model_names)
+    rng = random.Random(seed)
+    ((scheds, _), _), _ = _pair(plan, profiles)
+    pipelines = scheds[plan.models[seed % len(plan.models)].model].pipelines
+    max_load, window = rng.choice((0.5, 0.2, 1.0)), rng.choice((100_000.0, 5_000.0))
+    ref = WorkConservingRule(pipelines, max_load, window)
+    com = compiled.NativeWorkConservingRule(pipelines, max_load, window)
+    assert com._capacity_rps == ref._capacity_rps
+    t = 0.0
+    for _ in range(3000):
+        t += rng.expovariate(1 / rng.choice((50.0, 500.0, 20_000.0)))
+        when = t - rng.choice((0.0, 0.0, 0.0, 300.0))  # now and then an earlier time
+        ref.observe(when)
+        com.observe(when)
+        assert (com._level, com._level_at_us) == (ref._level, ref._level_at_us)
+        now = t + rng.uniform(0.0, 3000.0)
+        for n in (0, 1, 2, rng.randint(3, 40)):
+            assert com.capacity_rps(n) == ref.capacity_rps(n)
+            assert com.allows(n, now) == ref.allows(n, now)
+            assert com.allowed_at(n, now) == ref.allowed_at(n, now)
+        assert com.rate_rps(now) == ref.rate_rps(now)
+
+
+@pytest.mark.parametrize("work_conserving", [True, False])
+def test_a_quiet_finish_is_what_on_stage_finished_does(compiled, work_conserving):
+    """The router's way (``FinishRouter.finish``) against ``on_stage_finished`` on twin
+    schedulers: it takes a finish only when that needs no decision pass, and then leaves the
+    scheduler as on_stage_finished would; otherwise it changes nothing."""
+    plan, profiles = toy_plan(), toy_profiles()   # batches of 4 and 2: requests queue
+    placement = place_workers(plan)
+    twins = []
+    for _ in range(2):
+        state = ClusterState(placement, 5.0, "duplex", native=True)
+        twins.append(build_schedulers(plan, profiles, placement, state=state,
+                                      hop_overhead_us=5.0,
+                                      work_conserving=work_conserving))
+    model = "toy"
+    a, b = twins[0][model], twins[1][model]
+    wake: dict = {model: "unset"}
+    router = compiled.FinishRouter({model: b}, wake)
+    rng = random.Random(7)
+    now, rid, taken, refused = 0.0, 0, 0, 0
+    flight: list = []
+    for step in range(1500):
+        now += rng.expovariate(1 / 900.0)
+        if flight and rng.random() < 0.6:
+            i = rng.randrange(len(flight))
+            bid, stage, route = flight[i]
+            finish = route[stage].finish_us + rng.choice((0.0, 0.0, -200.0, 400.0))
+            now = max(now, finish)
+            want = a.on_stage_finished(bid, stage, finish, now)
+            if router.finish(model, bid, stage, finish, now):
+                taken += 1
+                assert not want.dispatches and not want.drops
+                assert wake[model] == want.wake_at_us == b.wake_at_us
+            else:
+                refused += 1
+                got = b.on_stage_finished(bid, stage, finish, now)
+                assert canon(got) == canon(want)
+            if stage + 1 < len(route):
+                flight[i] = (bid, stage + 1, route)
+            else:
+                del flight[i]
+        else:
+            burst = []  # now and then a burst, so that requests queue
+            for _ in range(rng.choice((1, 1, 1, 12, 60))):
+                rid += 1
+                burst.append(Request(rid, model, now, now + rng.uniform(40_000.0, 90_000.0)))
+            dec_a, dec_b = a.on_arrivals(burst, now), b.on_arrivals(burst, now)
+            assert canon(dec_a) == canon(dec_b)
+            for d in dec_a.dispatches:
+                flight.append((d.batch_id, 0, d.route))
+        assert (a.queue_length, a.batches_in_flight, a.wake_at_us) == \
+            (b.queue_length, b.batches_in_flight, b.wake_at_us)
+    assert taken > 100
+    assert refused > 10
+    # a batch it does not know, a stage out of range, a later plan's older batch: refused
+    assert not router.finish(model, 10**9, 0, now, now)
+    router.first_batch_id = 10**9
+    assert not router.finish(model, 0, 0, now, now)
+    router.first_batch_id = 0
+    router.stopping = True
+    assert not router.finish(model, 0, 0, now, now)
