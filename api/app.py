@@ -11,6 +11,7 @@ over that runtime.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from contextlib import asynccontextmanager
@@ -144,6 +145,16 @@ class PPipeApp(FastAPI):
         return self.openapi_schema
 
 
+def _state_reader(state, name: str):
+    """``lambda: getattr(state, name)`` for the hot path: where starlette's ``State`` keeps its
+    attributes in a dict (``_state``, as every starlette release has), a C-level read of it
+    (the infer routes read the runtime twice per request)."""
+    store = getattr(state, "_state", None)
+    if type(store) is dict:
+        return functools.partial(store.get, name)
+    return lambda: getattr(state, name, None)
+
+
 def create_app(runtime_factory: Callable[[], ServingRuntime],
                settings: ApiSettings | None = None) -> FastAPI:
     """The app (``settings.fast_infer``: with the infer fast path in front, see
@@ -201,7 +212,8 @@ def create_app(runtime_factory: Callable[[], ServingRuntime],
     app.state.settings = settings
     app.state.runtime = None
     # What the REST routes and the gRPC front end answer from.
-    app.state.service = InferenceService(lambda: app.state.runtime, settings.answer_grace_s)
+    app.state.service = InferenceService(_state_reader(app.state, "runtime"),
+                                         settings.answer_grace_s)
     metrics = AppMetrics(lambda: app.state.runtime)
     app.state.metrics = metrics
     install_error_handlers(app)

@@ -22,6 +22,9 @@ and taken back if a job queued before that start would have been chosen instead.
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+cdef extern from "Python.h":
+    unsigned long PyThread_get_thread_ident() nogil
+
 from ppipe_trt.errors import PPipeError
 from ppipe_trt.serving.clock import monotonic_us
 from ppipe_trt.serving.handle import WorkerStats
@@ -31,6 +34,7 @@ from ppipe_trt.serving.transport import InProcessTransport, StageJob
 SOURCE_SHA256 = PPIPE_SOURCE_SHA256
 
 cdef double INF = float("inf")
+cdef object _NO_ID = object()
 
 
 cdef inline double c_monotonic_us() noexcept:
@@ -145,7 +149,7 @@ cdef class PooledWorker:
         j.batch = len(d.requests)
         j.last = stage == len(route) - 1
         self._jobs.append(j)
-        if self.pool.timers.on_loop_thread():
+        if self.pool._on_loop_thread():
             self._consider(j)
         else:  # from another thread: the loop thread considers it
             self.pool.timers.call_at(0.0, _Later(self, j))
@@ -200,8 +204,20 @@ cdef class PooledWorker:
         self._run_free_before = self._free_us
         self._free_us = finish
         self._token += 1
-        self.pool._push(finish, self.idx, self._token)
+        self.pool._push(finish, self._latest(best, finish), self.idx, self._token)
         return 0
+
+    cdef double _latest(self, _Job j, double finish) except? -1.0:
+        """How late the finish of ``j`` at ``finish`` may be handled without changing what
+        follows from it (see :meth:`TimedPool.next_wake_us`): a route's last stage answers,
+        so at its time; an earlier stage hands its batch to a worker of this pool, whose
+        emulated finish is at least the pool's shortest hold later, so up to that."""
+        if j.last or not self.pool._inproc:
+            return finish
+        d = j.job.dispatch
+        if d.route[j.job.stage + 1].worker_id not in self.pool._wids:
+            return finish
+        return finish + self.pool._min_hold
 
     cdef double _hold_us(self, int batch) except? -1.0:
         if 1 <= batch <= self._max_batch:
@@ -268,16 +284,22 @@ cdef class TimedPool:
     cdef bint _inproc
     cdef bint _emulate_links
     cdef list _workers
-    cdef Entry* _heap
+    cdef Entry* _heap            # committed batches' finishes, by time
     cdef Py_ssize_t _n, _cap
+    cdef Entry* _heap2           # the same, by how late each may be handled (next_wake_us)
+    cdef Py_ssize_t _n2, _cap2
     cdef long long _seq
     cdef object _fast            # see set_fast_finish
+    cdef set _wids               # this pool's worker ids
+    cdef double _min_hold        # the shortest hold of any worker (any batch)
 
     def __cinit__(self):
         self._heap = NULL
+        self._heap2 = NULL
 
     def __dealloc__(self):
         PyMem_Free(self._heap)
+        PyMem_Free(self._heap2)
 
     def __init__(self, transport, sink, timers, clock=monotonic_us):
         self.transport = transport
@@ -288,11 +310,14 @@ cdef class TimedPool:
         self._inproc = type(transport) is InProcessTransport
         self._emulate_links = bool(getattr(transport, "emulate_links", False))
         self._workers = []
-        self._cap = 64
-        self._n = 0
+        self._wids = set()
+        self._min_hold = 0.0
+        self._cap = self._cap2 = 64
+        self._n = self._n2 = 0
         self._seq = 0
         self._heap = <Entry*>PyMem_Malloc(self._cap * sizeof(Entry))
-        if self._heap == NULL:
+        self._heap2 = <Entry*>PyMem_Malloc(self._cap2 * sizeof(Entry))
+        if self._heap == NULL or self._heap2 == NULL:
             raise MemoryError()
 
     def add(self, info, emulation) -> PooledWorker:
@@ -309,6 +334,11 @@ cdef class TimedPool:
             raise MemoryError()
         for i, v in enumerate(table):
             w._hold[i] = v
+        holds = [float(v) for v in table]
+        shortest = min(holds) if holds else 0.0
+        if not self._workers or shortest < self._min_hold:
+            self._min_hold = max(0.0, shortest)
+        self._wids.add(info.worker_id)
         w._jobs = []
         w._run = None
         w._token = 0
@@ -345,6 +375,23 @@ cdef class TimedPool:
             self._pop()   # taken back, or its worker stopped
         return INF
 
+    cpdef double next_wake_us(self):
+        """By when the loop must run :meth:`run_due` so that nothing that follows from a
+        finish is late (INF: nothing committed): the earliest of the last stages' finishes
+        and, for a batch that goes on to another stage of this pool, its finish plus the
+        pool's shortest hold (the next stage cannot finish sooner).  The loop wakes up then
+        when no scheduler waits for a finish (nothing queued); it runs what is due whenever
+        it wakes up anyway."""
+        cdef Entry* top
+        cdef PooledWorker w
+        while self._n2:
+            top = &self._heap2[0]
+            w = <PooledWorker>self._workers[top.w]
+            if top.tok == w._token and w._run is not None:
+                return top.t
+            _heap_pop(self._heap2, &self._n2)   # finished, taken back, or its worker stopped
+        return INF
+
     cpdef int drain(self, double now) except -1:
         """:meth:`run_due` at ``now``; then, while the next finish has come due meanwhile
         (the clock read again), that too: the loop's rule for its own timers.  Returns how
@@ -377,6 +424,14 @@ cdef class TimedPool:
 
     # ---- internals ----------------------------------------------------------------------
 
+    cdef bint _on_loop_thread(self) except -1:
+        """``timers.on_loop_thread()``; the runtime loop's ``thread_id`` read instead where it
+        has one (no Python call)."""
+        tid = getattr(self.timers, "thread_id", _NO_ID)
+        if tid is _NO_ID:
+            return self.timers.on_loop_thread()
+        return tid is not None and PyThread_get_thread_ident() == <unsigned long>tid
+
     cdef int _report(self, job, double start_us, double finish_us) except -1:
         """``sink.stage_finished(job, start_us, finish_us)``, unless the fast finish took it."""
         if self._fast is not None:
@@ -408,52 +463,66 @@ cdef class TimedPool:
         self.transport.send(wid, nxt, now_us)
         return 0
 
-    cdef int _push(self, double t, int w, long long tok) except -1:
-        cdef Py_ssize_t i, parent
+    cdef int _push(self, double t, double latest, int w, long long tok) except -1:
         cdef Entry e
-        cdef Entry* grown
-        if self._n == self._cap:
-            grown = <Entry*>PyMem_Realloc(self._heap, 2 * self._cap * sizeof(Entry))
-            if grown == NULL:
-                raise MemoryError()
-            self._heap = grown
-            self._cap *= 2
-        e.t = t
         e.seq = self._seq
         e.w = w
         e.tok = tok
         self._seq += 1
-        i = self._n
-        self._n += 1
-        while i > 0:
-            parent = (i - 1) >> 1
-            if _less(&e, &self._heap[parent]):
-                self._heap[i] = self._heap[parent]
-                i = parent
-            else:
-                break
-        self._heap[i] = e
+        e.t = t
+        _heap_push(&self._heap, &self._n, &self._cap, e)
+        e.t = latest
+        _heap_push(&self._heap2, &self._n2, &self._cap2, e)
         return 0
 
     cdef void _pop(self) noexcept:
-        cdef Py_ssize_t i = 0, c, n
-        self._n -= 1
-        n = self._n
-        if n == 0:
-            return
-        cdef Entry last = self._heap[n]
-        while True:
-            c = 2 * i + 1
-            if c >= n:
-                break
-            if c + 1 < n and _less(&self._heap[c + 1], &self._heap[c]):
-                c += 1
-            if _less(&self._heap[c], &last):
-                self._heap[i] = self._heap[c]
-                i = c
-            else:
-                break
-        self._heap[i] = last
+        _heap_pop(self._heap, &self._n)
+
+
+cdef int _heap_push(Entry** hp, Py_ssize_t* n, Py_ssize_t* cap, Entry e) except -1:
+    """Push ``e`` on the binary heap ``hp[0]`` of ``n[0]`` entries (grown as needed)."""
+    cdef Py_ssize_t i, parent
+    cdef Entry* grown
+    cdef Entry* heap = hp[0]
+    if n[0] == cap[0]:
+        grown = <Entry*>PyMem_Realloc(heap, 2 * cap[0] * sizeof(Entry))
+        if grown == NULL:
+            raise MemoryError()
+        hp[0] = heap = grown
+        cap[0] *= 2
+    i = n[0]
+    n[0] += 1
+    while i > 0:
+        parent = (i - 1) >> 1
+        if _less(&e, &heap[parent]):
+            heap[i] = heap[parent]
+            i = parent
+        else:
+            break
+    heap[i] = e
+    return 0
+
+
+cdef void _heap_pop(Entry* heap, Py_ssize_t* np) noexcept:
+    """Remove the top of a binary heap of ``np[0]`` entries."""
+    cdef Py_ssize_t i = 0, c, n
+    np[0] -= 1
+    n = np[0]
+    if n == 0:
+        return
+    cdef Entry last = heap[n]
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and _less(&heap[c + 1], &heap[c]):
+            c += 1
+        if _less(&heap[c], &last):
+            heap[i] = heap[c]
+            i = c
+        else:
+            break
+    heap[i] = last
 
 
 cdef inline bint _less(Entry* a, Entry* b) noexcept:

@@ -302,7 +302,7 @@ class ServingRuntime:
         ``False``, doing nothing, anywhere else (then use :meth:`submit_async`).  Raises
         ``ModelNotFoundError``; rejections arrive through ``answer``."""
         loop = self._loop
-        if loop.on_event_loop is None or not loop.on_loop_thread():
+        if loop.on_event_loop is None or threading.get_ident() != loop.thread_id:
             return False
         spec = self.models.get(model)
         if spec is None:
@@ -410,7 +410,7 @@ class ServingRuntime:
             result = InferenceResult(r.request_id, model, outputs, arrival, finish_us,
                                      deadline, 1)
             fut = p.future
-            if type(fut) is Future or self._loop.on_loop_thread():
+            if type(fut) is Future or threading.get_ident() == self._loop.thread_id:
                 resolve(fut, result)
             else:
                 self._resolve(fut, result)
