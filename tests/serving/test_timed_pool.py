@@ -277,3 +277,117 @@ def test_ppipe_native_chooses_the_compiled_parts_one_by_one(timed, monkeypatch):
     assert native.implementation().startswith("reservation (Python reference: PPIPE_NATIVE=")
     monkeypatch.setenv("PPIPE_NATIVE", "0")
     assert native.native_module("timed") is None and native.native_module() is None
+
+
+def test_a_finish_a_later_stage_follows_may_be_heard_later(timed):
+    """``next_wake_us``: a last stage's finish at its time; an earlier stage's, whose next
+    stage runs on a worker of the pool, up to the pool's shortest hold later (that stage
+    cannot finish sooner); to a worker elsewhere, at its time.  ``next_due_us`` is
+    unchanged, and a finish handled late hands its batch on at its emulated time."""
+    now = [0.0]
+    transport = InProcessTransport()
+    sink = _Log()
+    pool = timed.TimedPool(transport, sink, _FakeTimers(), lambda: now[0])
+    timings = [EmulatedTiming("m", "T4", 1, 0, 0, (h,)) for h in (3_000.0, 5_000.0)]
+    workers = [pool.add(WorkerSlot(w, "m", 0, w, "T4"), t) for w, t in enumerate(timings)]
+    for w in workers:
+        w.start()
+    elsewhere: list = []
+    transport.register(7, elsewhere.append)        # a worker of no pool
+
+    def send(bid, wids):
+        route = tuple(StageReservation(s, wid, 0.0, 1.0, 0.0, 0.0)
+                      for s, wid in enumerate(wids))
+        d = Dispatch(bid, "m", 0, (Request(bid, "m", 0.0, 1e9),), route)
+        transport.send(wids[0], StageJob(d, 0, {}, not_before_us=0.0), 0.0)
+
+    send(1, (0, 1))                                 # stage 0 on worker 0 (3 ms), then 1
+    assert pool.next_due_us() == 3_000.0
+    assert pool.next_wake_us() == 3_000.0 + 3_000.0   # + the shortest hold (3 ms)
+    now[0] = 5_500.0                                # heard late, before the limit
+    assert pool.run_due(now[0]) == 1
+    # stage 1 started at the emulated 3 ms, not when heard: its finish is at 8 ms, last
+    assert pool.next_due_us() == pool.next_wake_us() == 3_000.0 + 5_000.0
+    now[0] = 8_000.0
+    assert pool.run_due(now[0]) == 1
+    assert [e[0] for e in sink.events] == ["finished", "completed", "finished"]
+    assert sink.events[1][3] == 8_000.0
+    assert pool.next_due_us() == pool.next_wake_us() == float("inf")
+    send(2, (0, 7))                                 # its next stage is no pool's
+    # (worker 0 is free from 3 ms on its own timeline)
+    assert pool.next_wake_us() == pool.next_due_us() == 3_000.0 + 3_000.0
+
+
+def test_the_loop_waits_for_quiet_finishes_only_while_nothing_is_queued(timed):
+    """On an event loop, the loop's timer is set for the pool's ``next_wake_us`` while no
+    scheduler holds a request, for its ``next_due_us`` while one does (a finish may let it
+    dispatch), and for ``next_due_us`` while an earlier plan still has batches."""
+    import asyncio
+
+    class Pool:
+        def next_due_us(self):
+            return base + 5_000.0
+
+        def next_wake_us(self):
+            return base + 9_000.0
+
+    class Sched:
+        queue_length = 0
+
+    sched = Sched()
+    base = monotonic_us()
+
+    async def armed_at(queued: int, old: bool) -> float:
+        loop = DecisionLoop({"m": sched}, ["m"], host=None, clock=monotonic_us,
+                            options=RuntimeOptions())
+        loop.start(asyncio.get_running_loop())
+        loop._pool = Pool()
+        sched.queue_length = queued
+        if old:
+            loop._old = [(0, {"m": Sched()})]
+        loop._arm()
+        at = loop._armed_us
+        loop._end()
+        return at
+
+    def grid(t):  # the loop's millisecond grid
+        return -(-t // 1000.0) * 1000.0
+
+    assert asyncio.run(armed_at(0, False)) == grid(base + 9_000.0)
+    assert asyncio.run(armed_at(3, False)) == grid(base + 5_000.0)
+    assert asyncio.run(armed_at(0, True)) == grid(base + 5_000.0)
+
+
+def test_an_emulated_plan_at_low_load_on_an_event_loop(timed, shared_profiles,
+                                                       profiles_dir):
+    """Two-stage routes, requests a few milliseconds apart, on an event loop (first
+    stages' finishes heard on the wake-ups that come anyway): every request answered no
+    sooner than its pipeline's latency and within its deadline."""
+    import asyncio
+
+    from ppipe_trt.cluster import load_paper_setting
+    from ppipe_trt.serving.assembly import RuntimeOptions as RO, build_runtime
+    from ppipe_trt.serving.local import emulated_plan
+
+    models = ["googlenet-v3-pytorch", "repvgg-b3"]
+    plan = emulated_plan(shared_profiles, load_paper_setting(profiles_dir).cluster("L4-T4"),
+                         models)
+    rt = build_runtime(plan, shared_profiles, {}, RO(hop_overhead_us=50.0))
+
+    async def serve():
+        rt.start(asyncio.get_running_loop())
+        try:
+            futs = []
+            for _ in range(60):
+                for m in models:
+                    futs.append(rt.submit_async(m, None, None))
+                await asyncio.sleep(0.004)
+            return await asyncio.gather(*futs)
+        finally:
+            rt.stop()
+
+    results = asyncio.run(serve())
+    assert len(results) == 120 and all(r.met_deadline for r in results)
+    assert any(len(p.stages) > 1 for m in models for p in plan.model(m).pipelines)
+    for r in results:
+        assert r.latency_us >= 0.9 * min(p.latency_us for p in plan.model(r.model).pipelines)
