@@ -467,7 +467,7 @@ class DecisionLoop:
                 j = i + 1
                 while j < n and type(events[j]) is Arrive and events[j].request.model == model:
                     j += 1
-                requests = [e.request for e in events[i:j]]
+                requests = [ev.request] if j == i + 1 else [e.request for e in events[i:j]]
                 i = j
                 try:
                     decisions = self._schedulers[model].on_arrivals(requests, now)

@@ -495,7 +495,7 @@ class ServingRuntime:
             for name in names:
                 parts = [src[name] for src in sources]
                 tensors[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self.stats.batch(d.model, d.batch_size)
+        self.stats.batch(d.model, len(d.requests))
         with self._inflight_lock:
             self._inflight[(d.model, d.batch_id)] = d
         job = StageJob(d, 0, tensors, not_before_us=d.route[0].start_us)
