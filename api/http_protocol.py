@@ -228,7 +228,7 @@ class InferHttpProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
                     return self._fail(exchange, exc)
                 self._write(exchange, 200, payload, lines)
 
-            fast.service.infer_soon(model, parsed, done)
+            fast.service.infer_soon(model, parsed, done, self.loop)
         except Exception as exc:  # noqa: BLE001 - a domain error, else 500 (see _fail)
             self._fail(exchange, exc)
 

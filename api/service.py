@@ -332,21 +332,25 @@ class InferenceService:
         return self._outcome(model, parsed, answer)
 
     def infer_soon(self, model: ServedModel, parsed: ParsedInfer,
-                   done: Callable[[InferOutcome | None, BaseException | None], None]) -> None:
+                   done: Callable[[InferOutcome | None, BaseException | None], None],
+                   loop: asyncio.AbstractEventLoop | None = None) -> None:
         """:meth:`infer` without a coroutine, for a caller on the event loop that answers
         from a callback (the HTTP protocol's fast path, :mod:`api.http_protocol`): submits
         now, then calls ``done(outcome, None)`` or ``done(None, error)`` exactly once, on the
         event loop, with what :meth:`infer` would have returned or raised (the same guard
         against a missing answer).  Raises at once what :meth:`infer` raises before it waits
-        (not ready, not found)."""
+        (not ready, not found).  ``loop``: the running event loop, when the caller has it at
+        hand (``asyncio.get_running_loop`` costs a ``getpid`` system call)."""
+        if loop is None:
+            loop = asyncio.get_running_loop()
         if parsed.batch_size == 1:
             rt = self.runtime()
             submit_answer = getattr(rt, "submit_answer", None)
             if submit_answer is not None:
-                if self._infer_by_callback(submit_answer, model, parsed, done):
+                if self._infer_by_callback(submit_answer, model, parsed, done, loop):
                     return
         waiter, budget_s = self._submit(model, parsed)
-        watch = self._guard().watch(waiter, budget_s)
+        watch = self._guard(loop).watch(waiter, budget_s)
 
         def finished(fut: asyncio.Future) -> None:
             watch[1] = None  # AnswerGuard.release
@@ -366,8 +370,8 @@ class InferenceService:
         waiter.add_done_callback(finished)
 
     def _infer_by_callback(self, submit_answer, model: ServedModel, parsed: ParsedInfer,
-                           done: Callable[[InferOutcome | None, BaseException | None], None]
-                           ) -> bool:
+                           done: Callable[[InferOutcome | None, BaseException | None], None],
+                           loop: asyncio.AbstractEventLoop) -> bool:
         """:meth:`infer_soon` of one sample on a runtime that runs on this event loop: the
         runtime calls back when it answers (no future); False when it does not run here."""
         budget_s = (parsed.timeout_us if parsed.timeout_us is not None
@@ -386,16 +390,17 @@ class InferenceService:
                 return done(None, exc)
             done(outcome, None)
 
-        answer = CallbackAnswer(answered, asyncio.get_running_loop())
+        answer = CallbackAnswer(answered, loop)
         if not submit_answer(model.name, parsed.inputs, parsed.timeout_us, answer):
             return False
-        watch = self._guard().watch(answer, budget_s)
+        watch = self._guard(loop).watch(answer, budget_s)
         answer.arm()
         return True
 
-    def _guard(self) -> AnswerGuard:
-        """The answer guard of the running event loop."""
-        loop = asyncio.get_running_loop()
+    def _guard(self, loop: asyncio.AbstractEventLoop | None = None) -> AnswerGuard:
+        """The answer guard of the running event loop (``loop``, when given)."""
+        if loop is None:
+            loop = asyncio.get_running_loop()
         guard = self._guards.get(loop)
         if guard is None:
             for other in [o for o in self._guards if o.is_closed()]:
