@@ -365,15 +365,7 @@ cdef class TimedPool:
 
     cpdef double next_due_us(self):
         """When the earliest committed batch finishes (INF: none)."""
-        cdef Entry* top
-        cdef PooledWorker w
-        while self._n:
-            top = &self._heap[0]
-            w = <PooledWorker>self._workers[top.w]
-            if top.tok == w._token and w._run is not None:
-                return top.t
-            self._pop()   # taken back, or its worker stopped
-        return INF
+        return self._top(self._heap, &self._n)
 
     cpdef double next_wake_us(self):
         """By when the loop must run :meth:`run_due` so that nothing that follows from a
@@ -382,14 +374,17 @@ cdef class TimedPool:
         pool's shortest hold (the next stage cannot finish sooner).  The loop wakes up then
         when no scheduler waits for a finish (nothing queued); it runs what is due whenever
         it wakes up anyway."""
-        cdef Entry* top
+        return self._top(self._heap2, &self._n2)
+
+    cdef double _top(self, Entry* heap, Py_ssize_t* n) noexcept:
+        """The time of the first entry of ``heap`` whose batch is still committed, those
+        before it dropped (finished, taken back, or their worker stopped); INF: none."""
         cdef PooledWorker w
-        while self._n2:
-            top = &self._heap2[0]
-            w = <PooledWorker>self._workers[top.w]
-            if top.tok == w._token and w._run is not None:
-                return top.t
-            _heap_pop(self._heap2, &self._n2)   # finished, taken back, or its worker stopped
+        while n[0]:
+            w = <PooledWorker>self._workers[heap[0].w]
+            if heap[0].tok == w._token and w._run is not None:
+                return heap[0].t
+            _heap_pop(heap, n)
         return INF
 
     cpdef int drain(self, double now) except -1:
