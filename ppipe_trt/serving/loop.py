@@ -372,13 +372,17 @@ class DecisionLoop:
         # wake-up of the event loop (a timing-only worker's emulated GPU keeps its own
         # timeline, so this delays when it is told, not what it emulates).
         due = math.ceil(due / EVENT_LOOP_TICK_US) * EVENT_LOOP_TICK_US
-        delay_s = (due - self._clock()) / 1e6
+        delay_us = due - self._clock()
         self._armed_us = due
-        if delay_s <= 0.0:
+        if delay_us <= 0.0:
             self._timer_handle = self._aloop.call_soon(self._on_timer)
         else:
-            if self._fired_early:
-                delay_s = max(delay_s, 0.001)
+            # A whole number of milliseconds, rounded up: libuv (uvloop) rounds a delay to
+            # the nearest millisecond, so 1.4 ms would fire 0.4 ms early and 0.4 ms at once
+            # (half of all wake-ups were such spare ones, measured at 2,300 req/s).
+            delay_s = math.ceil(delay_us / 1000.0) / 1000.0
+            if self._fired_early and delay_s < 0.001:
+                delay_s = 0.001
             self._timer_handle = self._aloop.call_later(delay_s, self._on_timer)
 
     def _end(self) -> None:

@@ -24,8 +24,8 @@ from tests.serving.test_serving_transport_worker import _Sink, _send_three_out_o
 class _EventLoopThread:
     """An asyncio event loop running in a thread of its own (as uvicorn's would)."""
 
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        self.loop = loop or asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def __enter__(self):
@@ -79,6 +79,44 @@ def test_event_loop_timers_never_run_early_and_run_in_order():
         assert done.wait(5)
         assert [i for i, _, _ in ran] == [1, 5, 2, 3, 0, 4]  # by due time, ties as set
         assert all(at >= due for _, due, at in ran)          # never early
+        loop.post(Stop())
+        loop.join(5)
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_the_loop_wakes_once_per_timer_not_early(kind):
+    """The event-loop timer standing for the loop's next timer is set for a whole number of
+    milliseconds: libuv rounds a delay to the nearest millisecond, so a delay of 1.4 ms
+    would wake the loop 0.4 ms early for nothing (then again for the timer), and one of
+    0.4 ms at once.  Timers spread over the millisecond grid each cost one wake-up."""
+    new_loop = (pytest.importorskip("uvloop").new_event_loop if kind == "uvloop"
+                else asyncio.new_event_loop)
+    with _EventLoopThread(new_loop()) as ev:
+        loop = DecisionLoop({}, [], host=None, clock=monotonic_us, options=RuntimeOptions())
+        ev.call(lambda: loop.start(ev.loop))
+        wakes = {"early": 0, "all": 0}
+        on_timer = loop._on_timer
+
+        def counted():
+            wakes["all"] += 1
+            wakes["early"] += monotonic_us() < loop._armed_us
+            on_timer()
+        loop._on_timer = counted
+        done = threading.Event()
+        ran: list[tuple[float, float]] = []
+        n = 40
+
+        def next_timer():
+            # each set from the previous one's callback, 1.1 .. 1.9 ms ahead of now
+            now = monotonic_us()
+            due = now + 1_100.0 + 800.0 * (len(ran) % 9) / 8
+            loop.call_at(due, lambda: (ran.append((due, monotonic_us())),
+                                      next_timer() if len(ran) < n else done.set()))
+        ev.call(next_timer)
+        assert done.wait(10)
+        assert all(at >= due for due, at in ran)  # never early
+        # one wake-up each (a rare early one: libuv's clock may lag by up to a millisecond)
+        assert wakes["early"] <= n // 10, wakes
         loop.post(Stop())
         loop.join(5)
 
