@@ -111,7 +111,6 @@ class DecisionLoop:
         self._timer_handle: asyncio.Handle | None = None
         self._armed_us = math.inf
         self._in_turn = False
-        self._fired_early = False
         self._stopping = False
         self._ended = threading.Event()
         self._over = False  # _ended is set (a plain read for the hot paths)
@@ -296,12 +295,10 @@ class DecisionLoop:
         self._turn(events)
 
     def _on_timer(self) -> None:
-        self._fired_early = self._clock() < self._armed_us
         self._timer_handle = None
         self._armed_us = math.inf
         if not self._over:
             self._turn([])
-        self._fired_early = False
 
     def _turn(self, events: list[LoopEvent]) -> None:
         """Handle ``events``, the due wake-ups and timers, then what those posted (a stage
@@ -379,10 +376,9 @@ class DecisionLoop:
         else:
             # A whole number of milliseconds, rounded up: libuv (uvloop) rounds a delay to
             # the nearest millisecond, so 1.4 ms would fire 0.4 ms early and 0.4 ms at once
-            # (half of all wake-ups were such spare ones, measured at 2,300 req/s).
+            # (half of all wake-ups were such spare ones, measured at 2,300 req/s).  At least
+            # 1 ms: one that still ran early (libuv's clock lags) is not set at once again.
             delay_s = math.ceil(delay_us / 1000.0) / 1000.0
-            if self._fired_early and delay_s < 0.001:
-                delay_s = 0.001
             self._timer_handle = self._aloop.call_later(delay_s, self._on_timer)
 
     def _end(self) -> None:
