@@ -66,7 +66,8 @@ cdef class PooledWorker:
 
     cdef public object info      # (a plan swap that keeps the worker gives it its new slot)
     cdef readonly TimedPool pool
-    cdef int idx
+    cdef int idx                 # its place in the pool (-1: released, see TimedPool._release)
+    cdef double _shortest        # its shortest hold (any batch)
     cdef object _emulation
     cdef double* _hold
     cdef int _max_batch
@@ -105,14 +106,18 @@ cdef class PooledWorker:
         self._started_us = self.pool.now()
 
     def stop(self, timeout_s=5.0) -> list:
-        """Stop taking jobs; returns those that never started (the runtime fails them)."""
+        """Stop taking jobs; returns those that never started (the runtime fails them).
+        The pool lets go of the worker once it has no batch left (at once, or when the one
+        it runs finishes)."""
         self._stopping = True
         left = [(<_Job>j).job for j in self._jobs]
         self._jobs = []
         if self._run is not None and self._run_start > self.pool.now():
             left.append(self._run.job)  # committed, not started yet: never started
             self._run = None
-            self._token += 1
+            self._token = self.pool._new_token()
+        if self._run is None:
+            self.pool._release(self)
         return left
 
     def submit(self, job) -> None:
@@ -167,7 +172,7 @@ cdef class PooledWorker:
                 self._jobs.append(self._run)   # its heap entry is stale from now on
                 self._free_us = self._run_free_before
                 self._run = None
-                self._token += 1
+                self._token = self.pool._new_token()
         return self._plan()
 
     cdef int _plan(self) except -1:
@@ -203,7 +208,7 @@ cdef class PooledWorker:
         self._run_finish = finish
         self._run_free_before = self._free_us
         self._free_us = finish
-        self._token += 1
+        self._token = self.pool._new_token()
         self.pool._push(finish, self._latest(best, finish), self.idx, self._token)
         return 0
 
@@ -252,9 +257,16 @@ cdef class PooledWorker:
             except PPipeError as exc:
                 pool._report(job, start_us, finish_us)
                 sink.batch_failed(nxt, exc, finish_us)
-                return self._plan()
+                return self._next()
             pool._report(job, start_us, finish_us)
-        return self._plan()
+        return self._next()
+
+    cdef int _next(self) except -1:
+        """After a finish: plan the next batch; a stopped worker is let go of (it has none)."""
+        self._plan()
+        if self._stopping and self._run is None:
+            self.pool._release(self)
+        return 0
 
 
 cdef class _Later:
@@ -292,6 +304,8 @@ cdef class TimedPool:
     cdef object _fast            # see set_fast_finish
     cdef set _wids               # this pool's worker ids
     cdef double _min_hold        # the shortest hold of any worker (any batch)
+    cdef list _free              # places in _workers of workers let go of, to reuse
+    cdef long long _tokens       # the last token given (unique in the pool: see _new_token)
 
     def __cinit__(self):
         self._heap = NULL
@@ -312,6 +326,8 @@ cdef class TimedPool:
         self._workers = []
         self._wids = set()
         self._min_hold = 0.0
+        self._free = []
+        self._tokens = 0
         self._cap = self._cap2 = 64
         self._n = self._n2 = 0
         self._seq = 0
@@ -325,7 +341,6 @@ cdef class TimedPool:
         cdef PooledWorker w = PooledWorker.__new__(PooledWorker)
         w.info = info
         w.pool = self
-        w.idx = len(self._workers)
         w._emulation = emulation
         table = emulation.latency_us
         w._max_batch = len(table)
@@ -335,21 +350,27 @@ cdef class TimedPool:
         for i, v in enumerate(table):
             w._hold[i] = v
         holds = [float(v) for v in table]
-        shortest = min(holds) if holds else 0.0
-        if not self._workers or shortest < self._min_hold:
-            self._min_hold = max(0.0, shortest)
+        w._shortest = max(0.0, min(holds)) if holds else 0.0
+        if not self._wids or w._shortest < self._min_hold:
+            self._min_hold = w._shortest
         self._wids.add(info.worker_id)
         w._jobs = []
         w._run = None
-        w._token = 0
+        w._token = self._new_token()
         w._free_us = 0.0
         w._stopping = False
-        self._workers.append(w)
+        if self._free:
+            w.idx = self._free.pop()
+            self._workers[w.idx] = w
+        else:
+            w.idx = len(self._workers)
+            self._workers.append(w)
         return w
 
     @property
     def workers(self) -> tuple:
-        return tuple(self._workers)
+        """The pool's workers, those stopped and let go of left out."""
+        return tuple(w for w in self._workers if w is not None)
 
     def set_fast_finish(self, fast) -> None:
         """``fast(model, batch_id, stage, finish_us, now_us) -> bool`` is offered every stage
@@ -380,10 +401,13 @@ cdef class TimedPool:
         """The time of the first entry of ``heap`` whose batch is still committed, those
         before it dropped (finished, taken back, or their worker stopped); INF: none."""
         cdef PooledWorker w
+        cdef object o
         while n[0]:
-            w = <PooledWorker>self._workers[heap[0].w]
-            if heap[0].tok == w._token and w._run is not None:
-                return heap[0].t
+            o = self._workers[heap[0].w]
+            if o is not None:
+                w = <PooledWorker>o
+                if heap[0].tok == w._token and w._run is not None:
+                    return heap[0].t
             _heap_pop(heap, n)
         return INF
 
@@ -418,6 +442,32 @@ cdef class TimedPool:
         return count
 
     # ---- internals ----------------------------------------------------------------------
+
+    cdef long long _new_token(self) noexcept:
+        """A token no worker of the pool had before: a heap entry of a worker let go of
+        can never match the worker that takes its place."""
+        self._tokens += 1
+        return self._tokens
+
+    cdef int _release(self, PooledWorker w) except -1:
+        """Let go of a stopped worker that has no batch: its place is reused by the next
+        :meth:`add` (a re-plan retires and adds workers; the pool does not grow with them),
+        its heap entries are dropped when they come up, its id and hold no longer count."""
+        if w.idx < 0 or self._workers[w.idx] is not w:
+            return 0
+        self._workers[w.idx] = None
+        self._free.append(w.idx)
+        w.idx = -1
+        cdef PooledWorker x
+        self._wids = set()
+        self._min_hold = 0.0
+        for o in self._workers:
+            if o is not None:
+                x = <PooledWorker>o
+                if not self._wids or x._shortest < self._min_hold:
+                    self._min_hold = x._shortest
+                self._wids.add(x.info.worker_id)
+        return 0
 
     cdef bint _on_loop_thread(self) except -1:
         """``timers.on_loop_thread()``; the runtime loop's ``thread_id`` read instead where it

@@ -272,6 +272,7 @@ def retire_drained(rt: "ServingRuntime", now: float) -> None:
         return
     for w in leaving:
         rt.unregister_worker(w.worker_id)
+        rt.transport.unregister(w.worker_id)
     threaded = [w for w in leaving if not getattr(w, "threadless", False)]
     for w in leaving:
         if getattr(w, "threadless", False):

@@ -60,6 +60,11 @@ class Transport(ABC):
     def send(self, worker_id: int, job: StageJob, now_us: float) -> None:
         """Hand ``job`` to ``worker_id``.  ``now_us`` is the sender's clock at hand-off."""
 
+    def unregister(self, worker_id: int) -> None:
+        """Forget ``worker_id`` (a worker a plan swap retired): later sends to it raise, and
+        the transport no longer holds the worker.  A transport that holds nothing per worker
+        has nothing to do."""
+
     def close(self) -> None:
         """Release links; later ``send`` calls raise :class:`TransportError`."""
 
@@ -81,6 +86,10 @@ class InProcessTransport(Transport):
     def register(self, worker_id: int, deliver: Callable[[StageJob], None]) -> None:
         with self._lock:
             self._deliver[worker_id] = deliver
+
+    def unregister(self, worker_id: int) -> None:
+        with self._lock:
+            self._deliver.pop(worker_id, None)
 
     def send(self, worker_id: int, job: StageJob, now_us: float) -> None:
         deliver = self._deliver.get(worker_id)

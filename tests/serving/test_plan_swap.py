@@ -114,6 +114,40 @@ def test_swap_under_load_answers_everything_and_retires_workers(shared_profiles,
         rt.stop()
 
 
+def test_repeated_swaps_do_not_grow_the_runtime(shared_profiles, plans):
+    """A server that re-plans all day must not keep what each plan retired: after every
+    swap (back and forth between two plans, under load) the runtime, the transport and the
+    compiled timing-only pool hold the workers of the plan in force and no others."""
+    from ppipe_trt.serving.assembly import build_runtime
+
+    first, second = plans
+    rt = build_runtime(first, shared_profiles, {}, RuntimeOptions(hop_overhead_us=50.0))
+    rt.start()
+    try:
+        retired: set[int] = set()
+        for k, plan in enumerate([second, first, second, first]):
+            futures = [rt.submit(m, None) for _ in range(5) for m in MODELS]
+            report = rt.swap_plan(plan, f"swap {k}")
+            futures += [rt.submit(m, None) for _ in range(5) for m in MODELS]
+            errors = [f.exception(10) for f in futures]     # every request is answered
+            assert errors.count(None) >= len(futures) // 2, errors
+            deadline = time.monotonic() + 5
+            in_force = set(rt.generation.placement.worker_ids)
+            while ({w.worker_id for w in rt.workers} != in_force
+                   and time.monotonic() < deadline):
+                time.sleep(0.02)
+            retired |= set(report.retired)
+            assert {w.worker_id for w in rt.workers} == in_force
+            assert all(rt.transport.receiver(w) is None for w in retired)
+            assert all(rt.transport.receiver(w) is not None for w in in_force)
+            pool = rt.decision_loop._pool     # the compiled workers, where built
+            if pool is not None:
+                assert {w.worker_id for w in pool.workers} == in_force
+        assert retired and rt.generation.number == 4
+    finally:
+        rt.stop()
+
+
 def test_queued_requests_move_with_their_deadlines(shared_profiles, plans):
     """Requests still queued at the switch are handed to the new plan's scheduler with
     their original deadlines and answered there."""

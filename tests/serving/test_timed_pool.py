@@ -318,6 +318,58 @@ def test_a_finish_a_later_stage_follows_may_be_heard_later(timed):
     assert pool.next_wake_us() == pool.next_due_us() == 3_000.0 + 3_000.0
 
 
+def test_a_stopped_worker_is_let_go_of_and_its_place_taken(timed):
+    """Plan swaps retire workers and add others, so the pool must not grow with them: it
+    lets go of a stopped worker once that has no batch (at stop, or when the batch it runs
+    finishes), a new worker takes its place, a heap entry left from the place's old worker
+    never fires for the newcomer, and the shortest hold is the live workers' (see
+    ``next_wake_us``)."""
+    now = [0.0]
+    transport = InProcessTransport()
+    sink = _Log()
+    pool = timed.TimedPool(transport, sink, _FakeTimers(), lambda: now[0])
+
+    def add(wid, hold):
+        w = pool.add(WorkerSlot(wid, "m", 0, wid, "T4"),
+                     EmulatedTiming("m", "T4", 1, 0, 0, (hold,)))
+        w.start()
+        return w
+
+    def send(bid, wids, start):
+        route = tuple(StageReservation(s, wid, start, start + 1.0, 0.0, 0.0)
+                      for s, wid in enumerate(wids))
+        d = Dispatch(bid, "m", 0, (Request(bid, "m", 0.0, 1e9),), route)
+        transport.send(wids[0], StageJob(d, 0, {}, not_before_us=0.0), now[0])
+
+    w0, w1, w2 = add(0, 1_000.0), add(1, 5_000.0), add(2, 4_000.0)
+    send(1, (0,), 500.0)                  # committed on worker 0 for 0.5-1.5 ms, not started
+    assert pool.next_due_us() == 1_500.0
+    assert [j.dispatch.batch_id for j in w0.stop()] == [1]   # never started: handed back
+    assert pool.workers == (w1, w2)       # let go of at once: it has no batch
+    w3 = add(3, 6_000.0)                  # takes worker 0's place
+    assert len(pool.workers) == 3 and set(pool.workers) == {w1, w2, w3}
+    send(2, (3,), 0.0)                    # 0-6 ms
+    assert pool.next_due_us() == 6_000.0  # not worker 0's old entry at 1.5 ms
+    now[0] = 2_000.0
+    assert pool.run_due(now[0]) == 0
+    now[0] = 6_000.0
+    assert pool.run_due(now[0]) == 1
+    send(3, (1, 2), 0.0)                  # worker 1 for 6-11 ms, then worker 2
+    # heard up to the shortest live hold later: worker 2's 4 ms (worker 0's 1 ms left)
+    assert pool.next_wake_us() == 11_000.0 + 4_000.0
+    now[0] = 7_000.0
+    assert w1.stop() == []                # its batch has started: it runs to its end
+    assert w1 in pool.workers
+    now[0] = 11_000.0
+    assert pool.run_due(now[0]) == 1      # handed on to worker 2; worker 1 let go of
+    assert set(pool.workers) == {w2, w3}
+    now[0] = 15_000.0
+    assert pool.run_due(now[0]) == 1
+    assert [(e[0], e[1]) for e in sink.events if e[0] == "completed"] == [("completed", 2),
+                                                                           ("completed", 3)]
+    assert w1.stats().batches == 1 and w0.stats().batches == 0
+
+
 def test_the_loop_waits_for_quiet_finishes_only_while_nothing_is_queued(timed):
     """On an event loop, the loop's timer is set for the pool's ``next_wake_us`` while no
     scheduler holds a request, for its ``next_due_us`` while one does (a finish may let it

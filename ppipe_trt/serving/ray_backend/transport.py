@@ -59,6 +59,10 @@ class RayTransport(Transport):
     def register(self, worker_id: int, deliver) -> None:
         """Workers are reached through their actor handles (:meth:`set_handle`)."""
 
+    def unregister(self, worker_id: int) -> None:
+        with self._lock:
+            self._handles.pop(worker_id, None)
+
     @property
     def outstanding(self) -> int:
         """Stage reports awaited right now."""
