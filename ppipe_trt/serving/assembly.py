@@ -27,8 +27,9 @@ from ppipe_trt.serving.specs import build_worker, worker_specs
 from ppipe_trt.serving.transport import InProcessTransport
 from ppipe_trt.serving.types import ServedModel
 
-__all__ = ["RuntimeOptions", "TIMING_ONLY_INPUTS", "TIMING_ONLY_OUTPUTS", "build_runtime",
-           "deadline_margin_us", "model_entry_for", "plan_schedulers", "served_models"]
+__all__ = ["PlanWorkerBuilder", "RuntimeOptions", "TIMING_ONLY_INPUTS", "TIMING_ONLY_OUTPUTS",
+           "build_runtime", "deadline_margin_us", "model_entry_for", "plan_schedulers",
+           "served_models"]
 
 
 def plan_schedulers(plan: Plan, profiles: ProfileSet, placement: Placement,
@@ -102,32 +103,45 @@ def build_runtime(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, A
     return runtime
 
 
-class LocalWorkerBuilder:
-    """Builds a local runtime's workers (threads, or thread-less timing-only workers on the
-    loop's timers), at start and for a plan swap (:mod:`ppipe_trt.serving.swap`)."""
+class PlanWorkerBuilder:
+    """What every assembly's :class:`~ppipe_trt.serving.swap.WorkerBuilder` shares: the
+    workers' specs and the schedulers of a plan, from the same profiles, built models and
+    options as the runtime it swaps plans on.  Subclasses say how workers are built."""
 
     def __init__(self, profiles: ProfileSet, built_models: Mapping[str, Any],
-                 options: RuntimeOptions, hop_overhead_us: float, transport, runtime,
-                 faults: FaultPolicy, watchdog: StageWatchdog):
+                 options: RuntimeOptions, hop_overhead_us: float, transport, runtime):
         self.profiles = profiles
         self.built_models = built_models
         self.options = options
         self.hop_overhead_us = hop_overhead_us
         self._transport = transport
         self._runtime = runtime
-        self._faults = faults
-        self._watchdog = watchdog
 
     def specs(self, plan: Plan, placement: Placement, worker_ids) -> tuple:
         return worker_specs(plan, self.profiles, self.built_models, self.options, placement,
                             only=worker_ids)
 
     def build(self, specs) -> list:
-        return [build_worker(spec, self._transport, self._runtime,
-                             built=self.built_models.get(spec.slot.model),
-                             timers=self._runtime.timers, faults=self._faults,
-                             watchdog=self._watchdog) for spec in specs]
+        raise NotImplementedError
 
     def schedulers(self, plan: Plan, placement: Placement, state) -> dict[str, Scheduler]:
         return plan_schedulers(plan, self.profiles, placement, self.options,
                                self.hop_overhead_us, state=state)
+
+
+class LocalWorkerBuilder(PlanWorkerBuilder):
+    """Builds a local runtime's workers (threads, or thread-less timing-only workers on the
+    loop's timers), at start and for a plan swap (:mod:`ppipe_trt.serving.swap`)."""
+
+    def __init__(self, profiles: ProfileSet, built_models: Mapping[str, Any],
+                 options: RuntimeOptions, hop_overhead_us: float, transport, runtime,
+                 faults: FaultPolicy, watchdog: StageWatchdog):
+        super().__init__(profiles, built_models, options, hop_overhead_us, transport, runtime)
+        self._faults = faults
+        self._watchdog = watchdog
+
+    def build(self, specs) -> list:
+        return [build_worker(spec, self._transport, self._runtime,
+                             built=self.built_models.get(spec.slot.model),
+                             timers=self._runtime.timers, faults=self._faults,
+                             watchdog=self._watchdog) for spec in specs]

@@ -93,3 +93,30 @@ def test_pushes_under_load_lose_nothing(served):
     for wid, handle in first_actors.items():
         with pytest.raises(Exception):
             ray.get(handle.describe.remote(), timeout=10)
+
+
+def test_a_swap_short_of_free_ray_resources_is_refused_before_any_actor(monkeypatch,
+                                                                       synthetic_profile):
+    """The added workers' custom resources are checked against what the Ray cluster has free
+    while the old plan runs; short, the swap is refused with both figures and no actor is
+    asked for (the launcher is never reached)."""
+    import ray
+
+    from ppipe_trt.errors import PlanSwapError
+    from ppipe_trt.scheduler import place_workers
+    from ppipe_trt.serving.options import RuntimeOptions
+    from ppipe_trt.serving.ray_backend.assembly import RayWorkerBuilder, needed_resources
+    from ppipe_trt.serving.specs import worker_specs
+
+    profiles = synthetic_profile(MODEL, 4, "T4", 2_500.0)
+    plan = _plan(profiles, [1], 3)
+    specs = worker_specs(plan, profiles, {}, RuntimeOptions(), place_workers(plan))
+    assert needed_resources(specs) == {"gpu_class:T4": 6.0}
+    monkeypatch.setattr(ray, "available_resources", lambda: {"gpu_class:T4": 5.5})
+    builder = RayWorkerBuilder(None, profiles, {}, RuntimeOptions(), 25.0, None, None)
+    with pytest.raises(PlanSwapError, match=r"need \{'gpu_class:T4': 6\.0\}.*has only "
+                                            r"\{'gpu_class:T4': 5\.5\} free"):
+        builder.build(specs)
+    monkeypatch.setattr(ray, "available_resources", lambda: {"gpu_class:T4": 6.0})
+    with pytest.raises(AttributeError):   # enough: goes on to the launcher (None here)
+        builder.build(specs)

@@ -33,7 +33,8 @@ from ppipe_trt.errors import BackendUnavailableError, ConfigError
 from ppipe_trt.plan import Plan
 from ppipe_trt.profiles.types import ProfileSet
 from ppipe_trt.scheduler.placement import WorkerSlot
-from ppipe_trt.serving.assembly import deadline_margin_us, plan_schedulers
+from ppipe_trt.serving.assembly import (PlanWorkerBuilder, deadline_margin_us,
+                                        plan_schedulers)
 from ppipe_trt.serving.clock import monotonic_us
 from ppipe_trt.serving.options import RuntimeOptions
 from ppipe_trt.serving.ray_backend.actor import stage_actor_class
@@ -110,11 +111,16 @@ def connect_ray(options: RayOptions, resources: Mapping[str, float]) -> tuple[bo
     return True, created
 
 
+def _shortfall(needed: Mapping[str, float], have: Mapping[str, float]) -> dict[str, float]:
+    """The resources of ``needed`` that ``have`` does not cover."""
+    return {k: v for k, v in needed.items() if have.get(k, 0.0) + 1e-6 < v}
+
+
 def _check_resources(needed: Mapping[str, float]) -> None:
     import ray
 
     have = ray.cluster_resources()
-    short = {k: v for k, v in needed.items() if have.get(k, 0.0) + 1e-6 < v}
+    short = _shortfall(needed, have)
     if short:
         raise ConfigError(
             f"the Ray cluster lacks resources {short} (it has "
@@ -320,7 +326,7 @@ def build_ray_runtime(plan: Plan, profiles: ProfileSet,
     return runtime
 
 
-class RayWorkerBuilder:
+class RayWorkerBuilder(PlanWorkerBuilder):
     """Builds a plan swap's added workers as Ray actors (see
     :mod:`ppipe_trt.serving.swap`): same specs as the local assembly, actors started and
     warmed up before the switch, every live actor told the new peers."""
@@ -328,17 +334,11 @@ class RayWorkerBuilder:
     def __init__(self, launcher: ActorLauncher, profiles: ProfileSet,
                  built_models: Mapping[str, Any], options: RuntimeOptions, hop_us: float,
                  transport: RayTransport, runtime: RayServingRuntime):
-        self.profiles = profiles
-        self.built_models = built_models
+        super().__init__(profiles, built_models, options, hop_us, transport, runtime)
         self._launcher = launcher
-        self._options = options
-        self._hop_us = hop_us
-        self._transport = transport
-        self._runtime = runtime
 
     def specs(self, plan: Plan, placement, worker_ids) -> tuple:
-        specs = worker_specs(plan, self.profiles, self.built_models, self._options, placement,
-                             only=worker_ids)
+        specs = super().specs(plan, placement, worker_ids)
         self._launcher.add_specs(specs)
         return specs
 
@@ -347,8 +347,7 @@ class RayWorkerBuilder:
 
         need = needed_resources(specs)
         free = ray.available_resources()
-        short = {k: v for k, v in need.items() if free.get(k, 0.0) + 1e-6 < v}
-        if short:
+        if _shortfall(need, free):
             from ppipe_trt.errors import PlanSwapError
 
             raise PlanSwapError(
@@ -368,7 +367,3 @@ class RayWorkerBuilder:
         live.update({p.worker_id: p for p in proxies})
         set_peers(live)
         return proxies
-
-    def schedulers(self, plan: Plan, placement, state):
-        return plan_schedulers(plan, self.profiles, placement, self._options, self._hop_us,
-                               state=state)
