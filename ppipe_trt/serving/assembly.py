@@ -10,6 +10,7 @@ models (:func:`~ppipe_trt.serving.served.served_models`) and the workers' make-u
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Mapping
 
 from ppipe_trt.plan import Plan
@@ -103,7 +104,7 @@ def build_runtime(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, A
     return runtime
 
 
-class PlanWorkerBuilder:
+class PlanWorkerBuilder(ABC):
     """What every assembly's :class:`~ppipe_trt.serving.swap.WorkerBuilder` shares: the
     workers' specs and the schedulers of a plan, from the same profiles, built models and
     options as the runtime it swaps plans on.  Subclasses say how workers are built."""
@@ -121,8 +122,9 @@ class PlanWorkerBuilder:
         return worker_specs(plan, self.profiles, self.built_models, self.options, placement,
                             only=worker_ids)
 
+    @abstractmethod
     def build(self, specs) -> list:
-        raise NotImplementedError
+        """Build the workers of ``specs`` (engines opened, not started)."""
 
     def schedulers(self, plan: Plan, placement: Placement, state) -> dict[str, Scheduler]:
         return plan_schedulers(plan, self.profiles, placement, self.options,
