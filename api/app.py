@@ -180,6 +180,8 @@ def create_app(runtime_factory: Callable[[], ServingRuntime],
             if on_loop is None:
                 on_loop = runtime.threadless
             runtime.start(asyncio.get_running_loop() if on_loop else None)
+            if isinstance(runtime, ServingRuntime):  # (a front-end process's is remote)
+                runtime.watch_front_end(asyncio.get_running_loop())
             app.state.runtime = runtime
             link = None
             if settings.link_socket:

@@ -121,6 +121,8 @@ class RuntimeCollector:
                                         "scheduler at a swap")
             moved.add_metric([], sum(g.moved for g in history))
             yield from (gen, swaps, moved)
+        yield from calibration_families(rt)
+        yield from admission_families(rt)
         health = getattr(rt, "cluster_health", None)
         if health is not None:
             h = health()
@@ -129,6 +131,61 @@ class RuntimeCollector:
                 c = CounterMetricFamily(f"ppipe_cluster_{key}", f"Ray backend: {key}")
                 c.add_metric([], h[key])
                 yield c
+
+
+def calibration_families(rt) -> list:
+    """Profile vs measured latency per stage, worker and batch size, and the capacity the
+    plan has with each (``ServingRuntime.calibration_status``; none for a runtime that does
+    not calibrate)."""
+    status = getattr(rt, "calibration_status", None)
+    cal = status() if status is not None else {}
+    if not cal:
+        return []
+    cap = GaugeMetricFamily("ppipe_capacity_rps", "What a model's plan serves at its planned "
+                            "batches (req/s), with the profiled and with the measured "
+                            "latencies", labels=["model", "latencies"])
+    prof = GaugeMetricFamily("ppipe_stage_latency_profile_seconds", "A stage's profiled "
+                             "latency per batch size", labels=["model", "pipeline", "stage",
+                                                               "batch"])
+    used = GaugeMetricFamily("ppipe_stage_latency_planned_seconds", "The latency the "
+                             "scheduler now reserves for a stage per batch size (measured, "
+                             "or the profile scaled to the measurement)",
+                             labels=["model", "pipeline", "stage", "batch"])
+    meas = GaugeMetricFamily("ppipe_worker_latency_measured_seconds", "A worker's measured "
+                             "occupancy per batch size (the calibration quantile over its "
+                             "recent batches)", labels=["model", "pipeline", "stage", "worker",
+                                                        "batch"])
+    for model, c in cal.items():
+        cap.add_metric([model, "profile"], c["planned_capacity_rps"])
+        cap.add_metric([model, "measured"], c["measured_capacity_rps"])
+        for st in c["stages"]:
+            key = [model, str(st["pipeline"]), str(st["stage"])]
+            for b, (p_us, u_us) in enumerate(zip(st["profile_us"], st["in_use_us"]), 1):
+                prof.add_metric(key + [str(b)], p_us / 1e6)
+                used.add_metric(key + [str(b)], u_us / 1e6)
+            for wid, by_batch in st["workers"].items():
+                for b, m in by_batch.items():
+                    meas.add_metric(key + [wid, b], m["measured_us"] / 1e6)
+    return [cap, prof, used, meas]
+
+
+def admission_families(rt) -> list:
+    """The admission limit, the front end's lag and the requests refused at the door
+    (``ServingRuntime.admission_status``; none where no front end is watched)."""
+    status = getattr(rt, "admission_status", None)
+    adm = status() if status is not None else None
+    if adm is None:
+        return []
+    limit = GaugeMetricFamily("ppipe_admission_limit_rps", "The rate of requests admitted "
+                              "while the front end falls behind (req/s; +Inf: no limit)")
+    limit.add_metric([], float("inf") if adm["limit_rps"] is None else adm["limit_rps"])
+    lag = GaugeMetricFamily("ppipe_front_end_lag_seconds", "How late a timer on the front "
+                            "end's event loop ran (the largest of the last interval)")
+    lag.add_metric([], adm["front_end_lag_ms"] / 1e3)
+    refused = CounterMetricFamily("ppipe_admission_refused", "Requests refused at the door "
+                                  "by the admission limit")
+    refused.add_metric([], adm["refused"])
+    return [limit, lag, refused]
 
 
 class HttpCollector:

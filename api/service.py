@@ -160,6 +160,15 @@ class AnswerGuard:
                        else None)
 
 
+def _slo_raised(model: ServedModel) -> dict[str, Any]:
+    """The model's ``configured_slo_ms`` and ``slo_raised_reason`` when it is served above the
+    SLO it asked for (``slo_ms`` is then the one in force); nothing when served as asked."""
+    if model.configured_slo_us is None:
+        return {}
+    return {"configured_slo_ms": model.configured_slo_us / 1000.0,
+            "slo_raised_reason": model.slo_raised_reason or ""}
+
+
 def _tensors(specs) -> tuple[TensorMetadata, ...]:
     return tuple(TensorMetadata(s.name, v2_datatype(s.dtype), tuple(int(d) for d in s.shape))
                  for s in specs)
@@ -247,7 +256,7 @@ class InferenceService:
             _tensors(model.outputs),
             {"slo_ms": model.slo_us / 1000.0, "mode": model.mode, "emulated": model.emulated,
              "timing_only": model.timing_only, "frames": model.image is not None,
-             "postprocess": model.postprocess.kind})
+             "postprocess": model.postprocess.kind, **_slo_raised(model)})
 
     def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
         """Triton's model configuration of the model, as the JSON document of
@@ -271,7 +280,9 @@ class InferenceService:
             "parameters": {"slo_ms": {"string_value": f"{model.slo_us / 1000.0:g}"},
                            "emulated": {"string_value": str(model.emulated).lower()},
                            "timing_only": {"string_value": str(model.timing_only).lower()},
-                           "mode": {"string_value": model.mode}},
+                           "mode": {"string_value": model.mode},
+                           **{k: {"string_value": f"{v:g}" if isinstance(v, float) else v}
+                              for k, v in _slo_raised(model).items()}},
         }
 
     def statistics(self, name: str | None = None,

@@ -16,6 +16,7 @@ Steps (paper semantics):
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import replace
 from typing import Mapping, Sequence
@@ -23,7 +24,7 @@ from typing import Mapping, Sequence
 from ppipe_trt.cluster import ClusterSpec, Workload
 from ppipe_trt.errors import BadInputError, InfeasiblePlanError
 from ppipe_trt.plan import Plan
-from ppipe_trt.profiles.types import ProfileSet
+from ppipe_trt.profiles.types import ModelProfile, ProfileSet
 from ppipe_trt.scheduler.placement import packed_gpus
 
 from planner.assemble import build_plan
@@ -138,7 +139,7 @@ def candidate_sets(profiles: ProfileSet, cluster: ClusterSpec, workloads: Sequen
             slo_budget_fraction=options.slo_budget_fraction,
             rate_rps=(rates or {}).get(wl.model), batching_delay_factor=factor, max_mps=max_mps)
         if not cset.candidates:
-            need_ms = cset.min_latency_us / options.slo_budget_fraction / 1000.0
+            need_ms = slo_for_latency_ms(cset.min_latency_us, options.slo_budget_fraction)
             raise InfeasiblePlanError(
                 f"model {wl.model}: no pipeline meets its SLO of {wl.slo_ms:.2f} ms planned at "
                 f"{options.slo_budget_fraction:.0%} ({wl.slo_ms * options.slo_budget_fraction:.2f}"
@@ -146,6 +147,54 @@ def candidate_sets(profiles: ProfileSet, cluster: ClusterSpec, workloads: Sequen
                 f"feasible SLO is {need_ms:.2f} ms")
         out.append(cset)
     return out
+
+
+def smallest_feasible_slo_ms(profile: ModelProfile, cluster: ClusterSpec,
+                             options: PlannerOptions | None = None) -> float:
+    """The smallest SLO (ms, rounded up to 0.01 ms) at which :func:`plan_cluster` finds a
+    pipeline of ``profile``'s model on ``cluster``: :func:`fastest_pipeline_us` divided by the
+    fraction of the SLO pipelines are planned against.  Whether the cluster has a worker
+    left for the model is not part of it."""
+    options = options or PlannerOptions()
+    return slo_for_latency_ms(fastest_pipeline_us(profile, cluster, options),
+                              options.slo_budget_fraction)
+
+
+def fastest_pipeline_us(profile: ModelProfile, cluster: ClusterSpec,
+                        options: PlannerOptions | None = None) -> float:
+    """The batch-1 latency (us) of the fastest pipeline of ``profile``'s model on ``cluster``
+    among those the planner's first test of the SLO allows: one stage at an MPS share up to
+    ``np_max_mps`` (the arrival-rate estimate, an NP plan, comes first), or, when
+    ``options.arrival_rates_rps`` skips it, up to ``max_stages`` stages (at most 2: the
+    3-stage search starts from a plan of 2).  The model can be planned iff its SLO x the
+    budget fraction is at least this.  Raises :class:`InfeasiblePlanError` when the cluster
+    has no GPU class the model is profiled for."""
+    options = options or PlannerOptions()
+    if options.arrival_rates_rps is None:
+        max_stages, max_mps = 1, options.np_max_mps
+    else:
+        max_stages, max_mps = min(options.max_stages, 2), None
+    # an SLO nothing meets: only the fastest batch-1 latency is computed, nothing enumerated
+    probe = Workload(profile.model, 1e-9)
+    cset = enumerate_candidates(profile, probe, cluster, max_stages=max_stages,
+                                max_batch=options.max_batch,
+                                slo_budget_fraction=options.slo_budget_fraction, rate_rps=None,
+                                batching_delay_factor=0.0, max_mps=max_mps)
+    if not math.isfinite(cset.min_latency_us):
+        raise InfeasiblePlanError(
+            f"model {profile.model} has profiles for {', '.join(profile.gpu_classes)} but "
+            f"cluster {cluster.label} has only {', '.join(cluster.gpu_classes)}")
+    return cset.min_latency_us
+
+
+def slo_for_latency_ms(latency_us: float, slo_budget_fraction: float) -> float:
+    """The SLO (ms) a pipeline of ``latency_us`` needs when pipelines are planned against
+    ``slo_budget_fraction`` of the SLO, rounded up to 0.01 ms (the smallest such SLO at which
+    the planner's test, latency <= SLO x fraction in floating point, holds)."""
+    slo_ms = math.ceil(latency_us / slo_budget_fraction / 10.0 - 1e-9) / 100.0
+    while slo_ms * 1000.0 * slo_budget_fraction < latency_us:
+        slo_ms = round(slo_ms + 0.01, 2)
+    return slo_ms
 
 
 def _solve_sets(sets: Sequence[CandidateSet], workloads: Sequence[Workload],

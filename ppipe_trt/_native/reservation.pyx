@@ -24,6 +24,7 @@ from libc.string cimport memcpy, memmove
 
 from ppipe_trt.errors import ConfigError, SchedulerError
 from ppipe_trt.scheduler.interface import Decisions, Dispatch, Drop, DropReason, StageReservation
+from ppipe_trt.scheduler.tables import with_stage_latency
 from ppipe_trt.scheduler.work_conserving import WorkConservingRule, capacity_by_batch_rps
 
 from collections import deque
@@ -340,7 +341,8 @@ cdef class NativeReservationScheduler:
 
     def __init__(self, model, pipelines, state, *, wake_lead_us=0.0,
                  strict_batch_fraction=None, max_queue=None, work_conserving=False,
-                 work_conserving_max_load=0.5, work_conserving_window_us=100_000.0):
+                 work_conserving_max_load=0.5, work_conserving_window_us=100_000.0,
+                 work_conserving_min_gain=None):
         self.model = model
         self.pipelines = tuple(pipelines)
         self._state = state
@@ -358,9 +360,11 @@ cdef class NativeReservationScheduler:
         self.work_conserving = bool(work_conserving)
         if work_conserving:
             WorkConservingRule(self.pipelines, work_conserving_max_load,
-                               work_conserving_window_us)   # its checks and errors
+                               work_conserving_window_us,
+                               work_conserving_min_gain)   # its checks and errors
             self._early = NativeWorkConservingRule(self.pipelines, work_conserving_max_load,
-                                                   work_conserving_window_us)
+                                                   work_conserving_window_us,
+                                                   work_conserving_min_gain)
         else:
             self._early = None
         self._queue = deque()
@@ -440,6 +444,21 @@ cdef class NativeReservationScheduler:
                 si += 1
             for s in range(len(pt.stages) - 1):
                 self.st_next[self.p_st0[p] + s] = self.st_net[self.p_st0[p] + s + 1]
+
+    # ---- calibration (ppipe_trt.scheduler.calibration) ------------------------------------
+
+    calibratable = True
+
+    def set_stage_latency(self, int pipeline, int stage, latency_us) -> None:
+        """As the reference's: plan the stage with ``latency_us`` from now on."""
+        self.pipelines = with_stage_latency(self.pipelines, pipeline, stage, latency_us)
+        cdef double* row = self.st_lat[self.p_st0[pipeline] + stage]
+        new = self.pipelines[pipeline].stages[stage].latency_us
+        cdef Py_ssize_t i
+        for i in range(len(new)):
+            row[i] = new[i]
+        if self._early is not None:
+            (<NativeWorkConservingRule>self._early).set_pipelines(self.pipelines)
 
     # ---- inspection (tests, metrics) ------------------------------------------------------
 
@@ -529,10 +548,22 @@ cdef class NativeReservationScheduler:
                 self.till[slot] = finish_us
             elif late:                        # later reservations on it pushed back as much
                 self.till[slot] += finish_us - reserved
+            elif stage == 0:                  # early: its later batches start when it is free
+                self._pull_forward(rec, slot, reserved - finish_us)
             rec.ends[stage] = finish_us
         rec.next = stage + 1
         if stage == rec.nst - 1:
             del self._batches[batch_id]
+        return 0
+
+    cdef int _pull_forward(self, _Batch rec, Py_ssize_t slot, double gain_us) except -1:
+        """As the reference's: the batches reserved after ``rec`` on its first-stage worker
+        (and the worker's reserved-until) move ``gain_us`` earlier."""
+        cdef _Batch other
+        self.till[slot] -= gain_us
+        for other in self._batches.values():
+            if other is not rec and other.next == 0 and other.slots[0] == slot:
+                other.ends[0] -= gain_us
         return 0
 
     cdef int _finish_quiet(self, batch_id, int stage, double finish_us,
@@ -1041,6 +1072,8 @@ cdef class NativeWorkConservingRule:
 
     cdef readonly double max_load
     cdef readonly double window_us
+    cdef readonly object min_gain
+    cdef double _gain      # 1 + min_gain, or -1 without it
     cdef double* _caps
     cdef Py_ssize_t _ncaps
     cdef public double _level
@@ -1052,14 +1085,24 @@ cdef class NativeWorkConservingRule:
     def __dealloc__(self):
         PyMem_Free(self._caps)
 
-    def __init__(self, pipelines, max_load=0.5, window_us=100_000.0):
+    def __init__(self, pipelines, max_load=0.5, window_us=100_000.0, min_gain=None):
         self.max_load = float(max_load)
         self.window_us = float(window_us)
+        self.min_gain = None if min_gain is None else float(min_gain)
+        self._gain = -1.0 if min_gain is None else 1.0 + float(min_gain)
         caps = capacity_by_batch_rps(pipelines)
         self._ncaps = len(caps)
         self._caps = _row(caps)
         self._level = 0.0
         self._level_at_us = -INF
+
+    def set_pipelines(self, pipelines) -> None:
+        caps = capacity_by_batch_rps(pipelines)
+        if len(caps) != self._ncaps:
+            raise ConfigError(f"{len(caps)} capacities for a rule of {self._ncaps}")
+        cdef Py_ssize_t i
+        for i in range(self._ncaps):
+            self._caps[i] = caps[i]
 
     @property
     def _capacity_rps(self) -> list:
@@ -1076,6 +1119,9 @@ cdef class NativeWorkConservingRule:
 
     def allows(self, Py_ssize_t queued, double now_us) -> bool:
         return self._allows(queued, now_us)
+
+    def batching_gains_little(self, Py_ssize_t queued) -> bool:
+        return self._gains_little(queued)
 
     def allowed_at(self, Py_ssize_t queued, double now_us) -> float:
         return self._allowed_at(queued, now_us)
@@ -1098,13 +1144,19 @@ cdef class NativeWorkConservingRule:
             return 0.0
         return self._caps[n if n < self._ncaps - 1 else self._ncaps - 1]
 
+    cdef inline bint _gains_little(self, Py_ssize_t queued) noexcept:
+        if self._gain < 0.0 or queued <= 0:
+            return False
+        return self._caps[self._ncaps - 1] <= self._gain * self._capacity(queued)
+
     cdef inline bint _allows(self, Py_ssize_t queued, double now_us) noexcept:
-        return self._rate_rps(now_us) <= self.max_load * self._capacity(queued)
+        return (self._rate_rps(now_us) <= self.max_load * self._capacity(queued)
+                or self._gains_little(queued))
 
     cdef double _allowed_at(self, Py_ssize_t queued, double now_us) noexcept:
         cdef double threshold = self.max_load * self._capacity(queued)
         cdef double rate = self._rate_rps(now_us)
-        if rate <= threshold:
+        if rate <= threshold or self._gains_little(queued):
             return now_us
         if threshold <= 0.0:
             return INF

@@ -17,6 +17,7 @@ import datetime as _dt
 import json
 import logging
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +240,23 @@ def _profile_is_current(built: BuiltModel, shares: tuple[int, ...] = (1,)) -> bo
         return False
     return (meta.get("content_hash") == built.content_hash
             and tuple(meta.get("mps_shares", ())) == shares
-            and meta.get("intra_op_threads") == _profiling_threads(built))
+            and meta.get("intra_op_threads") == _profiling_threads(built)
+            and meta.get("busy_workers", 1) == _busy_workers(built))
+
+
+def _busy_workers(built: BuiltModel, device: str | None = None) -> int:
+    """How many copies of a block run at once while it is profiled at share 1: on the CPU,
+    one per usable core (the serving workers share the machine's memory bandwidth and caches
+    and are all busy under load: a block timed alone on an idle machine is faster than any of
+    them then); elsewhere 1 (the device is the worker's own)."""
+    from ppipe_trt.engines.gpu import usable_cores
+    from ppipe_trt.engines.profiling import onnxruntime_device_for
+
+    if built.backend != "onnxruntime":
+        return 1
+    if device is None:
+        device = onnxruntime_device_for(built.gpu_class)
+    return usable_cores() if device == "cpu" else 1
 
 
 def _profiling_threads(built: BuiltModel, device: str | None = None) -> int | None:
@@ -264,6 +281,7 @@ def profile_built_model(built: BuiltModel, *, progress: bool = True, warmup: int
     from ppipe_trt.engines.graph import random_inputs
     from ppipe_trt.engines.profiling import (BackendRecipe, median_latency_us,
                                              profile_backend_latency_us,
+                                             profile_busy_latency_us,
                                              profile_concurrent_latency_us)
     from ppipe_trt.profiles import BlockLatencyTable, ModelProfile, write_profile
 
@@ -274,15 +292,23 @@ def profile_built_model(built: BuiltModel, *, progress: bool = True, warmup: int
         device = (onnxruntime_device_for(built.gpu_class) if backend == "onnxruntime"
                   else "cuda:0")
     threads = _profiling_threads(built, device)
+    busy = _busy_workers(built, device)
     kw = {"intra_op_threads": threads} if threads is not None else {}
     tables = {}
     for share in mps_shares:
         rows = []
+        label = f"{busy} workers at once" if share == 1 and busy > 1 else f"share {share}"
         for b in _progress(range(built.num_blocks),
-                           f"{built.model_name}: profile blocks (share {share})", progress):
-            if share == 1:
+                           f"{built.model_name}: profile blocks ({label})", progress):
+            if share == 1 and busy == 1:
                 with built.open_backend(b, b, backend, device, **kw) as runner:
                     rows.append(profile_backend_latency_us(runner, built.max_batch, warmup, repeats))
+            elif share == 1:
+                with ExitStack() as stack:
+                    copies = [stack.enter_context(built.open_backend(b, b, backend, device, **kw))
+                              for _ in range(busy)]
+                    rows.append(profile_busy_latency_us(copies, built.max_batch, warmup,
+                                                        repeats))
             else:
                 suffix = ".plan" if backend == "tensorrt" else ".onnx"
                 recipe = BackendRecipe(backend, str(built.stage_path(b, b, suffix)), device,
@@ -311,8 +337,10 @@ def profile_built_model(built: BuiltModel, *, progress: bool = True, warmup: int
             "precision": manifest["precision"], "warmup": warmup, "repeats": repeats,
             "statistic": "median wall time of backend.infer incl. host copies, us",
             "mps_shares": list(mps_shares),
+            "busy_workers": busy,
             "mps_note": (f"CPU: one share (one worker: {threads} ONNX Runtime thread(s), as "
-                         "the server runs it)" if built.gpu_class == CPU_CLASS
+                         f"the server runs it), timed with {busy} such workers running the "
+                         "block at once (one per usable core)" if built.gpu_class == CPU_CLASS
                          else "share m: m processes run the block at once"
                          + ("" if len(mps_shares) > 1 else
                             " (only share 1: no MPS daemon or GPU older than Volta)")),

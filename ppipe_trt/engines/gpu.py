@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 CPU_CLASS = "cpu"
@@ -93,3 +94,11 @@ def default_mps_shares(gpu_class: str, max_share: int = 4) -> tuple[int, ...]:
     if cc is None or cc < (7, 0):
         return (1,)
     return tuple(range(1, max_share + 1))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

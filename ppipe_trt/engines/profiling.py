@@ -3,7 +3,9 @@
 Block latencies are the median of ``repeats`` timed runs after ``warmup`` untimed ones, in
 microseconds.  A backend's ``infer`` returns host arrays, so on a GPU each timed run includes
 the stream synchronisation that makes its outputs visible (what a stage worker pays).
-MPS shares: a CPU has one share (the whole machine).  On a GPU, share ``m`` is measured by
+MPS shares: a CPU has one share (the whole machine), timed with one worker per usable core
+running the block at once (:func:`profile_busy_latency_us`: what each serving worker takes
+under load, when they share memory bandwidth and caches).  On a GPU, share ``m`` is measured by
 ``m`` processes running the same block at once (:func:`profile_concurrent_latency_us`), when
 the MPS control daemon is running and the GPU supports MPS clients (Volta or newer); see
 :func:`ppipe_trt.engines.gpu.default_mps_shares`.
@@ -91,6 +93,61 @@ def profile_node_latency_us(onnx_path: Path | str, node_names: Sequence[str], ru
         samples = durations.get(name, [])[warmup:] or durations.get(name, [])
         out[name] = float(statistics.median(samples)) if samples else 0.0
     return out
+
+
+def profile_busy_latency_us(backends: Sequence[Backend], max_batch: int, warmup: int = 2,
+                            repeats: int = 7, seed: int = 0) -> tuple[float, ...]:
+    """Latency (us) at batch 1..max_batch of one block while ``len(backends)`` copies of it run
+    at once, each on a thread of its own (CPU workers: each copy is a serving worker's
+    session; ONNX Runtime releases the GIL while it runs): median over every copy's samples,
+    made non-decreasing.  The copies start each batch size together and keep running until
+    the slowest has its ``repeats`` samples, so every sample is taken with all of them busy."""
+    import threading
+
+    n = len(backends)
+    if n < 1:
+        raise BadInputError("profile_busy_latency_us needs at least one backend")
+    row = []
+    for batch in range(1, max_batch + 1):
+        feeds = [random_inputs(b.inputs, batch, seed) for b in backends]
+        barrier = threading.Barrier(n)
+        samples: list[list[float]] = [[] for _ in range(n)]
+        done = [0]
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                for _ in range(warmup):
+                    backends[i].infer(feeds[i])
+                barrier.wait()
+                mine = samples[i]
+                while True:
+                    start = time.perf_counter_ns()
+                    backends[i].infer(feeds[i])
+                    if len(mine) < repeats:
+                        mine.append((time.perf_counter_ns() - start) / 1e3)
+                        if len(mine) == repeats:
+                            with lock:
+                                done[0] += 1
+                    if done[0] == n:   # every copy has its samples: all were busy throughout
+                        return
+            except BaseException as exc:  # re-raised by the caller's thread below
+                errors.append(exc)
+                barrier.abort()
+                with lock:
+                    done[0] = n
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise EngineBuildError(f"profiling {n} copies at once failed at batch {batch}: "
+                                   f"{type(errors[0]).__name__}: {errors[0]}") from errors[0]
+        row.append(float(statistics.median([s for mine in samples for s in mine])))
+    return monotone_in_batch(row)
 
 
 # ---- concurrent processes (MPS shares) ------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Sequence
 from ppipe_trt.errors import SchedulerError
 from ppipe_trt.scheduler.interface import (Decisions, Dispatch, Drop, DropReason, Request,
                                            Scheduler, StageReservation)
-from ppipe_trt.scheduler.tables import ClusterState, PipelineTable
+from ppipe_trt.scheduler.tables import ClusterState, PipelineTable, with_stage_latency
 
 
 class _PoolPolicy(Scheduler):
@@ -44,10 +44,20 @@ class _PoolPolicy(Scheduler):
         self._dead: set[int] = set()
         self._batches: dict[int, list] = {}
         self._wake_at: float | None = None
-        # remaining work (us) of one request from stage s of pipeline p to the end, batch 1
-        self._rest1 = [[sum(st.latency_us[1] + st.transfer_in_us[1]
-                            for k, st in enumerate(pt.stages) if k >= s)
-                        for s in range(len(pt.stages))] for pt in self.pipelines]
+        self._rest1 = self._remaining_work()
+
+    def _remaining_work(self) -> list[list[float]]:
+        """Per pipeline and stage: the work (us) of one request from that stage to the end,
+        at batch 1."""
+        return [[sum(st.latency_us[1] + st.transfer_in_us[1]
+                     for k, st in enumerate(pt.stages) if k >= s)
+                 for s in range(len(pt.stages))] for pt in self.pipelines]
+
+    calibratable = True
+
+    def set_stage_latency(self, pipeline: int, stage: int, latency_us: Sequence[float]) -> None:
+        self.pipelines = with_stage_latency(self.pipelines, pipeline, stage, latency_us)
+        self._rest1 = self._remaining_work()
 
     def _check_worker(self, worker_id: int) -> tuple[int, int]:
         if worker_id not in self._where:

@@ -47,7 +47,8 @@ def build_schedulers(plan: Plan, profiles: ProfileSet, placement: Placement,
         tables = build_pipeline_tables(plan, m, profiles, placement, hop_overhead_us)
         if policy == "reservation":
             allowed = {"wake_lead_us", "strict_batch_fraction", "max_queue", "work_conserving",
-                       "work_conserving_max_load", "work_conserving_window_us"}
+                       "work_conserving_max_load", "work_conserving_window_us",
+                       "work_conserving_min_gain"}
             _check_kw(kw, allowed, policy)
             cls = NativeReservationScheduler() if state.native else ReservationScheduler
             sched: Scheduler = cls(m.model, tables, state, **kw)

@@ -150,6 +150,16 @@ class Scheduler(ABC):
         """Drop every queued request with ``SHUTDOWN`` (called when the server stops)."""
         return Decisions()
 
+    # ---- calibration (see ppipe_trt.scheduler.calibration) ----------------------------------
+    #: Whether the policy plans from latency tables that :meth:`set_stage_latency` can replace
+    #: with measured ones.
+    calibratable = False
+
+    def set_stage_latency(self, pipeline: int, stage: int, latency_us: Sequence[float]) -> None:
+        """Plan stage ``stage`` of ``pipeline`` with ``latency_us`` (index = batch size; the
+        length of the table's row) from now on: what its workers were measured to take."""
+        raise NotImplementedError(f"{type(self).__name__} plans from no latency table")
+
     # ---- plan swap (see ppipe_trt.serving.swap and the simulator's swap) --------------------
     #: Whether the policy can hand its queue over to another plan's scheduler
     #: (:meth:`take_queued`, :meth:`hold_worker`, :attr:`batches_in_flight`).

@@ -40,7 +40,8 @@ from ppipe_trt.errors import SchedulerError
 from ppipe_trt.scheduler.interface import (Decisions, Dispatch, Drop, DropReason, Request,
                                            Scheduler, StageReservation)
 from ppipe_trt.scheduler.links import RESERVE_TRANSFER, common_free, first_free, is_free
-from ppipe_trt.scheduler.tables import INF, ClusterState, PipelineTable
+from ppipe_trt.scheduler.tables import (INF, ClusterState, PipelineTable,
+                                        with_stage_latency)
 from ppipe_trt.scheduler.work_conserving import WorkConservingRule
 
 #: Wake-ups are placed this much (us) before the exact last moment, so that rounding in
@@ -67,14 +68,17 @@ class ReservationScheduler(Scheduler):
     ``work_conserving_window_us``), the queued requests are dispatched at once when their
     route is free now, else the scheduler wakes when it frees (never later than PPipe's
     last moment) instead of waiting for a fuller batch.  A queue the rule holds is looked at
-    again when the decaying estimate would let it go.
+    again when the decaying estimate would let it go.  ``work_conserving_min_gain``
+    (default ``None``): also dispatch early when a fuller batch would serve at most that
+    fraction more (see the rule).
     """
 
     def __init__(self, model: str, pipelines: Sequence[PipelineTable], state: ClusterState,
                  *, wake_lead_us: float = 0.0, strict_batch_fraction: float | None = None,
                  max_queue: int | None = None, work_conserving: bool = False,
                  work_conserving_max_load: float = 0.5,
-                 work_conserving_window_us: float = 100_000.0):
+                 work_conserving_window_us: float = 100_000.0,
+                 work_conserving_min_gain: float | None = None):
         self.model = model
         self.pipelines = tuple(pipelines)
         self._state = state
@@ -107,12 +111,7 @@ class ReservationScheduler(Scheduler):
                 stages.append(list(by_link.values()))
             self._groups.append(stages)
         # (tables, stage groups, latency rows, transfer rows) per pipeline for the hot path.
-        self._probe_data = [
-            (pt.planned_batch, [(self._groups[i][s], st.latency_us, st.transfer_in_us, s,
-                                 pt.stages[s + 1].transfer_in_us if s + 1 < len(pt.stages)
-                                 else None)
-                                for s, st in enumerate(pt.stages)])
-            for i, pt in enumerate(self.pipelines)]
+        self._probe_data = [self._probe_row(i) for i in range(len(self.pipelines))]
         self._queue: deque[Request] = deque()
         self._batches: dict[int, list] = {}
         self._dead: set[int] = set()
@@ -121,8 +120,29 @@ class ReservationScheduler(Scheduler):
         self._last_now = -INF
         self.work_conserving = bool(work_conserving)
         self._early = (WorkConservingRule(self.pipelines, work_conserving_max_load,
-                                          work_conserving_window_us)
+                                          work_conserving_window_us,
+                                          work_conserving_min_gain)
                        if work_conserving else None)
+
+    def _probe_row(self, i: int):
+        pt = self.pipelines[i]
+        return (pt.planned_batch, [(self._groups[i][s], st.latency_us, st.transfer_in_us, s,
+                                    pt.stages[s + 1].transfer_in_us if s + 1 < len(pt.stages)
+                                    else None)
+                                   for s, st in enumerate(pt.stages)])
+
+    # ---- calibration (ppipe_trt.scheduler.calibration) ------------------------------------
+
+    calibratable = True
+
+    def set_stage_latency(self, pipeline: int, stage: int, latency_us: Sequence[float]) -> None:
+        """Plan stage ``stage`` of ``pipeline`` with ``latency_us`` (index = batch size, as
+        the table's row, same length) from now on: what its workers were measured to take.
+        Reservations already made stay; the work-conserving rule's capacities follow."""
+        self.pipelines = with_stage_latency(self.pipelines, pipeline, stage, latency_us)
+        self._probe_data[pipeline] = self._probe_row(pipeline)
+        if self._early is not None:
+            self._early.set_pipelines(self.pipelines)
 
     # ---- inspection (tests, metrics) ------------------------------------------------------
 
@@ -198,6 +218,8 @@ class ReservationScheduler(Scheduler):
                 tills[pos] = finish_us
             elif late:                    # later reservations on it are pushed back as much
                 tills[pos] += finish_us - reserved
+            elif stage == 0:              # early: a first stage's worker starts its later
+                self._pull_forward(rec, reserved - finish_us)  # batches as soon as it is free
             ends[stage] = finish_us
         rec[4] = stage + 1
         if stage == len(wids) - 1:
@@ -209,6 +231,17 @@ class ReservationScheduler(Scheduler):
         else:
             dec.wake_at_us = self._wake_at
         return dec
+
+    def _pull_forward(self, rec: list, gain_us: float) -> None:
+        """``rec``'s first stage finished ``gain_us`` before its reservation: its worker starts
+        the batches reserved after it on the first stage that much earlier (a real worker's
+        early start), so they and the worker's reserved-until move as much."""
+        wid = rec[2][0]
+        tills, pos = self._loc[wid]
+        tills[pos] -= gain_us
+        for other in self._batches.values():
+            if other is not rec and other[4] == 0 and other[2][0] == wid:
+                other[3][0] -= gain_us
 
     def remove_worker(self, worker_id: int, now_us: float) -> Decisions:
         self._tick(now_us)

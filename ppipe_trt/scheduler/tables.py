@@ -16,7 +16,8 @@ them without attribute look-ups.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 from ppipe_trt.errors import ConfigError
 from ppipe_trt.plan import ModelPlan, Plan
@@ -164,6 +165,27 @@ class PipelineTable:
         """Compute plus network time of one batch through the pipeline, with no waiting
         (a transfer between workers of one server would be free; this counts it)."""
         return sum(s.latency_us[batch] + s.transfer_in_us[batch] for s in self.stages)
+
+
+def with_stage_latency(pipelines: Sequence[PipelineTable], pipeline: int, stage: int,
+                       latency_us: Sequence[float]) -> tuple[PipelineTable, ...]:
+    """``pipelines`` with the latency row of ``stage`` of ``pipeline`` replaced by
+    ``latency_us`` (same length: index = batch size, index 0 unused)."""
+    pts = tuple(pipelines)
+    if not 0 <= pipeline < len(pts) or not 0 <= stage < len(pts[pipeline].stages):
+        raise ConfigError(f"no stage {stage} of pipeline {pipeline} in these tables")
+    pt = pts[pipeline]
+    st = pt.stages[stage]
+    row = tuple(float(x) for x in latency_us)
+    if len(row) != len(st.latency_us):
+        raise ConfigError(f"pipeline {pipeline} stage {stage}: a latency row of {len(row)} "
+                          f"entries for a table of {len(st.latency_us)} (batch sizes 0.."
+                          f"{len(st.latency_us) - 1})")
+    if any(not x > 0.0 for x in row[1:]):
+        raise ConfigError(f"pipeline {pipeline} stage {stage}: latencies must be > 0, got "
+                          f"{list(row[1:])}")
+    stages = pt.stages[:stage] + (replace(st, latency_us=row),) + pt.stages[stage + 1:]
+    return pts[:pipeline] + (replace(pt, stages=stages),) + pts[pipeline + 1:]
 
 
 def transfer_us(nbytes_per_sample: int, batch: int, bandwidth_gbps: float,

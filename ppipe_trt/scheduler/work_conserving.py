@@ -21,6 +21,13 @@ early dispatch takes no capacity that later requests need; near the planned load
 (``rate ~ capacity(planned)``, above ``max_load x capacity(n)`` for every ``n``) the rule
 never fires and the policy is PPipe's.
 
+With ``min_gain`` set, queued requests also go early when a fuller batch would not serve
+materially more: ``capacity(planned) <= (1 + min_gain) x capacity(n)``.  Holding a request
+for a fuller batch only pays where batching raises throughput (a GPU); where it does not (a
+CPU worker, whose time per sample is flat in the batch size) the wait only spends the
+request's slack, and a reservation made at the last moment has none left for a worker that
+runs slower than its estimate.  Off (``None``) by default: PPipe's rule.
+
 The rate is an exponentially decayed count of arrivals (time constant ``window_us``):
 ``level <- level x exp(-dt / window) + 1`` per arrival, ``rate = level / window``.  It is
 told the arrival times; it never reads a clock.  Queued requests the rule holds are looked at
@@ -62,21 +69,33 @@ class WorkConservingRule:
 
     ``max_load``: fraction of ``capacity(n)`` below which ``n`` queued requests may go early.
     ``window_us``: time constant of the rate estimate (microseconds).
+    ``min_gain``: ``n`` queued requests may also go early when the planned batch serves at
+    most ``1 + min_gain`` times what batches of ``n`` serve (``None``: never).
     """
 
-    __slots__ = ("max_load", "window_us", "_capacity_rps", "_level", "_level_at_us")
+    __slots__ = ("max_load", "window_us", "min_gain", "_capacity_rps", "_level",
+                 "_level_at_us")
 
     def __init__(self, pipelines: Sequence[PipelineTable], max_load: float = 0.5,
-                 window_us: float = 100_000.0):
+                 window_us: float = 100_000.0, min_gain: float | None = None):
         if not 0.0 < max_load <= 1.0:
             raise ConfigError(f"work_conserving_max_load must be in (0, 1], got {max_load!r}")
         if not window_us > 0:
             raise ConfigError(f"work_conserving_window_us must be > 0, got {window_us!r}")
+        if min_gain is not None and not min_gain >= 0.0:
+            raise ConfigError(f"work_conserving_min_gain must be >= 0 or None, got "
+                              f"{min_gain!r}")
         self.max_load = float(max_load)
         self.window_us = float(window_us)
+        self.min_gain = None if min_gain is None else float(min_gain)
         self._capacity_rps = capacity_by_batch_rps(pipelines)
         self._level = 0.0
         self._level_at_us = -math.inf
+
+    def set_pipelines(self, pipelines: Sequence[PipelineTable]) -> None:
+        """Take the capacities from ``pipelines`` from now on (their latencies were
+        re-measured); the rate estimate stays."""
+        self._capacity_rps = capacity_by_batch_rps(pipelines)
 
     def observe(self, arrival_us: float) -> None:
         """Count one arrival at ``arrival_us`` (call in non-decreasing time order; an
@@ -99,9 +118,18 @@ class WorkConservingRule:
         caps = self._capacity_rps
         return caps[min(n, len(caps) - 1)] if n > 0 else 0.0
 
+    def batching_gains_little(self, queued: int) -> bool:
+        """Whether the planned batch serves at most ``1 + min_gain`` times what batches of
+        ``queued`` serve (never without ``min_gain``)."""
+        if self.min_gain is None or queued <= 0:
+            return False
+        caps = self._capacity_rps
+        return caps[-1] <= (1.0 + self.min_gain) * self.capacity_rps(queued)
+
     def allows(self, queued: int, now_us: float) -> bool:
         """Whether ``queued`` requests may be dispatched before their batch is full."""
-        return self.rate_rps(now_us) <= self.max_load * self.capacity_rps(queued)
+        return (self.rate_rps(now_us) <= self.max_load * self.capacity_rps(queued)
+                or self.batching_gains_little(queued))
 
     def allowed_at(self, queued: int, now_us: float) -> float:
         """The earliest time (>= ``now_us``) at which :meth:`allows` holds for ``queued``
@@ -111,7 +139,7 @@ class WorkConservingRule:
         moment; ``inf`` when no rate would allow it."""
         threshold = self.max_load * self.capacity_rps(queued)
         rate = self.rate_rps(now_us)
-        if rate <= threshold:
+        if rate <= threshold or self.batching_gains_little(queued):
             return now_us
         if threshold <= 0.0:
             return math.inf

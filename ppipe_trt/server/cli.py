@@ -24,6 +24,10 @@ from typing import Collection
 
 from ppipe_trt.server.prepare import DEFAULT_MODEL, prepare
 
+#: Real engines: a partial batch is held for a fuller one only when the planned batch serves
+#: more than this fraction more (by the measured latencies).
+WORK_CONSERVING_MIN_GAIN = 0.1
+
 #: The environment variable holding the bearer token (``--auth-token`` wins).
 AUTH_TOKEN_ENV = "PPIPE_AUTH_TOKEN"
 
@@ -62,12 +66,26 @@ def register(subparsers) -> None:
                    help="local worker slots when planning for this machine (default: one per "
                         "model; the CPU class is profiled as one worker owning the machine)")
     p.add_argument("--slo-ms", type=float, help="SLO of every served model (ms)")
+    p.add_argument("--strict-slo", action="store_true",
+                   help="refuse to start when a model's SLO cannot be met here (default: "
+                        "serve it at the smallest SLO that can, and say so)")
     p.add_argument("--policy", default="reservation",
                    help="scheduling policy: reservation (default), reactive, triton")
     p.add_argument("--no-work-conserving", dest="work_conserving", action="store_false",
                    help="reservation policy: keep PPipe's wait for a fuller batch even when "
                         "the pipeline is idle and traffic is light (default: a lone request "
                         "on an idle pipeline at low load is dispatched at once)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="plan every batch with the offline profiles (PPipe's static tables) "
+                        "instead of what the workers are measured to take (default: "
+                        "measured, see docs/serving.md)")
+    p.add_argument("--replan-on-calibration", action="store_true",
+                   help="when a model's capacity with the measured latencies falls 20 %% "
+                        "short of the planned one, re-plan from them and swap the plan in "
+                        "(off by default, see docs/serving.md)")
+    p.add_argument("--no-admission-control", dest="admission_control", action="store_false",
+                   help="admit every request the schedulers accept, even while the front end "
+                        "falls behind (default: refuse at the door then, see docs/serving.md)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--grpc-port", type=int, default=8001,
@@ -141,10 +159,21 @@ def serve_command(args) -> int:
     plan, profiles, built, what = prepare(args)
     if args.save_plan:
         save_plan(plan, args.save_plan)
-    options = RuntimeOptions(policy=args.policy)
+    options = RuntimeOptions(policy=args.policy, calibrate=getattr(args, "calibrate", True))
+    if not getattr(args, "admission_control", True):
+        options = dataclasses.replace(options, admission=None)
+    if getattr(args, "replan_on_calibration", False):
+        from ppipe_trt.serving.recalibrate import ReplanOptions
+
+        options = dataclasses.replace(options, replan_on_calibration=ReplanOptions())
     if args.policy == "reservation":
-        options = dataclasses.replace(
-            options, scheduler_kwargs={"work_conserving": getattr(args, "work_conserving", True)})
+        kwargs = {"work_conserving": getattr(args, "work_conserving", True)}
+        if kwargs["work_conserving"] and options.calibrate and not args.emulate:
+            # real engines: hold a request for a fuller batch only where batching serves
+            # more (see WorkConservingRule); an emulated cluster keeps PPipe's rule, as the
+            # simulator does
+            kwargs["work_conserving_min_gain"] = WORK_CONSERVING_MIN_GAIN
+        options = dataclasses.replace(options, scheduler_kwargs=kwargs)
     if args.deadline_margin is not None:
         options = dataclasses.replace(options, deadline_margin_fraction=args.deadline_margin)
     margin_ms = getattr(args, "deadline_margin_ms", None)
@@ -223,8 +252,10 @@ def describe(plan, what: str, url: str, built=None, grpc_url: str | None = None,
             stages = " -> ".join(f"blocks {s.first_block}..{s.last_block} on {s.workers}x "
                                  f"{s.gpu_class}" + (f"/MPS{s.mps_share}" if s.mps_share > 1 else "")
                                  for s in p.stages)
-            lines.append(f"  {m.model} (SLO {m.slo_ms:.1f} ms) pipeline {i}: batch "
-                         f"{p.batch_size}: {stages}")
+            raised = (plan.params or {}).get("slo_raised", {}).get(m.model)
+            lines.append(f"  {m.model} (SLO {m.slo_ms:.1f} ms" + (
+                f", RAISED from {raised['asked_slo_ms']:g} ms" if raised else "")
+                + f") pipeline {i}: batch {p.batch_size}: {stages}")
     m = plan.models[0].model
     lines += [
         f"serving on {url}   (status: {url}/v2/status, metrics: {url}/metrics)"

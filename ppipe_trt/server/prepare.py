@@ -37,6 +37,12 @@ def prepare(args) -> tuple:
     A model whose build is corrupt or stale (or fails) is left out, with its reason and
     rebuild command on stderr and in the description, and the others are served; when no
     model is left, or ``--plan`` names it, that is an error naming each one's rebuild command.
+
+    Planning for this machine, a model whose SLO no pipeline meets here is served at the
+    smallest SLO that one does, said on stderr, in the description and in the plan
+    (``params["slo_raised"]``, which the model metadata and /v2/status report); with
+    ``--strict-slo`` that is an error naming the model, its SLO and the smallest feasible
+    one.  Models beyond ``--slots`` (one worker each at least) are left out, said likewise.
     """
     from ppipe_trt.cluster import load_cluster
     from ppipe_trt.engines.gpu import detect_gpu_class
@@ -46,10 +52,12 @@ def prepare(args) -> tuple:
     from ppipe_trt.plan import load_plan
     from ppipe_trt.profiles import load_profiles
     from ppipe_trt.profiles.types import ProfileSet
-    from ppipe_trt.serving.local import emulated_plan, local_plan, time_sliced, usable_cores
+    from ppipe_trt.serving.local import (SLO_RAISED_PARAM, emulated_plan, local_plan,
+                                         time_sliced, usable_cores)
 
     model_repository = getattr(args, "model_repository", None)
     args.model_repository = model_repository
+    no_slot: list[str] = []  # models left out for want of a worker slot
     plan = load_plan(args.plan) if args.plan else None
     if args.emulate is True and plan is None:
         raise BadInputError("--emulate without a cluster file needs --plan plan.json (its "
@@ -139,6 +147,14 @@ def prepare(args) -> tuple:
         what = f"emulated cluster {cluster.label} ({args.emulate})"
     else:
         slots = args.slots or len(models)
+        if slots < 1:
+            raise BadInputError(f"--slots {slots}; expected 1 or more worker slots")
+        # every model needs a worker at least: those past the slots are not served
+        no_slot, models = models[slots:], models[:slots]
+        for m in no_slot:
+            print(f"planner: NOT serving {m}: no worker slot left (--slots {slots} for "
+                  f"{slots + len(no_slot)} models)", file=sys.stderr)
+        built = {m: b for m, b in built.items() if m in models}
         cores = usable_cores()
         shared_cores = local_class == CPU_CLASS and slots > cores
         if shared_cores:
@@ -146,7 +162,8 @@ def prepare(args) -> tuple:
             # than cores share them: plan (and reserve) what each takes when all are busy
             profiles = time_sliced(profiles, [m for m in models if m in built], local_class,
                                    slots / cores)
-        plan = local_plan(profiles, models, local_class, slots, slo, weights=weights)
+        plan = local_plan(profiles, models, local_class, slots, slo, weights=weights,
+                          strict_slo=getattr(args, "strict_slo", False))
         what = f"local {local_class} x{slots}"
         if shared_cores:
             what += (f"; {slots} workers on {cores} CPU cores: block latencies planned "
@@ -156,11 +173,22 @@ def prepare(args) -> tuple:
     if derived and args.plan is None:
         what += (f"; SLO derived from the profile (no slo_ms in the config) for: "
                  f"{', '.join(derived)}")
+    raised = plan.params.get(SLO_RAISED_PARAM, {}) if args.plan is None else {}
+    for m, r in raised.items():
+        print(f"planner: serving {m} at SLO {r['slo_ms']:g} ms: {r['reason']}", file=sys.stderr)
+    if raised:
+        what += ("; SLO RAISED (the SLO asked cannot be met here; serving at the smallest "
+                 "feasible one, --strict-slo refuses instead): " + ", ".join(
+                     f"{m} {r['asked_slo_ms']:g} -> {r['slo_ms']:g} ms"
+                     for m, r in raised.items()))
     if timing_only:
         what += f"; TIMING-ONLY (no engines, profiles only): {', '.join(timing_only)}"
     if broken:
         what += "; NOT SERVED (unusable engines): " + "; ".join(
             f"{m}: {exc}" for m, exc in broken.items())
+    if no_slot:
+        what += (f"; NOT SERVED (no worker slot left, --slots {len(models)}; give --slots >= "
+                 f"{len(models) + len(no_slot)}): {', '.join(no_slot)}")
     return plan, profiles, built, what
 
 

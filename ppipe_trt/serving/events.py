@@ -41,6 +41,19 @@ class StageFinished(LoopEvent):
 
 
 @dataclass(slots=True)
+class Recalibrated(LoopEvent):
+    """The workers of stage ``stage`` of ``pipeline`` of ``model`` were measured to take
+    ``latency_us`` (index = batch size): its scheduler plans with it from now on, if the plan
+    it was measured under (its first batch id, ``first_batch_id``) is still in force."""
+
+    model: str
+    first_batch_id: int
+    pipeline: int
+    stage: int
+    latency_us: tuple[float, ...]
+
+
+@dataclass(slots=True)
 class Stop(LoopEvent):
     """The runtime stops: the loop drops what is queued (``shutdown``) and ends."""
 

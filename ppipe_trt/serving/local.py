@@ -1,7 +1,8 @@
 """Plans for serving on this machine and on emulated clusters (what ``ppipe serve`` plans).
 
 * :func:`local_plan`: the built models' own GPU class (``cpu`` here), one pool of ``slots``
-  workers, SLO ``max(min_slo_ms, slo_factor x batch-1 latency)``.
+  workers, SLO ``max(min_slo_ms, slo_factor x batch-1 latency)``.  A model whose SLO cannot
+  be met there is planned at the smallest SLO that can (:class:`SloRaise`), unless strict.
 * :func:`emulated_plan`: a cluster spec (e.g. 4 L4 + 12 T4) and models from the profiles;
   SLO ``slo_factor x`` the model's L4 batch-1 latency when L4 is profiled (the paper's rule),
   else of the fastest class it has.
@@ -9,12 +10,12 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import replace
-from typing import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
 
 from ppipe_trt.cluster import ClusterSpec, GpuPool, Workload
-from ppipe_trt.errors import ConfigError
+from ppipe_trt.engines.gpu import usable_cores  # noqa: F401  (re-exported: callers import it here)
+from ppipe_trt.errors import ConfigError, InfeasiblePlanError
 from ppipe_trt.plan import Plan
 from ppipe_trt.profiles.types import ProfileSet
 
@@ -29,35 +30,111 @@ def default_slo_ms(profiles: ProfileSet, model: str, gpu_class: str | None = Non
     return max(min_slo_ms, slo_factor * profile.batch1_latency_us(gpu_class) / 1000.0)
 
 
+#: Where a plan records the models it serves above the SLO they asked for (``Plan.params``).
+SLO_RAISED_PARAM = "slo_raised"
+
+
+@dataclass(frozen=True, slots=True)
+class SloRaise:
+    """A model planned at a larger SLO than it asked for, because no pipeline meets the asked
+    one on the cluster it is planned for.
+
+    ``asked_slo_ms``: its configuration's ``slo_ms`` (or ``--slo-ms``), or when it names none
+    (``derived``) the SLO derived from its profile; ``slo_ms``: the smallest SLO the planner
+    can meet there (:func:`planner.smallest_feasible_slo_ms`), the one in force;
+    ``fastest_pipeline_ms``: what that follows from, the model's fastest batch-1 pipeline
+    there, planned against ``slo_budget_fraction`` of the SLO; ``where``: the cluster, in
+    words.
+    """
+
+    model: str
+    asked_slo_ms: float
+    slo_ms: float
+    derived: bool
+    fastest_pipeline_ms: float
+    slo_budget_fraction: float
+    where: str
+
+    @property
+    def reason(self) -> str:
+        """One line for the start-up lines, the model metadata and /v2/status."""
+        asked = (f"SLO of {self.asked_slo_ms:g} ms (derived from the profile)" if self.derived
+                 else f"configured SLO of {self.asked_slo_ms:g} ms")
+        return (f"its {asked} cannot be met on {self.where}: "
+                f"its fastest pipeline takes {self.fastest_pipeline_ms:.2f} ms at batch 1, "
+                f"planned at {self.slo_budget_fraction:.0%} of the SLO; the smallest feasible "
+                f"SLO is {self.slo_ms:g} ms")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"asked_slo_ms": self.asked_slo_ms, "slo_ms": self.slo_ms,
+                "derived": self.derived, "fastest_pipeline_ms": self.fastest_pipeline_ms,
+                "reason": self.reason}
+
+
+def local_cluster(gpu_class: str, slots: int) -> ClusterSpec:
+    """This machine as the planner sees it: one server of ``slots`` workers of ``gpu_class``."""
+    return ClusterSpec((GpuPool(gpu_class, slots, gpus_per_server=slots, max_mps=1,
+                                link_bandwidth_gbps=100.0),), f"local-{gpu_class}")
+
+
 def local_plan(profiles: ProfileSet, models: Sequence[str], gpu_class: str, slots: int = 1,
                slo_ms: Mapping[str, float] | None = None, min_slo_ms: float = 50.0,
                max_batch: int = 8, time_limit_s: float = 30.0,
-               weights: Mapping[str, float] | None = None) -> Plan:
+               weights: Mapping[str, float] | None = None, strict_slo: bool = True) -> Plan:
     """Plan ``models`` on ``slots`` workers of this machine's class ``gpu_class``;
-    ``slo_ms``/``weights`` by model (missing: the default SLO, weight 1)."""
+    ``slo_ms``/``weights`` by model (missing: the default SLO, weight 1).
+
+    A model whose SLO no pipeline meets here is planned at the smallest SLO that one does,
+    recorded in ``plan.params[SLO_RAISED_PARAM]`` (model -> :meth:`SloRaise.to_dict`); with
+    ``strict_slo`` that is an :class:`~ppipe_trt.errors.InfeasiblePlanError` naming each such
+    model, its SLO and the smallest feasible one."""
     from planner import PlannerOptions, plan_cluster
 
     if slots < len(models):
         raise ConfigError(f"{slots} worker slots cannot serve {len(models)} models; give "
                           f"--slots >= {len(models)}")
-    cluster = ClusterSpec((GpuPool(gpu_class, slots, gpus_per_server=slots, max_mps=1,
-                                   link_bandwidth_gbps=100.0),), f"local-{gpu_class}")
+    cluster = local_cluster(gpu_class, slots)
     slo_ms = dict(slo_ms or {})
     weights = dict(weights or {})
+    options = PlannerOptions(max_batch=max_batch, time_limit_s=time_limit_s)
     workloads = [Workload(m, slo_ms.get(m) or default_slo_ms(profiles, m, gpu_class,
                                                              min_slo_ms=min_slo_ms),
                           weights.get(m, 1.0))
                  for m in models]
-    options = PlannerOptions(max_batch=max_batch, time_limit_s=time_limit_s)
-    return plan_cluster(profiles, cluster, workloads, "ppipe", options)
+    raised = slo_raises(profiles, cluster, workloads, options,
+                        derived=[m for m in models if not slo_ms.get(m)],
+                        where=f"{slots} {gpu_class} worker(s) of this machine")
+    if raised and strict_slo:
+        raise InfeasiblePlanError("; ".join(
+            f"model {r.model}: {r.reason} (give it slo_ms >= {r.slo_ms:g}, or serve without "
+            f"--strict-slo to serve it at that SLO)" for r in raised.values()))
+    workloads = [replace(w, slo_ms=raised[w.model].slo_ms) if w.model in raised else w
+                 for w in workloads]
+    plan = plan_cluster(profiles, cluster, workloads, "ppipe", options)
+    if raised:
+        plan = replace(plan, params={**plan.params, SLO_RAISED_PARAM: {
+            m: r.to_dict() for m, r in raised.items()}})
+    return plan
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+def slo_raises(profiles: ProfileSet, cluster: ClusterSpec, workloads: Sequence[Workload],
+               options, derived: Sequence[str] = (), where: str | None = None
+               ) -> dict[str, SloRaise]:
+    """The workloads whose SLO no pipeline meets on ``cluster`` (planner ``options``), by
+    model, each with the smallest SLO one does; ``derived``: the models whose SLO was derived
+    from the profile rather than configured; ``where``: the cluster in the reasons (default
+    its label)."""
+    from planner import fastest_pipeline_us, slo_for_latency_ms
+
+    out = {}
+    for w in workloads:
+        fastest_us = fastest_pipeline_us(profiles[w.model], cluster, options)
+        if w.slo_us * options.slo_budget_fraction < fastest_us:  # the planner's own test
+            out[w.model] = SloRaise(
+                w.model, w.slo_ms, slo_for_latency_ms(fastest_us, options.slo_budget_fraction),
+                w.model in derived, fastest_us / 1000.0, options.slo_budget_fraction,
+                where or cluster.label)
+    return out
 
 
 def time_sliced(profiles: ProfileSet, models: Sequence[str], gpu_class: str,

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ppipe_trt.engines.gpu import CPU_WORKER_THREADS
+from ppipe_trt.scheduler.calibration import CalibrationOptions
+from ppipe_trt.serving.admission import AdmissionOptions
+from ppipe_trt.serving.recalibrate import ReplanOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +28,19 @@ class RuntimeOptions:
     * ``wake_lead_us``: wake the scheduler this much before the last moment (the loop may
       oversleep on a busy host).
 
+    * ``calibrate``: measure what every worker of a model with real compute takes per batch
+      size and plan with that instead of the offline profile
+      (:mod:`ppipe_trt.scheduler.calibration`; ``calibration`` its knobs).  Emulated and
+      timing-only workers take exactly their profile and are not calibrated.
+      ``replan_on_calibration``: when a calibrated model's measured capacity falls short of
+      the planned one, re-plan from the measured latencies and swap the plan in
+      (:mod:`ppipe_trt.serving.recalibrate`; ``None``, the default: never;
+      ``ppipe serve --replan-on-calibration``).
+
+    * ``admission``: refuse requests at the door when the front end's event loop falls
+      behind (:mod:`ppipe_trt.serving.admission`; ``None``: never).  Only a runtime whose
+      front end calls ``watch_front_end`` (``ppipe serve``'s) is controlled.
+
     Workers:
 
     * ``emulate_links``: delay hand-offs between servers by the reserved link time.
@@ -32,6 +48,13 @@ class RuntimeOptions:
       threads spin, which starves the front end on a small host; ``None`` for ONNX Runtime's
       default).  CPU blocks are profiled with ``CPU_WORKER_THREADS`` (1), the default here:
       another value makes the workers slower or faster than the plan's latency tables.
+    * ``cpu_worker_nice``: a CPU worker's thread runs this much nicer than its process
+      (Linux niceness; 0: as the process).  Past capacity the cores then go to reading,
+      refusing and answering requests first and the workers take what is left (their
+      measured latency grows, and calibration plans with it), instead of the front end
+      falling behind while every worker stays busy.  Measured on this 2-core host beside the
+      load generator at 2 x capacity (docs/benchmarks/vs_triton.md): goodput 57 req/s at
+      0, 177 at 10.
     * ``cut_dtype``: e.g. ``"float16"`` to halve activations at cuts (default: the plan's
       ``params["cut_dtype"]``, else ``float16`` for models whose engines were built with
       ``fp16_cuts``).
@@ -86,10 +109,15 @@ class RuntimeOptions:
     wake_lead_us: float = 1000.0
     emulate_links: bool = True
     intra_op_threads: int | None = CPU_WORKER_THREADS
+    cpu_worker_nice: int = 10
     cut_dtype: str | None = None
     max_pending: int = 10_000
     switch_interval_s: float | None = 0.0005
     scheduler_kwargs: Mapping[str, Any] | None = None
+    calibrate: bool = True
+    calibration: CalibrationOptions = CalibrationOptions()
+    admission: AdmissionOptions | None = AdmissionOptions()
+    replan_on_calibration: ReplanOptions | None = None
     freeze_gc: bool = True
     loop_yield_s: float = 50e-6
     loop_yield_min_drops: int = 8

@@ -49,12 +49,15 @@ import numpy as np
 
 from ppipe_trt.errors import PPipeError, RequestRejectedError
 from ppipe_trt.plan import Plan
+from ppipe_trt.scheduler.calibration import LatencyCalibrator
 from ppipe_trt.scheduler.placement import Placement
 from ppipe_trt.scheduler.interface import (Decisions, Dispatch, Drop, DropReason, Request,
                                            Scheduler)
+from ppipe_trt.serving.admission import AdmissionControl
+from ppipe_trt.serving.recalibrate import CalibrationReplanner
 from ppipe_trt.serving.answers import CallbackAnswer, drop_error, resolve, shutdown_error
 from ppipe_trt.serving.clock import measure_hop_overhead_us, monotonic_us
-from ppipe_trt.serving.events import Arrive, LoopEvent, StageFinished, Stop
+from ppipe_trt.serving.events import Arrive, LoopEvent, Recalibrated, StageFinished, Stop
 from ppipe_trt.serving.faults import QuarantineRecord, WorkerQuarantined
 from ppipe_trt.serving.handle import WorkerHandle, WorkerStats
 from ppipe_trt.serving.loop import EVENT_LOOP_TIMER_SLOP_US, DecisionLoop
@@ -136,6 +139,13 @@ class ServingRuntime:
         self._next_worker_id = 0
         self._swap_lock = threading.Lock()
         self.adaptive = None   # the --adapt control loop, when one runs (status only)
+        # what the workers of the plan in force really take, per model with real compute
+        # (see calibration_status); replaced at every plan switch
+        self._calibration: dict[str, LatencyCalibrator] = self._calibrators()
+        self._replanner: CalibrationReplanner | None = None
+        # overload control at the door, fed by the front end's event loop (watch_front_end)
+        self.admission: AdmissionControl | None = None
+        self._front_end_loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._accepting = False
         self.started_us = 0.0
@@ -213,6 +223,10 @@ class ServingRuntime:
         self._accepting = True
         self._started = True
         self._loop.start(event_loop)
+        if self.options.replan_on_calibration is not None and self._calibration \
+                and self.builder is not None:
+            self._replanner = CalibrationReplanner(
+                self, self.options.replan_on_calibration).start()
         self._post = self._loop.post
         self._answer_slop_us = (EVENT_LOOP_TIMER_SLOP_US if event_loop is not None
                                 else THREAD_ANSWER_SLOP_US)
@@ -236,6 +250,9 @@ class ServingRuntime:
         long to wait for the loop (default ``options.stop_timeout_s``)."""
         if not self._started:
             return
+        if self._replanner is not None:
+            self._replanner.stop()
+            self._replanner = None
         with self._submit_lock:  # no arrival can be queued behind the stop event
             self._accepting = False
             self._post(Stop())
@@ -320,27 +337,35 @@ class ServingRuntime:
             pending.future.set_exception(RequestRejectedError(
                 DropReason.SHUTDOWN.value, "server is not accepting requests (shutting down)"))
             return
+        clock = self._clock
+        now = time.monotonic_ns() / 1000.0 if clock is monotonic_us else clock()
+        admission = self.admission
+        refused = admission is not None and not admission.admit(now)
         with self._pending_lock:
-            full = self._pending >= self.options.max_pending
-            if not full:
+            full = not refused and self._pending >= self.options.max_pending
+            if not (full or refused):
                 self._pending += 1
         self.stats.request(model)
-        if full:
+        if full or refused:
             self.stats.drop(model, DropReason.QUEUE_FULL.value)
             self._resolve(pending.future, error=RequestRejectedError(
                 DropReason.QUEUE_FULL.value,
-                f"server overloaded: {self.options.max_pending} requests already in the system"))
+                f"server overloaded: {self.options.max_pending} requests already in the system"
+                if full else
+                f"server overloaded: the front end is {admission.lag_us / 1000.0:.1f} ms "
+                f"behind; admitting {admission.limit_rps:.0f} req/s"))
             return
         pending.counted = True
-        clock = self._clock
-        now = time.monotonic_ns() / 1000.0 if clock is monotonic_us else clock()
         budget = spec.slo_us if timeout_us is None else timeout_us
         pending.deadline_us = now + budget
         # The scheduler plans against a deadline that leaves room for the hand-offs it does
         # not see (dispatch, answer); the result is judged against the real one.  A late
         # dispatch (the grace) may use the margin, never the answer's own slop (on an event
-        # loop a finish is heard up to EVENT_LOOP_TIMER_SLOP_US late).
+        # loop a finish is heard up to EVENT_LOOP_TIMER_SLOP_US late) nor the front end's
+        # lag (what the answer will wait to be written, as the request waited to be read).
         slop = self._answer_slop_us
+        if admission is not None:
+            slop += admission.lag_us
         planned = max(0.0, budget - self.deadline_margin_us - slop)
         self._post(Arrive(Request(next(self._ids), model, now, now + planned, pending,
                                   grace_us=max(0.0, budget - slop - planned))))
@@ -366,11 +391,90 @@ class ServingRuntime:
             return
         resolve(fut, result, error)
 
+    # ---- calibration (see ppipe_trt.scheduler.calibration) -------------------------------------
+    def _calibrators(self) -> dict[str, LatencyCalibrator]:
+        """A calibrator per model of the plan in force whose workers run real compute (an
+        emulated or timing-only worker takes exactly its profile) and whose scheduler plans
+        from latency tables; none with ``options.calibrate`` off."""
+        if not self.options.calibrate:
+            return {}
+        out = {}
+        for name, spec in self.models.items():
+            if spec.timing_only or spec.emulated:
+                continue
+            sched = self._loop.scheduler(name)
+            if sched.calibratable:
+                out[name] = LatencyCalibrator(name, sched.pipelines, self.options.calibration)
+        return out
+
+    def calibrators(self) -> dict[str, LatencyCalibrator]:
+        """The calibrators of the plan in force, by model (a copy; any thread)."""
+        return dict(self._calibration)
+
+    def calibration_status(self) -> dict[str, Any]:
+        """Per calibrated model: profile vs measured per stage, worker and batch size, and
+        the capacity the plan has with the measured latencies (JSON-ready)."""
+        return {m: c.status() for m, c in self._calibration.items()}
+
+    def _calibrate(self, d: Dispatch, hop: int, start_us: float, finish_us: float) -> None:
+        """Tell ``d``'s model's calibrator what route position ``hop`` took; a row that moved
+        goes to the scheduler on the loop thread (any thread)."""
+        cal = self._calibration.get(d.model)
+        first = self._first_batch_id
+        if cal is None or d.batch_id < first:
+            return   # not measured, or a batch of an earlier plan
+        res = d.route[hop]
+        row = cal.observe(d.pipeline, res.stage, res.worker_id, len(d.requests),
+                          finish_us - start_us)
+        if row is not None:
+            self._post(Recalibrated(d.model, first, d.pipeline, res.stage, row))
+
+    def _recalibrated(self, ev: Recalibrated) -> None:
+        """Loop thread: the scheduler plans with the measured row (if its plan is still in
+        force)."""
+        if ev.first_batch_id == self._first_batch_id and ev.model in self._calibration:
+            self.scheduler(ev.model).set_stage_latency(ev.pipeline, ev.stage, ev.latency_us)
+
+    # ---- admission (see ppipe_trt.serving.admission) ---------------------------------------
+    def watch_front_end(self, event_loop: asyncio.AbstractEventLoop) -> None:
+        """Admit requests under :class:`~ppipe_trt.serving.admission.AdmissionControl`, fed
+        by how late a probe timer runs on ``event_loop`` (the front end's, where requests are
+        read and admitted).  Call on that loop's thread after :meth:`start`; with
+        ``options.admission`` off, or only emulated models (their figures are the
+        simulator's), nothing."""
+        if self.options.admission is None or self._front_end_loop is not None:
+            return
+        if all(m.timing_only or m.emulated for m in self.models.values()):
+            return   # emulated workers: the data plane as the simulator runs it
+        control = AdmissionControl(self.options.admission)
+        every_s = control.options.probe_every_us / 1e6
+        clock = self._clock
+
+        def probe(due_s: float) -> None:
+            if not self._accepting:
+                return
+            ran_s = event_loop.time()
+            control.observe_lag(max(0.0, ran_s - due_s) * 1e6, clock())
+            event_loop.call_at(ran_s + every_s, probe, ran_s + every_s)
+
+        self.admission = control
+        self._front_end_loop = event_loop
+        first = event_loop.time() + every_s
+        event_loop.call_at(first, probe, first)
+
+    def admission_status(self) -> dict[str, Any] | None:
+        """The admission limit, the front end's lag and the refusals (None: not watched)."""
+        return self.admission.status() if self.admission is not None else None
+
     # ---- worker sink (worker threads) -----------------------------------------------------
     def stage_finished(self, job: StageJob, start_us: float, finish_us: float) -> None:
         """A worker ran stage ``job.stage`` of its batch: the scheduler hears of it at once on
-        the loop's thread (a thread-less worker's timer), through the inbox from another."""
+        the loop's thread (a thread-less worker's timer), through the inbox from another.
+        ``start_us``: when the batch could start on the worker (its occupancy, from then to
+        ``finish_us``, is what calibration measures)."""
         d = job.dispatch
+        if self._calibration:
+            self._calibrate(d, job.stage, start_us, finish_us)
         loop = self._loop
         if loop.on_loop_thread():
             loop.stage_finished(d.model, d.batch_id, d.route[job.stage].stage, finish_us)
@@ -459,6 +563,13 @@ class ServingRuntime:
         d = job.dispatch
         if self.settle(d.model, d.batch_id) is None:
             return  # answered already (dropped with its failed worker, cancelled at stop)
+        if isinstance(error, RequestRejectedError) and self._accepting:
+            # a worker dropped a batch that could only answer late: a drop, not a failure
+            for r in d.requests:
+                self.stats.drop(d.model, error.reason)
+                self._answer(r.payload, error=error)
+            self.release_reservations(d, job.stage, now_us)
+            return
         log.error("batch %d of %s failed in stage %d: %s", d.batch_id, d.model, job.stage, error)
         if not self._accepting:  # hand-offs fail while the server stops: say so
             error = shutdown_error("batch cancelled")
@@ -563,6 +674,9 @@ class ServingRuntime:
         if type(event) is SwapPlan:
             self._switch(event.prepared, now_us)
             return
+        if type(event) is Recalibrated:
+            self._recalibrated(event)
+            return
         raise PPipeError(f"no handler for loop event {event!r}")
 
     def on_drops(self, model: str, drops: list[Drop], now_us: float) -> list[Drop]:
@@ -651,6 +765,7 @@ class ServingRuntime:
         self._num_stages = {(m.model, i): len(p.stages)
                             for m in plan.models for i, p in enumerate(m.pipelines)}
         self._first_batch_id = first_batch_id
+        self._calibration = self._calibrators()
 
     def old_plans_drained(self, now_us: float) -> None:
         """Hook of the loop: the earlier plans' batches are finished; retire their workers."""

@@ -14,6 +14,7 @@ from ppipe_trt.errors import ConfigError
 from ppipe_trt.plan import Plan
 from ppipe_trt.profiles.types import ProfileSet
 from ppipe_trt.repository.types import ModelEntry, Postprocess
+from ppipe_trt.serving.local import SLO_RAISED_PARAM
 from ppipe_trt.serving.types import ServedModel
 
 #: I/O of a timing-only model (it has no engine, so no real tensors): one dummy element.
@@ -47,7 +48,12 @@ def served_models(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, A
     served outputs); a built model without one uses :func:`model_entry_for`."""
     models: dict[str, ServedModel] = {}
     entries = dict(entries or {})
+    # the models served above the SLO they asked for (see local_plan)
+    raised = (plan.params or {}).get(SLO_RAISED_PARAM) or {}
     for mp in plan.models:
+        r = raised.get(mp.model)
+        slo = ({"configured_slo_us": r["asked_slo_ms"] * 1000.0, "slo_raised_reason": r["reason"]}
+               if r else {})
         max_batch = max(p.batch_size for p in mp.pipelines)
         classes = {s.gpu_class for p in mp.pipelines for s in p.stages}
         built = built_models.get(mp.model)
@@ -68,7 +74,8 @@ def served_models(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, A
                 postprocess=entry.postprocess if entry is not None else Postprocess(),
                 # the configuration's max_batch_size, within what the engines were built for
                 config_max_batch=(min(entry.max_batch, built.max_batch)
-                                  if entry is not None and entry.max_batch > 0 else None))
+                                  if entry is not None and entry.max_batch > 0 else None),
+                **slo)
         else:
             if mp.model not in profiles:
                 raise ConfigError(f"model {mp.model!r} has neither built engines nor profiles; "
@@ -76,5 +83,5 @@ def served_models(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, A
             models[mp.model] = ServedModel(
                 mp.model, TIMING_ONLY_INPUTS, TIMING_ONLY_OUTPUTS, mp.slo_ms * 1000.0,
                 max_batch, "timing-only, emulated (profiles only, no engines)" + mode_suffix,
-                emulated=True, timing_only=True)
+                emulated=True, timing_only=True, **slo)
     return models

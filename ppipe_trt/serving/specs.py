@@ -66,6 +66,8 @@ class WorkerSpec:
     the dtype of float activations it forwards (``None``: as computed).  ``emulate_links``:
     whether its hand-offs pay the reserved link time (a Ray actor's own transport reads it;
     in-process workers share the runtime's transport, built with the same option).
+    ``nice``: how much lower than its process's the worker thread's CPU priority is (a real
+    CPU worker's: ``RuntimeOptions.cpu_worker_nice``; 0 elsewhere).
     """
 
     slot: WorkerSlot
@@ -74,6 +76,7 @@ class WorkerSpec:
     warm_up_batch: int
     cut_dtype: str | None = None
     emulate_links: bool = True
+    nice: int = 0
 
     @property
     def worker_id(self) -> int:
@@ -109,9 +112,11 @@ def worker_specs(plan: Plan, profiles: ProfileSet, built_models: Mapping[str, An
         if cut_dtype is None and built is not None and \
                 built.manifest.get("partition", {}).get("fp16_cuts"):
             cut_dtype = "float16"  # its profile counts cut bytes as fp16: send them so
+        nice = (options.cpu_worker_nice if executor is not None and emulation is None
+                and executor.device == "cpu" else 0)
         specs.append(WorkerSpec(slot, executor, emulation,
                                 max(p.batch_size for p in mp.pipelines), cut_dtype,
-                                options.emulate_links))
+                                options.emulate_links, nice))
     return tuple(specs)
 
 
@@ -198,4 +203,5 @@ def build_worker(spec: WorkerSpec, transport: Transport, sink: WorkerSink,
     if executor is None:
         executor = open_executor(spec, built, scratch_dir)
     return StageWorker(spec.slot, executor, spec.emulation, transport, sink, clock=clock,
-                       cut_dtype=spec.cut_dtype, faults=faults, watchdog=watchdog)
+                       cut_dtype=spec.cut_dtype, faults=faults, watchdog=watchdog,
+                       nice=spec.nice)

@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 def model_status(m: "ServedModel") -> dict[str, Any]:
     return {"slo_ms": m.slo_us / 1000.0, "max_batch": m.max_batch, "mode": m.mode,
             "emulated": m.emulated, "frames": m.image is not None,
-            "postprocess": m.postprocess.kind, "timing_only": m.timing_only}
+            "postprocess": m.postprocess.kind, "timing_only": m.timing_only,
+            # the SLO asked, and why slo_ms is larger (None: served as asked)
+            "configured_slo_ms": (m.configured_slo_us or m.slo_us) / 1000.0,
+            "slo_raised_reason": m.slo_raised_reason}
 
 
 def worker_status(w: "WorkerHandle") -> dict[str, Any]:
@@ -60,6 +63,10 @@ def runtime_status(rt: "ServingRuntime") -> dict[str, Any]:
         "plan_generation": (rt.generation.to_dict(rt.started_us)
                             if rt.generation is not None else None),
         "plan_history": [g.to_dict(rt.started_us) for g in rt.history[-20:]],
+        # profile vs measured latencies and the capacity the plan really has
+        "calibration": rt.calibration_status(),
+        # overload control at the door: the admission limit and the front end's lag
+        "admission": rt.admission_status(),
         "adapt": rt.adaptive.status() if rt.adaptive is not None else {"enabled": False},
         "plan": plan_to_dict(rt.plan),
     }

@@ -33,6 +33,9 @@ class ServedModel:
     ``max_batch_size`` within the batch the engines were built for (what the model
     configuration endpoints report, as Triton does; ``None``: no configuration, they report
     ``max_batch``).  A client may send larger batches: each sample is one request inside.
+    ``configured_slo_us``: the SLO the model asked for (its configuration's, or the one
+    derived from its profile) when the plan serves it at a larger ``slo_us`` because the
+    asked one cannot be met (``slo_raised_reason`` says why); ``None``: served as asked.
     """
 
     name: str
@@ -46,6 +49,8 @@ class ServedModel:
     image: ImageSpec | None = None
     postprocess: Postprocess = Postprocess()
     config_max_batch: int | None = None
+    configured_slo_us: float | None = None
+    slo_raised_reason: str | None = None
 
     def input(self, name: str) -> TensorSpec | None:
         return next((s for s in self.inputs if s.name == name), None)

@@ -19,13 +19,15 @@ it (see :mod:`ppipe_trt.serving.faults`).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Callable, Protocol
 
 import numpy as np
 
-from ppipe_trt.errors import BadInputError, PPipeError
+from ppipe_trt.errors import BadInputError, PPipeError, RequestRejectedError
+from ppipe_trt.scheduler.interface import DropReason
 from ppipe_trt.scheduler.placement import WorkerSlot
 from ppipe_trt.serving.clock import monotonic_us
 from ppipe_trt.serving.emulation import EmulatedTiming, Overrun
@@ -52,7 +54,9 @@ MIN_SLEEP_US = 20.0
 class WorkerSink(Protocol):
     """What a worker reports to (implemented by the runtime).  Called from worker threads."""
 
-    def stage_finished(self, job: StageJob, start_us: float, finish_us: float) -> None: ...
+    def stage_finished(self, job: StageJob, start_us: float, finish_us: float) -> None:
+        """Stage ``job.stage`` of the batch ended at ``finish_us``; the worker was occupied by
+        it from ``start_us`` (when it could start it: eligible, and the previous batch done)."""
 
     def batch_completed(self, job: StageJob, outputs: dict[str, np.ndarray],
                         finish_us: float) -> None: ...
@@ -110,7 +114,8 @@ class StageWorker:
     def __init__(self, info: WorkerSlot, executor: StageExecutor | None,
                  emulation: EmulatedTiming | None, transport: Transport, sink: WorkerSink,
                  clock: Callable[[], float] = monotonic_us, cut_dtype: str | None = None,
-                 faults: FaultPolicy | None = None, watchdog: StageWatchdog | None = None):
+                 faults: FaultPolicy | None = None, watchdog: StageWatchdog | None = None,
+                 nice: int = 0):
         if executor is None and emulation is None:
             raise PPipeError(f"worker {info.worker_id}: needs an executor or an emulated "
                              "timing (timing-only mode)")
@@ -130,6 +135,7 @@ class StageWorker:
         self._busy_us = 0.0
         self._lag_total_us = self._lag_max_us = 0.0
         self._started_us = 0.0
+        self._last_finish_us = 0.0
         self.overruns: list[Overrun] = []  # the most recent ones (bounded)
         self._faults = faults if executor is not None else None
         self._expected = (expected_outputs(executor.outputs)
@@ -142,6 +148,16 @@ class StageWorker:
         self._current_start_us = self._current_limit_us = 0.0
         self.down_reason: str | None = None
         self._hung = False
+        # A worker with real compute whose batch ended before its reservation starts the
+        # next batch of its route's first stage as soon as it is free, not at its reserved
+        # start: every batch reserved before that one on this worker was dispatched before
+        # it (a first stage's reservations on a worker are made in dispatch order), so none
+        # can be waiting for its input, and a reservation made with a high quantile of the
+        # measured latency (ppipe_trt.scheduler.calibration) otherwise leaves the worker idle
+        # for the difference.  An emulated worker keeps its reserved times to the
+        # microsecond, as its profile does.
+        self.early_start = executor is not None and emulation is None
+        self.nice = int(nice)
 
     @property
     def worker_id(self) -> int:
@@ -214,6 +230,10 @@ class StageWorker:
                     return None
                 now = self._clock()
                 ready = [j for j in self._jobs if eligible_us(j) <= now]
+                if not ready and self._jobs and self.early_start:
+                    first = min(self._jobs, key=lambda j: j.reservation.start_us)
+                    if first.stage == 0:
+                        ready = [first]
                 if ready:
                     job = min(ready, key=lambda j: j.reservation.start_us)
                     self._jobs.remove(job)
@@ -224,6 +244,16 @@ class StageWorker:
                 self._cv.wait(timeout)
 
     def _run(self) -> None:
+        if self.nice:
+            # below the front end's threads: past capacity the cores go to reading, refusing
+            # and answering requests first, and the workers (whose measured occupancy then
+            # grows, see calibration) to what is left, instead of the front end falling
+            # behind while every worker stays busy (Linux: a thread's own niceness)
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0,
+                               min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.nice))
+            except (AttributeError, OSError) as exc:
+                log.warning("worker %d: niceness not raised: %s", self.worker_id, exc)
         while (job := self._next_job()) is not None:
             try:
                 self._execute(job)
@@ -232,11 +262,39 @@ class StageWorker:
                               job.dispatch.batch_id)
                 self._sink.batch_failed(job, exc, self._clock())
 
+    def _too_late(self, job: StageJob, now_us: float) -> bool:
+        """Whether a first-stage batch of real compute, started now, would answer every
+        one of its requests after its deadline (by the reservations of its route): past
+        capacity, when the cores went to the front end, running it only takes time from
+        batches that can still make theirs."""
+        if not self.early_start or job.stage != 0:
+            return False
+        d = job.dispatch
+        route = d.route
+        rest_us = sum(r.finish_us - r.start_us for r in route)
+        latest = max(r.deadline_us + r.grace_us for r in d.requests)
+        return now_us + rest_us > latest
+
     def _execute(self, job: StageJob) -> None:
         batch = job.dispatch.batch_size
         start = self._clock()
+        if self._too_late(job, start):
+            self._sink.batch_failed(job, RequestRejectedError(
+                DropReason.DEADLINE_UNREACHABLE.value,
+                f"request dropped (deadline_unreachable): its batch of {batch} could not start "
+                f"on worker {self.worker_id} before {max(0.0, start - eligible_us(job)) / 1e3:.1f}"
+                f" ms after its reserved start and would have answered late"), start)
+            return
         # how late the batch starts after it could (thread wake-up, a busy host)
-        lag = max(0.0, start - eligible_us(job))
+        could = eligible_us(job)
+        lag = max(0.0, start - could)
+        # the worker's occupancy by this batch starts when it could have started it: when
+        # it was eligible, or when the previous batch ended, whichever is later (a late
+        # thread wake-up is part of what a reservation must cover; a wait behind a previous
+        # batch is that batch's)
+        if could < self._last_finish_us:
+            could = self._last_finish_us
+        occupied_from = could if could < start else start
         with self._lock:
             self._lag_total_us += lag
             self._lag_max_us = max(self._lag_max_us, lag)
@@ -264,6 +322,7 @@ class StageWorker:
                            for k, v in outputs.items()}
         except Exception as exc:  # reported to every request of the batch
             now = self._clock()
+            self._last_finish_us = now
             with self._lock:
                 mine = self._current is job
                 self._current = None
@@ -282,13 +341,14 @@ class StageWorker:
                 self._batches += 1
                 self._samples += batch
                 self._busy_us += finish - start
+        self._last_finish_us = finish
         if not mine:
             log.warning("worker %d: dropped the late result of batch %d (failed by the "
                         "watchdog after %.0f ms)", self.worker_id, job.dispatch.batch_id,
                         self._current_limit_us / 1e3)
             return
         self._consecutive_errors = 0
-        hand_off(job, outputs, start, finish, self._transport, self._sink)
+        hand_off(job, outputs, occupied_from, finish, self._transport, self._sink)
 
     # ---- faults (see ppipe_trt.serving.faults) ----------------------------------------------
     def _judge_failure(self, exc: Exception, now_us: float) -> None:
