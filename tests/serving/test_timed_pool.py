@@ -441,5 +441,13 @@ def test_an_emulated_plan_at_low_load_on_an_event_loop(timed, shared_profiles,
     results = asyncio.run(serve())
     assert len(results) == 120 and all(r.met_deadline for r in results)
     assert any(len(p.stages) > 1 for m in models for p in plan.model(m).pipelines)
+    def fastest_us(model: str, batch: int) -> float:
+        """The model's fastest pipeline at ``batch`` (a batch smaller than planned, e.g. one
+        dispatched late on a loaded host, runs faster than the plan's latency)."""
+        prof = shared_profiles[model]
+        return min(sum(prof.range_latency_us(st.gpu_class, st.mps_share, st.first_block,
+                                             st.last_block, batch) for st in p.stages)
+                   for p in plan.model(model).pipelines)
+
     for r in results:
-        assert r.latency_us >= 0.9 * min(p.latency_us for p in plan.model(r.model).pipelines)
+        assert r.latency_us >= 0.9 * fastest_us(r.model, r.batch_size)
