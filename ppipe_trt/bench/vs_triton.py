@@ -180,6 +180,16 @@ def measure_point(server: ServerUnderTest, name: str, model: str, request, spec:
                        100.0 * other, waited)
 
 
+def _ready(server, name: str, label: str, model: str, request, options, result,
+           progress: Callable[[str], None], extra: str = "") -> None:
+    """Warm ``server`` up, measure its idle CPU, and say how it came up."""
+    _warm_up(server, name, model, request, options.warmup_requests, result, progress)
+    result.idle_cpu_pct[name] = 100.0 * idle_share(server.pid, 1.0)
+    progress(f"{model}: {label} up in {result.startup_s[name]:.1f} s, serial round trip "
+             f"{_ms(result.serial_ms.get(name))}, idle CPU "
+             f"{result.idle_cpu_pct[name]:.1f} % of a core{extra}")
+
+
 def _warm_up(server: ServerUnderTest, name: str, model: str, request, count: int,
              result: "ModelResult", progress: Callable[[str], None],
              timeout_s: float = 120.0) -> None:
@@ -227,12 +237,8 @@ def compare_model(options: CompareOptions, model: str,
                              server_nice=options.server_nice,
                              triton_queue_timeout_ms=timeout_us / 1000 if timeout_us else None)
         result.startup_s[TRITON] = triton.startup_s or 0.0
-        _warm_up(triton, TRITON, model, request, options.warmup_requests, result, progress)
-        result.idle_cpu_pct[TRITON] = 100.0 * idle_share(triton.pid, 1.0)
-        progress(f"{model}: tritonserver {result.triton_version} up in "
-                 f"{result.startup_s[TRITON]:.1f} s, serial round trip "
-                 f"{_ms(result.serial_ms.get(TRITON))}, idle CPU "
-                 f"{result.idle_cpu_pct[TRITON]:.1f} % of a core; SLO {slo_ms:g} ms")
+        _ready(triton, TRITON, f"tritonserver {result.triton_version}", model, request,
+               options, result, progress, f"; SLO {slo_ms:g} ms")
         if options.capacity_rps:
             result.capacity_rps = float(options.capacity_rps)
         else:
@@ -249,12 +255,8 @@ def compare_model(options: CompareOptions, model: str,
             result.startup_s[PPIPE] = ppipe.startup_s or 0.0
             result.ppipe_capacity_line = ppipe.capacity_line()
             result.ppipe_banner_slo_ms = ppipe.slo_ms(model)
-            _warm_up(ppipe, PPIPE, model, request, options.warmup_requests, result, progress)
-            result.idle_cpu_pct[PPIPE] = 100.0 * idle_share(ppipe.pid, 1.0)
-            progress(f"{model}: ppipe serve up in {result.startup_s[PPIPE]:.1f} s "
-                     f"({result.ppipe_capacity_line}), serial round trip "
-                     f"{_ms(result.serial_ms.get(PPIPE))}, idle CPU "
-                     f"{result.idle_cpu_pct[PPIPE]:.1f} % of a core")
+            _ready(ppipe, PPIPE, f"ppipe serve ({result.ppipe_capacity_line})", model, request,
+                   options, result, progress)
             if (result.ppipe_banner_slo_ms is not None
                     and abs(result.ppipe_banner_slo_ms - slo_ms) > 1e-6):
                 result.warnings.append(f"ppipe serve states SLO {result.ppipe_banner_slo_ms} "

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from ppipe_trt.errors import ConfigError
@@ -185,14 +185,12 @@ class LatencyCalibrator:
 
     def current_tables(self) -> tuple[PipelineTable, ...]:
         """The model's tables with the rows last returned (what the scheduler now has)."""
-        import dataclasses
-
         with self._lock:
             out = []
             for pi, pt in enumerate(self.planned):
-                stages = tuple(dataclasses.replace(st, latency_us=self._stages[(pi, si)].applied_us)
+                stages = tuple(replace(st, latency_us=self._stages[(pi, si)].applied_us)
                                for si, st in enumerate(pt.stages))
-                out.append(dataclasses.replace(pt, stages=stages))
+                out.append(replace(pt, stages=stages))
             return tuple(out)
 
     def capacity_rps(self) -> tuple[float, float]:

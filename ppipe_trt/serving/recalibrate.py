@@ -96,8 +96,13 @@ class CalibrationReplanner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_s = -float("inf")
-        #: (time, reason, outcome) of each re-plan tried, newest last
+        #: (time, reason, outcome) of each re-plan tried, newest last (``/v2/status``)
         self.history: list[tuple[float, str, str]] = []
+
+    def status(self) -> list[dict]:
+        """The re-plans tried (the last 20), oldest first (JSON-ready)."""
+        return [{"reason": reason, "outcome": outcome} for _, reason, outcome in
+                self.history[-20:]]
 
     def start(self) -> "CalibrationReplanner":
         self._thread = threading.Thread(target=self._run, daemon=True,

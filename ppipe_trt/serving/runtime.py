@@ -462,6 +462,10 @@ class ServingRuntime:
         first = event_loop.time() + every_s
         event_loop.call_at(first, probe, first)
 
+    def replan_status(self) -> list[dict] | None:
+        """The re-plans from measurements tried (None: ``replan_on_calibration`` off)."""
+        return self._replanner.status() if self._replanner is not None else None
+
     def admission_status(self) -> dict[str, Any] | None:
         """The admission limit, the front end's lag and the refusals (None: not watched)."""
         return self.admission.status() if self.admission is not None else None

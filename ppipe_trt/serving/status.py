@@ -65,6 +65,8 @@ def runtime_status(rt: "ServingRuntime") -> dict[str, Any]:
         "plan_history": [g.to_dict(rt.started_us) for g in rt.history[-20:]],
         # profile vs measured latencies and the capacity the plan really has
         "calibration": rt.calibration_status(),
+        # re-plans from the measured latencies (--replan-on-calibration; null when off)
+        "calibration_replans": rt.replan_status(),
         # overload control at the door: the admission limit and the front end's lag
         "admission": rt.admission_status(),
         "adapt": rt.adaptive.status() if rt.adaptive is not None else {"enabled": False},
